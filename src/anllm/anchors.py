@@ -1,0 +1,207 @@
+"""Anchor definitions: which tokens are anchors (AnLLM-EP, AnLLM-AC) and how `<AC>` is inserted.
+
+* **EP** (end punctuation): a token is an anchor when its text, once whitespace is stripped, is made
+  only of punctuation and, ignoring trailing closing quotes/brackets, ends with one of the configured
+  sentence-ending characters. So ``"."``, ``".\\n"``, ``'."'``, ``"?)"`` and ``"..."`` are anchors in a
+  byte-level BPE vocabulary, while tokens that merge the period with letters or digits (``"Mr."``,
+  ``"3."``, ``".com"``) are not: those are abbreviations, numbers and names, not sentence ends.
+* **AC** (anchor token): ``<AC>`` is a new special token placed after every sentence found by a real
+  sentence splitter (blingfire by default, pysbd optional). Its input/output embedding rows are
+  initialised from ``"."``.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any, Iterable, Literal
+
+import torch
+
+AC_TOKEN = "<AC>"
+DEFAULT_EP_PUNCTUATION = ".!?"
+_CLOSERS = "\"')]}»”’"
+Mode = Literal["ac", "ep", "none"]
+MODES = ("ac", "ep", "none")
+
+
+@dataclass
+class AnchorConfig:
+    """Anchor settings stored in ``model.config.anllm`` so they survive save/load."""
+
+    mode: Mode = "none"
+    anchor_token_ids: list[int] = field(default_factory=list)
+    anchor_token: str | None = None  # AC: the literal anchor token
+    ep_punctuation: str = DEFAULT_EP_PUNCTUATION
+    num_sink_tokens: int = 0
+    anchors_see_anchors: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"Unknown anchor mode {self.mode!r}: choose one of {MODES}.")
+        if self.mode != "none" and not self.anchor_token_ids:
+            raise ValueError(f"Anchor mode {self.mode!r} needs at least one anchor token id.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AnchorConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+
+def is_ep_anchor_text(text: str, punctuation: str = DEFAULT_EP_PUNCTUATION) -> bool:
+    """The EP token rule on one token's decoded text (see module docstring)."""
+    core = text.strip()
+    if not core:
+        return False
+    if any(not unicodedata.category(ch).startswith("P") for ch in core):
+        return False
+    core = core.rstrip(_CLOSERS)
+    return bool(core) and core[-1] in punctuation
+
+
+def ep_anchor_ids(tokenizer: Any, punctuation: str = DEFAULT_EP_PUNCTUATION) -> list[int]:
+    """All vocabulary ids whose text is an EP anchor. Raises if there are none."""
+    if not punctuation:
+        raise ValueError("EP anchors need at least one punctuation character (ep_punctuation is empty).")
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    ids = []
+    for tid in range(len(tokenizer)):
+        if tid in special:
+            continue
+        text = tokenizer.decode([tid], clean_up_tokenization_spaces=False)
+        if is_ep_anchor_text(text, punctuation):
+            ids.append(tid)
+    if not ids:
+        raise ValueError(
+            f"No token of this tokenizer is an EP anchor for punctuation {punctuation!r}. "
+            "Pass ep_punctuation with characters the vocabulary has (e.g. '.!?')."
+        )
+    return ids
+
+
+def ac_token_id(tokenizer: Any, token: str = AC_TOKEN) -> int:
+    """Id of the AC token, with a clear error when the tokenizer lacks it."""
+    tid = tokenizer.convert_tokens_to_ids(token)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if tid is None or (unk is not None and tid == unk) or tid >= len(tokenizer):
+        raise ValueError(
+            f"The tokenizer has no {token!r} token. Load the tokenizer saved with the AC model, or call "
+            "anllm.prepare_model(model, tokenizer, mode='ac') to add it."
+        )
+    return int(tid)
+
+
+def add_ac_token(model: Any, tokenizer: Any, token: str = AC_TOKEN, init_from: str = ".") -> int:
+    """Add ``token`` as a special token and initialise its embedding rows from ``init_from``.
+
+    Returns the new id. Idempotent: an existing token is left as is (no re-initialisation).
+    """
+    from tokenizers import AddedToken
+
+    if token in tokenizer.get_vocab():
+        return ac_token_id(tokenizer, token)
+    src = _single_token_id(tokenizer, init_from)
+    tokenizer.add_tokens([AddedToken(token, special=True, normalized=False)], special_tokens=True)
+    new_id = ac_token_id(tokenizer, token)
+    if model.get_input_embeddings().weight.shape[0] <= new_id:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        emb_in = model.get_input_embeddings().weight
+        emb_in[new_id] = emb_in[src]
+        out = model.get_output_embeddings()
+        if out is not None and out.weight.data_ptr() != emb_in.data_ptr():
+            out.weight[new_id] = out.weight[src]
+    return new_id
+
+
+def _single_token_id(tokenizer: Any, text: str) -> int:
+    """Id of the token whose text is exactly ``text`` (e.g. "." in BPE or SentencePiece vocabularies)."""
+    tid = tokenizer.convert_tokens_to_ids(text)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if tid is not None and tid != unk:
+        return int(tid)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if not ids:
+        raise ValueError(f"Cannot find a token for {text!r} to initialise the anchor embedding from.")
+    return int(ids[-1])
+
+
+def anchor_mask(input_ids: torch.Tensor, anchor_ids: Iterable[int] | torch.Tensor) -> torch.Tensor:
+    """Per-token ``is_anchor`` from ids."""
+    ids = anchor_ids if isinstance(anchor_ids, torch.Tensor) else torch.tensor(list(anchor_ids))
+    return torch.isin(input_ids, ids.to(input_ids.device))
+
+
+# --- sentence splitting (AC insertion) -------------------------------------------------------------
+
+
+SplitterName = Literal["blingfire", "pysbd"]
+
+
+def sentence_spans(text: str, splitter: SplitterName = "blingfire") -> list[tuple[int, int]]:
+    """Character spans ``(start, end)`` of the sentences of ``text``.
+
+    Paragraph breaks (newlines) always end a sentence; within a line, a trained splitter decides.
+    """
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    for line in text.splitlines(keepends=True):
+        body = line.rstrip("\r\n")
+        if body.strip():
+            for s, e in _split_line(body, splitter):
+                spans.append((pos + s, pos + e))
+        pos += len(line)
+    return spans
+
+
+def _split_line(line: str, splitter: SplitterName) -> list[tuple[int, int]]:
+    if splitter == "blingfire":
+        import blingfire
+
+        _, offsets = blingfire.text_to_sentences_and_offsets(line)
+        return [(int(s), int(e)) for s, e in offsets] if offsets else []
+    if splitter == "pysbd":
+        out = []
+        for span in _pysbd().segment(line):
+            start, end = span.start, span.end
+            while end > start and line[end - 1].isspace():
+                end -= 1
+            if end > start:
+                out.append((start, end))
+        return out
+    raise ValueError(f"Unknown sentence splitter {splitter!r}: choose 'blingfire' or 'pysbd'.")
+
+
+@lru_cache(maxsize=1)
+def _pysbd():
+    import pysbd
+
+    return pysbd.Segmenter(language="en", clean=False, char_span=True)
+
+
+def insert_anchor_token(
+    text: str, token: str = AC_TOKEN, splitter: SplitterName = "blingfire", after_last: bool = True
+) -> str:
+    """Put ``token`` right after every sentence of ``text`` (before the following whitespace).
+
+    ``after_last=False`` reproduces the authors' " <AC> ".join(sentences) (no anchor after the
+    final sentence).
+    """
+    spans = sentence_spans(text, splitter)
+    if not after_last and spans:
+        spans = spans[:-1]
+    pieces, prev = [], 0
+    for _, end in spans:
+        pieces.append(text[prev:end])
+        pieces.append(token)
+        prev = end
+    pieces.append(text[prev:])
+    return "".join(pieces)

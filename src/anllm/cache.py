@@ -1,0 +1,323 @@
+"""AnchorCache: a transformers ``Cache`` that keeps only the keys/values the AnSAN rule can still use.
+
+After each forward, every cached token that :func:`anllm.masks.reachable_later` rules out (the
+non-anchor tokens of finished sentences, padding) is dropped. Under the AnSAN mask this is lossless:
+generation matches a full ``DynamicCache`` on the same prepared model.
+
+Storage is one preallocated buffer per layer, ``[B, H, capacity, D]``; new tokens are written at the
+shared width ``W`` (the same column for every row) and pruning compacts each row in place, moving only
+the entries whose slot changes (the new anchors and the open sentence), so a decode step never
+re-copies the whole cache (a ``DynamicCache`` step concatenates, i.e. copies, all of it). Rows are
+ragged: a row with fewer kept tokens has empty (``valid=False``) slots that the mask hides.
+
+The cache only knows *which* tokens are anchors through the anchor-aware model (``prepare_model``);
+its forward hook calls :meth:`AnchorCache.begin_step` before and :meth:`AnchorCache.end_step` after
+each forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .masks import AnsanOptions, TokenLayout, layout_from_tokens, reachable_later
+
+PositionMode = Literal["true", "compact"]
+
+
+class LayoutTracker:
+    """The token layout of whatever a cache holds, plus per-row counters to continue it.
+
+    Shared by :class:`AnchorCache` (which prunes) and full caches (``DynamicCache``), for which the
+    model hook tracks the layout so that decode steps still get the AnSAN mask.
+    """
+
+    def __init__(self, options: AnsanOptions, keep_prefix: bool = False):
+        self.options = options
+        self.keep_prefix = keep_prefix
+        self.layout: TokenLayout | None = None  # [B, W] kept slots
+        self.num_steps = 0
+        self.batch_size: int | None = None
+
+    def extend(self, is_anchor: torch.Tensor, valid: torch.Tensor) -> tuple[TokenLayout, TokenLayout]:
+        """Layout of new tokens ``[B, q]`` continuing each row; returns ``(new, keys)`` where ``keys``
+        is the layout of everything attention sees this step (``[B, W + q]``)."""
+        B = is_anchor.shape[0]
+        if self.batch_size is None:
+            self.batch_size = B
+        elif B != self.batch_size:
+            raise ValueError(
+                f"This cache holds a batch of {self.batch_size} rows but the input has {B}. A cache belongs "
+                "to one batch: create a new AnchorCache() for each generate call (or call cache.reset())."
+            )
+        if self.layout is None:
+            starts = dict(idx_start=0, seg_start=0, rank_start=0)
+        else:
+            starts = dict(idx_start=self.seen_idx, seg_start=self.open_seg, rank_start=self.valid_seen)
+        new = layout_from_tokens(
+            is_anchor,
+            valid,
+            None,
+            self.options,
+            prefix=self.keep_prefix and self.num_steps == 0,
+            **starts,
+        )
+        self.seen_idx = new.idx[:, -1] + 1
+        self.open_seg = new.seg[:, -1] + new.anchor[:, -1].long()
+        self.valid_seen = (0 if self.layout is None else self.valid_seen) + new.valid.long().sum(-1)
+        keys = new if self.layout is None else TokenLayout.cat([self.layout, new])
+        return new, keys
+
+    def reset(self) -> None:
+        self.__init__(self.options, self.keep_prefix)
+
+
+class AnchorLayer(CacheLayerMixin):
+    """One layer's keys/values in a growable buffer; compaction plans come from the parent cache."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, parent: "AnchorCache"):
+        super().__init__()
+        self.parent = parent
+        self.width = 0  # used slots (shared by all rows)
+
+    def lazy_initialization(self, key_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        B, H, _, D = key_states.shape
+        self._kbuf = key_states.new_empty((B, H, 0, D))
+        self._vbuf = key_states.new_empty((B, H, 0, D))
+        self.is_initialized = True
+
+    def _ensure_capacity(self, needed: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
+        cap = self._kbuf.shape[2]
+        if needed <= cap:
+            return
+        new_cap = max(needed, 2 * cap, 64)
+        B, H, _, Dk = like_k.shape
+        Dv = like_v.shape[-1]
+        k = like_k.new_empty((B, H, new_cap, Dk))
+        v = like_v.new_empty((B, H, new_cap, Dv))
+        if self.width:
+            k[:, :, : self.width] = self._kbuf[:, :, : self.width]
+            v[:, :, : self.width] = self._vbuf[:, :, : self.width]
+            self.parent.copied_slots += self.width
+        self._kbuf, self._vbuf = k, v
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict[str, Any] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states)
+        q = key_states.shape[2]
+        end = self.width + q
+        self._ensure_capacity(end, key_states, value_states)
+        self._kbuf[:, :, self.width : end] = key_states
+        self._vbuf[:, :, self.width : end] = value_states
+        self.width = end
+        return self._kbuf[:, :, :end], self._vbuf[:, :, :end]
+
+    def compact(self, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, new_width: int) -> None:
+        """Move slots ``src -> dst`` of ``rows`` in place (reads happen before writes)."""
+        if rows.numel():
+            self._kbuf[rows, :, dst] = self._kbuf[rows, :, src]
+            self._vbuf[rows, :, dst] = self._vbuf[rows, :, src]
+        self.width = new_width
+
+    @property
+    def keys(self) -> torch.Tensor | None:  # the Cache API exposes .keys/.values
+        return None if not self.is_initialized else self._kbuf[:, :, : self.width]
+
+    @keys.setter
+    def keys(self, value: Any) -> None:  # set to None by CacheLayerMixin.__init__
+        pass
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if not self.is_initialized else self._vbuf[:, :, : self.width]
+
+    @values.setter
+    def values(self, value: Any) -> None:
+        pass
+
+    def get_seq_length(self) -> int:
+        return self.parent.get_seq_length()
+
+    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
+        return self.width + cache_position.shape[0], 0
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.width = 0
+
+    def nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self._kbuf.nelement() * self._kbuf.element_size() + self._vbuf.nelement() * self._vbuf.element_size()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("AnchorCache does not support beam search; use greedy or sampling.")
+
+
+class AnchorCache(Cache):
+    """Lossless anchor-pruned KV cache (see module docstring).
+
+    Args:
+        keep_prefix: keep every key/value of the first forward (the prompt/source), as in the paper's
+            "Src Cache" variant; tokens generated later may attend all of it.
+        position_mode: ``"true"`` (default) keeps the positions a full forward would use (RoPE as in
+            training; lossless). ``"compact"`` numbers new tokens by the pruned cache length, like the
+            authors' code, for comparison only (not lossless).
+    """
+
+    def __init__(self, keep_prefix: bool = False, position_mode: PositionMode = "true"):
+        if position_mode not in ("true", "compact"):
+            raise ValueError(f"position_mode must be 'true' or 'compact', got {position_mode!r}")
+        super().__init__(layers=[])
+        self.keep_prefix = keep_prefix
+        self.position_mode = position_mode
+        self.tracker: LayoutTracker | None = None
+        self.copied_slots = 0  # slots moved or copied by pruning/growth, per layer (for benchmarks)
+        self._plan: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
+        self._keys_layout: TokenLayout | None = None
+        self.num_seen: torch.Tensor | None = None
+        self.num_kept: torch.Tensor | None = None
+        self.max_kept: torch.Tensor | None = None
+        self.max_kept_total = 0
+
+    # ---- called by the anchor-aware model's forward hooks -------------------------------------
+    def begin_step(
+        self, is_anchor: torch.Tensor, valid: torch.Tensor, options: AnsanOptions
+    ) -> tuple[TokenLayout, TokenLayout]:
+        """Register the new tokens; returns ``(query_layout, key_layout)`` for the mask."""
+        if self.tracker is None:
+            self.tracker = LayoutTracker(options, self.keep_prefix)
+        elif self.tracker.options != options:
+            raise ValueError("This AnchorCache was filled by a model with different anchor options.")
+        if self._plan is not None:
+            raise RuntimeError("AnchorCache.begin_step called twice without end_step (interrupted forward?).")
+        new, keys = self.tracker.extend(is_anchor, valid)
+        self._keys_layout = keys
+        B, Wq = keys.shape
+        keep = reachable_later(keys, self.tracker.open_seg[:, None], keys.doc[:, -1:])
+        counts = keep.sum(-1)
+        new_width = int(counts.max()) if B else 0
+        # Destination of each kept slot: its rank among the row's kept slots.
+        dst_all = keep.long().cumsum(-1) - 1
+        src_idx = torch.arange(Wq, device=keep.device).expand(B, Wq)
+        moved = keep & (dst_all != src_idx)
+        rows, src = moved.nonzero(as_tuple=True)
+        dst = dst_all[rows, src]
+        # The kept layout after this step (empty slots are invalid).
+        order = torch.sort(~keep, dim=-1, stable=True).indices[:, :new_width]
+        kept = keys.map(lambda t: t.gather(-1, order))
+        slot_ok = torch.arange(new_width, device=keep.device)[None, :] < counts[:, None]
+        self.tracker.layout = kept.with_(valid=kept.valid & slot_ok)
+        self._plan = (rows, src, dst, new_width)
+        # Statistics (real tokens only).
+        seen = new.valid.long().sum(-1)
+        kept_now = (keep & keys.valid).long().sum(-1)
+        self.num_seen = seen if self.num_seen is None else self.num_seen + seen
+        self.num_kept = kept_now
+        self.max_kept = kept_now if self.max_kept is None else torch.maximum(self.max_kept, kept_now)
+        self.max_kept_total = max(self.max_kept_total, int(kept_now.sum()))
+        return new, keys
+
+    def end_step(self) -> None:
+        """Apply the pruning planned in :meth:`begin_step` to every layer, in place."""
+        if self._plan is None:
+            return
+        rows, src, dst, new_width = self._plan
+        for layer in self.layers:
+            layer.compact(rows, src, dst, new_width)
+            self.copied_slots += int(rows.numel())
+        self._plan = None
+        self._keys_layout = None
+
+    def compact_positions(self, valid: torch.Tensor) -> torch.Tensor:
+        """Positions of new tokens numbered from each row's kept length (the authors' scheme)."""
+        base = torch.zeros(valid.shape[0], dtype=torch.long, device=valid.device)
+        if self.tracker is not None and self.tracker.layout is not None:
+            base = self.tracker.layout.valid.long().sum(-1)
+        pos = base[:, None] + valid.long().cumsum(-1) - 1
+        return pos.clamp_min(0)
+
+    # ---- transformers Cache API ---------------------------------------------------------------
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        cache_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._plan is None:
+            raise RuntimeError(
+                "AnchorCache got keys/values from a model that is not anchor-aware. Call "
+                "anllm.prepare_model(model, tokenizer, mode='ac'|'ep') first (or load with anllm.from_pretrained)."
+            )
+        while len(self.layers) <= layer_idx:
+            self.layers.append(AnchorLayer(self))
+        return self.layers[layer_idx].update(key_states, value_states, cache_kwargs)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens seen so far (not kept): with true positions, new tokens continue from here."""
+        if self.tracker is None or self.tracker.layout is None:
+            return 0
+        return int(self.tracker.seen_idx.max())
+
+    def get_mask_sizes(self, cache_position: torch.Tensor, layer_idx: int) -> tuple[int, int]:
+        width = self.layers[layer_idx].width if layer_idx < len(self.layers) else 0
+        return width + cache_position.shape[0], 0
+
+    def reset(self) -> None:
+        self.__init__(self.keep_prefix, self.position_mode)
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("AnchorCache cannot be cropped (pruned tokens are gone).")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("AnchorCache does not support beam search or num_return_sequences > 1.")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("AnchorCache does not support selecting rows.")
+
+    # ---- statistics -----------------------------------------------------------------------------
+    @property
+    def kept_width(self) -> int:
+        return self.layers[0].width if self.layers else 0
+
+    def nbytes(self) -> int:
+        """Bytes allocated for keys/values (all layers, including spare capacity)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def kept_nbytes(self) -> int:
+        """Bytes of the kept keys/values themselves (real tokens, all layers)."""
+        if not self.layers or self.num_kept is None:
+            return 0
+        per_slot = 0
+        for layer in self.layers:
+            B, H, cap, D = layer._kbuf.shape
+            per_slot += H * (D + layer._vbuf.shape[-1]) * layer._kbuf.element_size()
+        return per_slot * int(self.num_kept.sum())
+
+    def stats(self) -> dict[str, Any]:
+        """Cache statistics: totals and per row. ``reduction`` is C⇓ = 1 - kept/seen."""
+        if self.num_seen is None:
+            return {"seen": 0, "kept": 0, "max_kept": 0, "reduction": 0.0, "bytes": 0, "kept_bytes": 0}
+        seen, kept = int(self.num_seen.sum()), int(self.num_kept.sum())
+        return {
+            "seen": seen,
+            "kept": kept,
+            "max_kept": self.max_kept_total,
+            "reduction": 1.0 - kept / seen if seen else 0.0,
+            "bytes": self.nbytes(),
+            "kept_bytes": self.kept_nbytes(),
+            "seen_per_row": self.num_seen.tolist(),
+            "kept_per_row": self.num_kept.tolist(),
+            "max_kept_per_row": self.max_kept.tolist(),
+        }

@@ -1,0 +1,206 @@
+"""The AnSAN attention rule: the one place where "who may attend whom" is defined.
+
+Everything else (dense SDPA/eager masks, flex_attention BlockMasks, the pruned AnchorCache) is
+derived from :func:`visible` and :func:`reachable_later` below.
+
+The rule (Pang et al., 2024, sec. 3): a token belongs to the *segment* that ends at the next anchor
+(inclusive). Query q may attend key k iff k comes no later than q, both are real tokens (not
+padding) of the same packed document, and
+
+* k and q are in the same segment, or
+* k is an anchor and q is not (non-anchors see every earlier anchor; anchors see only their own
+  sentence), or
+* k is one of the first ``num_sink_tokens`` tokens of the document (option, StreamingLLM-style), or
+* k belongs to a kept prompt prefix and q does not (``keep_prefix``, the paper's "Src Cache").
+
+``anchors_see_anchors=True`` additionally lets anchors see earlier anchors (option, off by default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Callable
+
+import torch
+
+__all__ = [
+    "AnsanOptions",
+    "TokenLayout",
+    "visible",
+    "reachable_later",
+    "ansan_mask",
+    "layout_from_tokens",
+    "ansan_mask_mod",
+]
+
+
+@dataclass(frozen=True)
+class AnsanOptions:
+    """Options beyond the paper's rule; both off by default."""
+
+    num_sink_tokens: int = 0
+    anchors_see_anchors: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_sink_tokens < 0:
+            raise ValueError(f"num_sink_tokens must be >= 0, got {self.num_sink_tokens}")
+
+
+@dataclass
+class TokenLayout:
+    """Per-token facts the rule needs, each a tensor of the same shape (usually ``[B, L]``).
+
+    ``idx`` orders tokens in time (causality); ``seg`` is the segment id (number of anchors before
+    the token in its row); ``doc`` the packed-document id; ``valid`` is False for padding and for
+    empty cache slots; ``sink`` marks the first ``num_sink_tokens`` real tokens of a document;
+    ``prefix`` marks tokens of a prompt whose cache is kept whole.
+    """
+
+    idx: torch.Tensor
+    seg: torch.Tensor
+    anchor: torch.Tensor
+    valid: torch.Tensor
+    doc: torch.Tensor
+    sink: torch.Tensor
+    prefix: torch.Tensor
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "TokenLayout":
+        """Apply ``fn`` to every field (indexing, slicing, reshaping)."""
+        return TokenLayout(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
+
+    @staticmethod
+    def cat(parts: list["TokenLayout"], dim: int = -1) -> "TokenLayout":
+        return TokenLayout(
+            **{f.name: torch.cat([getattr(p, f.name) for p in parts], dim=dim) for f in fields(TokenLayout)}
+        )
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.idx.shape
+
+    def with_(self, **changes: torch.Tensor) -> "TokenLayout":
+        return replace(self, **changes)
+
+
+def visible(q: TokenLayout, k: TokenLayout, options: AnsanOptions = AnsanOptions()) -> torch.Tensor:
+    """True where query token ``q`` may attend key token ``k`` (fields broadcast against each other)."""
+    allowed = (k.idx <= q.idx) & (k.doc == q.doc) & k.valid & q.valid
+    via_anchor = k.anchor if options.anchors_see_anchors else k.anchor & ~q.anchor
+    return allowed & ((k.seg == q.seg) | via_anchor | k.sink | (k.prefix & ~q.prefix))
+
+
+def reachable_later(k: TokenLayout, open_seg: torch.Tensor, open_doc: torch.Tensor) -> torch.Tensor:
+    """True for keys that some *future* token could still attend under :func:`visible`.
+
+    Future tokens come after every key, lie in the row's open segment ``open_seg`` (or a later one)
+    and document ``open_doc``, and are not part of a kept prefix. A finished segment's non-anchor
+    tokens fail every clause of :func:`visible` for all of them, so dropping them is lossless.
+    ``open_seg``/``open_doc`` broadcast against the key fields (e.g. ``[B, 1]``).
+    """
+    return k.valid & (k.doc == open_doc) & ((k.seg == open_seg) | k.anchor | k.sink | k.prefix)
+
+
+def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
+    x = x.long()
+    return x.cumsum(-1) - x
+
+
+def layout_from_tokens(
+    is_anchor: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
+    options: AnsanOptions = AnsanOptions(),
+    *,
+    idx_start: torch.Tensor | int = 0,
+    seg_start: torch.Tensor | int = 0,
+    rank_start: torch.Tensor | int = 0,
+    prefix: bool = False,
+) -> TokenLayout:
+    """Build the :class:`TokenLayout` of a ``[B, L]`` block of tokens, vectorised.
+
+    The ``*_start`` arguments continue a row that already has tokens (a cache): ``idx_start`` is
+    the number of tokens seen, ``seg_start`` the number of anchors seen, ``rank_start`` the number of
+    real tokens seen in the current document (for sinks).
+    """
+    if is_anchor.dim() != 2:
+        raise ValueError(f"is_anchor must be [batch, length], got shape {tuple(is_anchor.shape)}")
+    B, L = is_anchor.shape
+    device = is_anchor.device
+    valid = torch.ones_like(is_anchor, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if valid.shape != is_anchor.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(valid.shape)} does not match input shape {tuple(is_anchor.shape)}"
+        )
+    anchor = is_anchor.bool() & valid
+    doc = (
+        torch.zeros((B, L), dtype=torch.long, device=device)
+        if document_ids is None
+        else document_ids.to(device=device, dtype=torch.long)
+    )
+    if doc.shape != is_anchor.shape:
+        raise ValueError(f"document_ids shape {tuple(doc.shape)} does not match input shape {tuple(is_anchor.shape)}")
+    idx = torch.arange(L, device=device).expand(B, L) + _as_col(idx_start, B, device)
+    seg = _exclusive_cumsum(anchor) + _as_col(seg_start, B, device)
+    if options.num_sink_tokens > 0:
+        # Rank of each real token within its document: count of real tokens before it, minus the
+        # count at the start of its document run (cummax recovers the latest run start).
+        before = _exclusive_cumsum(valid)
+        starts = torch.ones_like(valid)
+        starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+        base = torch.where(starts, before, torch.zeros_like(before)).cummax(-1).values
+        rank = before - base
+        first_run = starts.long().cumsum(-1) == 1
+        rank = rank + torch.where(first_run, _as_col(rank_start, B, device), 0)
+        sink = valid & (rank < options.num_sink_tokens)
+    else:
+        sink = torch.zeros_like(valid)
+    return TokenLayout(
+        idx=idx,
+        seg=seg,
+        anchor=anchor,
+        valid=valid,
+        doc=doc,
+        sink=sink,
+        prefix=torch.full_like(valid, prefix),
+    )
+
+
+def _as_col(x: torch.Tensor | int, B: int, device: torch.device) -> torch.Tensor:
+    if isinstance(x, int):
+        return torch.full((B, 1), x, dtype=torch.long, device=device)
+    return x.to(device=device, dtype=torch.long).reshape(B, 1)
+
+
+def ansan_mask(
+    is_anchor: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
+    *,
+    num_sink_tokens: int = 0,
+    anchors_see_anchors: bool = False,
+) -> torch.Tensor:
+    """The dense AnSAN mask ``[B, L, L]``: True where query i may attend key j.
+
+    ``is_anchor`` is ``[B, L]`` bool; ``attention_mask`` is the usual 2D padding mask (1 = token);
+    ``document_ids`` (``[B, L]`` ints) separates documents packed into one row. Padding rows are
+    all False (padding neither attends nor is attended).
+    """
+    options = AnsanOptions(num_sink_tokens, anchors_see_anchors)
+    lay = layout_from_tokens(is_anchor, attention_mask, document_ids, options)
+    return visible(lay.map(lambda t: t[:, :, None]), lay.map(lambda t: t[:, None, :]), options)
+
+
+def dense_mask(q: TokenLayout, k: TokenLayout, options: AnsanOptions) -> torch.Tensor:
+    """``[B, 1, Lq, Lk]`` bool mask between query and key layouts (the SDPA format)."""
+    return visible(q.map(lambda t: t[:, None, :, None]), k.map(lambda t: t[:, None, None, :]), options)
+
+
+def ansan_mask_mod(q: TokenLayout, k: TokenLayout, q_offset: int, options: AnsanOptions) -> Callable:
+    """The rule as a ``mask_mod(b, h, q_idx, kv_idx)`` for flex_attention / transformers' mask
+    interface. ``q_idx - q_offset`` indexes the query layout, ``kv_idx`` the key layout."""
+
+    def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001 - signature fixed by flex_attention
+        qi = q_idx - q_offset
+        return visible(q.map(lambda t: t[b, qi]), k.map(lambda t: t[b, kv_idx]), options)
+
+    return mask_mod

@@ -1,0 +1,243 @@
+"""Anchor-aware models: ``prepare_model`` makes any HF decoder apply the AnSAN rule by itself.
+
+How, without touching library code: a forward pre-hook (a public PyTorch mechanism) on the causal
+LM turns ``input_ids`` + the 2D ``attention_mask`` (+ optional ``document_ids`` for packed rows)
+into the 4D mask that the model's attention backend expects, built from :mod:`anllm.masks`:
+
+* ``sdpa``: dense bool ``[B, 1, Lq, Lk]`` (the CPU training path);
+* ``eager``: the same mask as an additive float mask (eager *adds* the mask, so a bool mask would be
+  silently wrong);
+* ``flex_attention`` (and any backend registered in transformers' ``AttentionMaskInterface``): the
+  rule as a ``mask_mod`` through ``transformers.masking_utils.create_causal_mask`` (a BlockMask).
+
+transformers passes a ready 4D mask through unchanged, so every layer of every model that uses the
+attention interface (Llama, Mistral, Qwen2, ...) gets the rule. With a cache, the hook keeps the
+token layout of what the cache holds (``AnchorCache`` prunes it; a ``DynamicCache`` keeps all), so
+decode steps are masked exactly as the full sequence would be.
+
+Anchor settings live in ``model.config.anllm`` and survive ``save_pretrained``; hooks do not, so
+load with :func:`from_pretrained` (or call ``prepare_model`` again).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Any, Iterator
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+
+from .anchors import AnchorConfig, ac_token_id, add_ac_token, ep_anchor_ids, AC_TOKEN, DEFAULT_EP_PUNCTUATION
+from .cache import AnchorCache, LayoutTracker
+from .masks import AnsanOptions, TokenLayout, ansan_mask_mod, dense_mask, layout_from_tokens
+
+CONFIG_KEY = "anllm"
+_UNSUPPORTED_BACKENDS = ("flash_attention_2", "flash_attention_3", "paged_attention")
+
+
+def get_anchor_config(model_or_config: Any) -> AnchorConfig | None:
+    """The anchor settings stored in a model's config (None for a plain model)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    d = getattr(config, CONFIG_KEY, None)
+    return AnchorConfig.from_dict(d) if d else None
+
+
+def prepare_model(
+    model: Any,
+    tokenizer: Any,
+    mode: str | None = None,
+    *,
+    ep_punctuation: str = DEFAULT_EP_PUNCTUATION,
+    anchor_token: str = AC_TOKEN,
+    num_sink_tokens: int = 0,
+    anchors_see_anchors: bool = False,
+) -> tuple[Any, Any]:
+    """Make ``model`` anchor-aware (AnLLM-AC ``"ac"``, AnLLM-EP ``"ep"`` or plain ``"none"``).
+
+    ``mode=None`` re-applies the settings saved in ``model.config.anllm`` (after loading).
+    AC adds ``<AC>`` to the tokenizer and initialises its embedding rows from "."; EP finds every
+    vocabulary token that ends a sentence (see :mod:`anllm.anchors`).
+    """
+    saved = get_anchor_config(model)
+    if mode is None:
+        if saved is None:
+            raise ValueError("This model has no saved anchor settings: pass mode='ac', 'ep' or 'none'.")
+        cfg = saved
+        if cfg.mode == "ac":
+            tid = ac_token_id(tokenizer, cfg.anchor_token or AC_TOKEN)
+            if [tid] != cfg.anchor_token_ids:
+                raise ValueError(
+                    f"The tokenizer maps {cfg.anchor_token!r} to id {tid}, but the model was trained with "
+                    f"{cfg.anchor_token_ids}. Load the tokenizer saved with this model."
+                )
+    else:
+        if mode == "ac":
+            ids = [add_ac_token(model, tokenizer, anchor_token)]
+        elif mode == "ep":
+            ids = ep_anchor_ids(tokenizer, ep_punctuation)
+        elif mode == "none":
+            ids = []
+        else:
+            raise ValueError(f"Unknown anchor mode {mode!r}: choose 'ac', 'ep' or 'none'.")
+        cfg = AnchorConfig(
+            mode=mode,  # type: ignore[arg-type]
+            anchor_token_ids=ids,
+            anchor_token=anchor_token if mode == "ac" else None,
+            ep_punctuation=ep_punctuation,
+            num_sink_tokens=num_sink_tokens,
+            anchors_see_anchors=anchors_see_anchors,
+        )
+    setattr(model.config, CONFIG_KEY, cfg.to_dict())
+    old = getattr(model, "_anllm_attention", None)
+    if old is not None:
+        old.remove()
+    if cfg.enabled:
+        impl = getattr(model.config, "_attn_implementation", None)
+        if impl in _UNSUPPORTED_BACKENDS:
+            raise ValueError(
+                f"attn_implementation={impl!r} cannot express the AnSAN mask (it only knows causal/varlen "
+                "masks). Load the model with attn_implementation='sdpa' (or 'flex_attention' on GPU)."
+            )
+        model._anllm_attention = AnchorAttention(model, cfg)
+    else:
+        model._anllm_attention = None
+    return model, tokenizer
+
+
+def from_pretrained(path: str, **kwargs: Any) -> tuple[Any, Any]:
+    """Load a causal LM + tokenizer and re-apply its saved anchor settings (if any)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs.setdefault("attn_implementation", "sdpa")
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if get_anchor_config(model) is not None:
+        prepare_model(model, tokenizer)
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def anchor_attention(model: Any, enabled: bool) -> Iterator[None]:
+    """Temporarily switch the AnSAN rule off (plain causal attention) or on for an anchor-aware model."""
+    att = getattr(model, "_anllm_attention", None)
+    if att is None:
+        if enabled:
+            raise ValueError("This model is not anchor-aware: call anllm.prepare_model first.")
+        yield
+        return
+    before = att.enabled
+    att.enabled = enabled
+    try:
+        yield
+    finally:
+        att.enabled = before
+
+
+def is_anchor_aware(model: Any) -> bool:
+    att = getattr(model, "_anllm_attention", None)
+    return att is not None and att.enabled
+
+
+class AnchorAttention:
+    """Owns the forward hooks that apply the rule; one per prepared model."""
+
+    def __init__(self, model: Any, cfg: AnchorConfig):
+        self.model_ref = weakref.ref(model)
+        self.cfg = cfg
+        self.options = AnsanOptions(cfg.num_sink_tokens, cfg.anchors_see_anchors)
+        self.anchor_ids = torch.tensor(cfg.anchor_token_ids, dtype=torch.long)
+        self.enabled = True
+        self._trackers: "weakref.WeakKeyDictionary[Cache, LayoutTracker]" = weakref.WeakKeyDictionary()
+        self._handles = [
+            model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
+            model.register_forward_hook(self._post_forward, with_kwargs=True),
+        ]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _pre_forward(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        document_ids = kwargs.pop("document_ids", None)
+        is_anchor = kwargs.pop("anchor_mask", None)
+        if not self.enabled:
+            return args, kwargs
+        attention_mask = kwargs.get("attention_mask")
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+            return args, kwargs  # a caller-built 4D mask wins
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if is_anchor is None:
+            if input_ids is None:
+                raise ValueError("An anchor-aware model needs input_ids (or anchor_mask= with inputs_embeds).")
+            is_anchor = torch.isin(input_ids, self.anchor_ids.to(input_ids.device))
+        B, q = is_anchor.shape
+        valid = (
+            torch.ones_like(is_anchor, dtype=torch.bool)
+            if attention_mask is None
+            else attention_mask[:, -q:].to(is_anchor.device).bool()
+        )
+        cache = kwargs.get("past_key_values")
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(module.config, "use_cache", False) and not module.training
+        if cache is None and use_cache:
+            cache = kwargs["past_key_values"] = DynamicCache(config=module.config)
+        if cache is not None and document_ids is not None:
+            raise ValueError("document_ids (packed rows) are for training/scoring without a cache.")
+        if isinstance(cache, AnchorCache):
+            qlay, klay = cache.begin_step(is_anchor, valid, self.options)
+            if cache.position_mode == "compact":
+                kwargs["position_ids"] = cache.compact_positions(valid)
+        elif isinstance(cache, Cache):
+            tracker = self._trackers.get(cache)
+            if tracker is None:
+                if cache.get_seq_length() > 0:
+                    raise ValueError(
+                        "This cache already holds tokens the anchor-aware model did not see, so their anchors "
+                        "are unknown. Start generation with an empty cache (DynamicCache() or AnchorCache())."
+                    )
+                tracker = self._trackers[cache] = LayoutTracker(self.options)
+            qlay, klay = tracker.extend(is_anchor, valid)
+            tracker.layout = klay
+            tracker.num_steps += 1
+        else:
+            qlay = klay = layout_from_tokens(is_anchor, valid, document_ids, self.options)
+        kwargs["attention_mask"] = self.build_mask(module.config, qlay, klay)
+        return args, kwargs
+
+    def _post_forward(self, module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+        cache = kwargs.get("past_key_values")
+        if isinstance(cache, AnchorCache):
+            cache.end_step()
+            cache.tracker.num_steps += 1
+        return output
+
+    # -- masks ---------------------------------------------------------------------------------
+    def build_mask(self, config: Any, q: TokenLayout, k: TokenLayout) -> Any:
+        """The 4D mask for this model's attention backend, from the one rule in :mod:`anllm.masks`."""
+        impl = getattr(config, "_attn_implementation", None) or "eager"
+        if impl == "sdpa":
+            return dense_mask(q, k, self.options)
+        model = self.model_ref()
+        dtype = model.dtype if model is not None else torch.float32
+        if impl == "eager":
+            allowed = dense_mask(q, k, self.options)
+            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+                ~allowed, torch.finfo(dtype).min
+            )
+        if impl in _UNSUPPORTED_BACKENDS:
+            raise ValueError(f"attn_implementation={impl!r} cannot express the AnSAN mask; use sdpa or flex_attention.")
+        B, Lq = q.shape
+        Lk = k.shape[1]
+        device = q.idx.device
+        return create_causal_mask(
+            config=config,
+            input_embeds=torch.empty((B, Lk, 0), dtype=dtype, device=device),
+            attention_mask=None,
+            cache_position=torch.arange(Lk - Lq, Lk, device=device),
+            past_key_values=None,
+            and_mask_function=ansan_mask_mod(q, k, Lk - Lq, self.options),
+        )
