@@ -143,6 +143,11 @@ class AnchorLayer(CacheLayerMixin):
     def values(self, value: Any) -> None:
         pass
 
+    def select_rows(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._kbuf = self._kbuf[indices]
+            self._vbuf = self._vbuf[indices]
+
     def get_seq_length(self) -> int:
         return self.parent.get_seq_length()
 
@@ -189,6 +194,7 @@ class AnchorCache(Cache):
         self.num_kept: torch.Tensor | None = None
         self.max_kept: torch.Tensor | None = None
         self.max_kept_total = 0
+        self._seen_before = 0
 
     # ---- called by the anchor-aware model's forward hooks -------------------------------------
     def begin_step(
@@ -201,6 +207,7 @@ class AnchorCache(Cache):
             raise ValueError("This AnchorCache was filled by a model with different anchor options.")
         if self._plan is not None:
             raise RuntimeError("AnchorCache.begin_step called twice without end_step (interrupted forward?).")
+        self._seen_before = self.get_seq_length()
         new, keys = self.tracker.extend(is_anchor, valid)
         self._keys_layout = keys
         B, Wq = keys.shape
@@ -268,7 +275,7 @@ class AnchorCache(Cache):
         """Tokens seen so far (not kept): with true positions, new tokens continue from here."""
         if self.tracker is None or self.tracker.layout is None:
             return 0
-        return int(self.tracker.seen_idx.max())
+        return self._seen_before if self._plan is not None else int(self.tracker.seen_idx.max())
 
     def get_mask_sizes(self, cache_position: torch.Tensor, layer_idx: int) -> tuple[int, int]:
         width = self.layers[layer_idx].width if layer_idx < len(self.layers) else 0
@@ -281,10 +288,35 @@ class AnchorCache(Cache):
         raise NotImplementedError("AnchorCache cannot be cropped (pruned tokens are gone).")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("AnchorCache does not support beam search or num_return_sequences > 1.")
+        """Repeat every row ``repeats`` times (e.g. score several continuations of one pruned context)."""
+        self.batch_select_indices(torch.arange(self._rows(), device=self._device()).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("AnchorCache does not support selecting rows.")
+        """Keep (or repeat) the given rows, in order."""
+        if self._plan is not None:
+            raise RuntimeError("Cannot select rows in the middle of a forward.")
+        indices = indices.to(self._device())
+        for layer in self.layers:
+            layer.select_rows(indices)
+        t = self.tracker
+        if t is not None and t.layout is not None:
+            t.layout = t.layout.map(lambda x: x[indices])
+            t.seen_idx, t.open_seg, t.valid_seen = t.seen_idx[indices], t.open_seg[indices], t.valid_seen[indices]
+            t.batch_size = int(indices.numel())
+        for name in ("num_seen", "num_kept", "max_kept"):
+            v = getattr(self, name)
+            if v is not None:
+                setattr(self, name, v[indices])
+
+    def _rows(self) -> int:
+        if self.tracker is None or self.tracker.batch_size is None:
+            raise RuntimeError("The AnchorCache is empty.")
+        return self.tracker.batch_size
+
+    def _device(self) -> torch.device:
+        if self.tracker is not None and self.tracker.layout is not None:
+            return self.tracker.layout.idx.device
+        return torch.device("cpu")
 
     # ---- statistics -----------------------------------------------------------------------------
     @property
