@@ -1,0 +1,81 @@
+"""prepare_model works for any HF decoder that uses transformers' attention interface.
+
+Each architecture: AnSAN changes the logits (the rule is applied, no NaN with padding), and greedy
+generation with AnchorCache equals generation with a full DynamicCache (tokens and scores).
+The rule itself is checked against a loop reference in test_masks.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import anllm
+from anllm.anchors import AnchorConfig
+
+ANCHOR = 5
+
+
+def _tiny(arch: str):
+    import transformers as tf
+
+    common = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
+    configs = {
+        "llama": lambda: tf.LlamaConfig(**common),
+        "mistral": lambda: tf.MistralConfig(**common, sliding_window=None),
+        "qwen2": lambda: tf.Qwen2Config(**common, use_sliding_window=False),
+        "qwen3": lambda: tf.Qwen3Config(**common, head_dim=8),
+        "phi3": lambda: tf.Phi3Config(**common),
+        "gemma": lambda: tf.GemmaConfig(**common, head_dim=8),
+    }
+    torch.manual_seed(0)
+    cfg = configs[arch]()
+    cfg._attn_implementation = "sdpa"
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    model.config.anllm = AnchorConfig(mode="ep", anchor_token_ids=[ANCHOR]).to_dict()
+    anllm.prepare_model(model, None)
+    return model
+
+
+def _ids(B: int, L: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(6, 64, (B, L), generator=g)
+    ids[torch.rand(B, L, generator=g) < 0.2] = ANCHOR
+    return ids
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"])
+def test_architecture_applies_rule_and_cache_is_exact(arch: str) -> None:
+    model = _tiny(arch)
+    ids = _ids(2, 24, seed=1)
+    am = torch.ones_like(ids)
+    am[1, :5] = 0
+    with torch.no_grad():
+        ansan = model(ids, attention_mask=am).logits
+        with anllm.anchor_attention(model, enabled=False):
+            causal = model(ids, attention_mask=am).logits
+    assert (ansan[am.bool()] - causal[am.bool()]).abs().max() > 1e-4, "AnSAN must change the logits"
+    assert not torch.isnan(ansan).any()
+
+    kwargs = dict(attention_mask=am, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                  output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        full = model.generate(ids, past_key_values=DynamicCache(), **kwargs)
+        cache = anllm.AnchorCache()
+        pruned = model.generate(ids, past_key_values=cache, **kwargs)
+    assert torch.equal(full.sequences, pruned.sequences)
+    diff = max((a - b).abs().max().item() for a, b in zip(full.scores, pruned.scores))
+    assert diff < 1e-3
+    assert cache.stats()["kept"] < cache.stats()["seen"]
