@@ -1,0 +1,253 @@
+"""The AnSAN rule (anllm.masks) against a deliberately naive, loop-based reference.
+
+The reference below is written from the rule's text, not from ``masks.visible``: query q may attend
+key k (k <= q) iff both are real tokens of the same packed document and (same segment, or k is an
+anchor and q is not); a segment ends at an anchor, inclusive; padding rows/columns are all False.
+Options: the first ``num_sink_tokens`` real tokens of each document stay visible to the later tokens
+of that document; ``anchors_see_anchors`` lets anchors see earlier anchors; a kept prompt prefix
+(``keep_prefix``) is visible to every token after it. Runtime: ~5 s.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from anllm import ansan_mask
+from anllm.masks import AnsanOptions, TokenLayout, layout_from_tokens, reachable_later, visible
+
+Row = tuple[list[bool], list[bool], list[int]]  # (is_anchor, is_real, document id) per position
+
+
+def reference_mask(
+    is_anchor: list[bool],
+    real: list[bool],
+    doc: list[int],
+    num_sink_tokens: int = 0,
+    anchors_see_anchors: bool = False,
+    prefix_len: int = 0,
+) -> list[list[bool]]:
+    """``M[q][k]`` for one row, by brute force over the rule's wording."""
+    L = len(is_anchor)
+    anchor = [is_anchor[i] and real[i] for i in range(L)]  # padding is no token, so never an anchor
+
+    def segment_end(i: int) -> int:
+        """A segment ends at the next anchor, inclusive (an unfinished segment ends at L)."""
+        for j in range(i, L):
+            if anchor[j]:
+                return j
+        return L
+
+    def is_sink(k: int) -> bool:
+        earlier_in_doc = sum(1 for j in range(k) if real[j] and doc[j] == doc[k])
+        return real[k] and earlier_in_doc < num_sink_tokens
+
+    M = [[False] * L for _ in range(L)]
+    for q in range(L):
+        for k in range(q + 1):
+            if not (real[q] and real[k] and doc[q] == doc[k]):
+                continue
+            same_segment = segment_end(k) == segment_end(q)
+            via_anchor = anchor[k] and (anchors_see_anchors or not anchor[q])
+            via_sink = is_sink(k)
+            via_prefix = k < prefix_len <= q
+            M[q][k] = same_segment or via_anchor or via_sink or via_prefix
+    return M
+
+
+def random_row(rng: random.Random, L: int) -> Row:
+    """A row with random padding (none/left/right/all), 1-3 packed documents and anchor density."""
+    pad_kind = rng.choice(["none", "left", "right", "left", "right", "all"] if L > 1 else ["none", "all"])
+    n_pad = 0 if pad_kind == "none" else (L if pad_kind == "all" else rng.randint(1, L - 1))
+    real = [True] * L
+    if pad_kind == "left":
+        real[:n_pad] = [False] * n_pad
+    elif pad_kind in ("right", "all"):
+        real[L - n_pad :] = [False] * n_pad
+    density = rng.choice([0.0, 0.15, 0.35, 0.7, 1.0])
+    # Padding may carry an anchor id (e.g. pad == "."): it must still not count as an anchor.
+    is_anchor = [rng.random() < density for _ in range(L)]
+    # Documents: contiguous runs with distinct, increasing ids; padding gets a random id.
+    real_pos = [i for i in range(L) if real[i]]
+    n_docs = rng.randint(1, min(3, max(1, len(real_pos))))
+    cuts = sorted(rng.sample(real_pos[1:], n_docs - 1)) if n_docs > 1 and len(real_pos) > 1 else []
+    first = rng.randint(0, 5)
+    doc = []
+    for i in range(L):
+        doc.append(first + sum(1 for c in cuts if c <= i))
+    for i in range(L):
+        if not real[i]:
+            doc[i] = rng.choice([0, -1, doc[i], first + 7])
+    return is_anchor, real, doc
+
+
+SPECIAL_ROWS: list[Row] = [
+    # no anchor at all
+    ([False] * 8, [True] * 8, [0] * 8),
+    # adjacent anchors, anchor first and last
+    ([True, True, False, True, True, False, False, True], [True] * 8, [0] * 8),
+    # all padding
+    ([False, True, False, False, True, False, False, False], [False] * 8, [0] * 8),
+    # left padding + two documents, anchor ending the first document
+    ([False, False, False, True, False, True, False, False], [False, False] + [True] * 6, [9, 9, 1, 1, 2, 2, 2, 2]),
+    # right padding after a final anchor; a padded "anchor" must not split a segment
+    ([False, True, False, True, True, False, False, False], [True] * 5 + [False] * 3, [0] * 8),
+    # every token an anchor
+    ([True] * 8, [True] * 8, [0, 0, 0, 1, 1, 1, 2, 2]),
+]
+
+
+def random_batches(seed: int, n_batches: int) -> list[list[Row]]:
+    rng = random.Random(seed)
+    batches = [SPECIAL_ROWS]
+    for _ in range(n_batches):
+        L = rng.randint(1, 16)
+        batches.append([random_row(rng, L) for _ in range(rng.randint(1, 4))])
+    return batches
+
+
+def as_tensors(rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (
+        torch.tensor([r[0] for r in rows], dtype=torch.bool),
+        torch.tensor([r[1] for r in rows], dtype=torch.long),
+        torch.tensor([r[2] for r in rows], dtype=torch.long),
+    )
+
+
+OPTIONS = [(0, False), (0, True), (1, False), (3, False), (2, True)]
+
+
+def test_reference_self_check() -> None:
+    """The reference itself on a hand-worked row, so a bug in it cannot hide a bug in the engine."""
+    # tokens: a b . c ! d   (anchors at 2 and 4)
+    M = reference_mask([False, False, True, False, True, False], [True] * 6, [0] * 6)
+    expected = [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],  # the anchor sees its own sentence
+        [0, 0, 1, 1, 0, 0],  # c sees the earlier anchor, not a b
+        [0, 0, 0, 1, 1, 0],  # "!" sees its own sentence only
+        [0, 0, 1, 0, 1, 1],  # d sees both anchors
+    ]
+    assert M == [[bool(x) for x in r] for r in expected]
+
+
+@pytest.mark.parametrize("num_sink_tokens,anchors_see_anchors", OPTIONS)
+def test_ansan_mask_matches_reference(num_sink_tokens: int, anchors_see_anchors: bool) -> None:
+    batches = random_batches(seed=1000 + num_sink_tokens * 10 + anchors_see_anchors, n_batches=80)
+    n_true = n_false = 0
+    for rows in batches:
+        is_anchor, real, doc = as_tensors(rows)
+        got = ansan_mask(
+            is_anchor, real, doc, num_sink_tokens=num_sink_tokens, anchors_see_anchors=anchors_see_anchors
+        )
+        assert got.dtype == torch.bool and got.shape == (len(rows), is_anchor.shape[1], is_anchor.shape[1])
+        for b, row in enumerate(rows):
+            want = reference_mask(*row, num_sink_tokens=num_sink_tokens, anchors_see_anchors=anchors_see_anchors)
+            assert got[b].tolist() == want, f"row {row} options sink={num_sink_tokens} a2a={anchors_see_anchors}"
+            n_true += sum(map(sum, want))
+            n_false += sum(len(r) - sum(r) for r in want)
+    assert n_true > 100 and n_false > 100  # the layouts exercise both outcomes
+
+
+def test_padding_rows_and_columns_are_all_false() -> None:
+    is_anchor, real, doc = as_tensors(SPECIAL_ROWS)
+    m = ansan_mask(is_anchor, real, doc, num_sink_tokens=2, anchors_see_anchors=True)
+    pad = ~real.bool()
+    assert not m[pad].any()  # padding queries see nothing
+    assert not m.transpose(1, 2)[pad].any()  # and nobody sees padding
+
+
+def test_defaults_without_padding_or_documents() -> None:
+    """No attention_mask / document_ids means one real document per row."""
+    is_anchor = torch.tensor([[False, True, False, False, True, True, False]])
+    want = reference_mask(is_anchor[0].tolist(), [True] * 7, [0] * 7)
+    assert ansan_mask(is_anchor)[0].tolist() == want
+
+
+def test_shape_errors_are_clear() -> None:
+    with pytest.raises(ValueError, match="batch, length"):
+        ansan_mask(torch.zeros(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        ansan_mask(torch.zeros(2, 5, dtype=torch.bool), torch.ones(2, 4))
+    with pytest.raises(ValueError, match="document_ids shape"):
+        ansan_mask(torch.zeros(2, 5, dtype=torch.bool), None, torch.zeros(2, 6))
+    with pytest.raises(ValueError, match="num_sink_tokens"):
+        AnsanOptions(num_sink_tokens=-1)
+
+
+def _count(xs: list[bool]) -> int:
+    return sum(1 for x in xs if x)
+
+
+@pytest.mark.parametrize("num_sink_tokens,anchors_see_anchors", OPTIONS)
+@pytest.mark.parametrize("keep_prefix", [False, True])
+def test_layout_continued_in_pieces(num_sink_tokens: int, anchors_see_anchors: bool, keep_prefix: bool) -> None:
+    """A row laid out in two forwards (as a cache does) gives the same mask as the whole row.
+
+    Without document_ids (the cache path). With ``keep_prefix`` the first piece is the kept prompt.
+    """
+    rng = random.Random(7 + num_sink_tokens + 10 * keep_prefix)
+    options = AnsanOptions(num_sink_tokens, anchors_see_anchors)
+    for _ in range(60):
+        L = rng.randint(2, 14)
+        rows = [random_row(rng, L) for _ in range(rng.randint(1, 3))]
+        t = rng.randint(1, L - 1)
+        is_anchor, real, _ = as_tensors(rows)
+        first = layout_from_tokens(is_anchor[:, :t], real[:, :t], None, options, prefix=keep_prefix)
+        anchors_before = (is_anchor[:, :t] & real[:, :t].bool()).sum(-1)
+        second = layout_from_tokens(
+            is_anchor[:, t:],
+            real[:, t:],
+            None,
+            options,
+            idx_start=t,
+            seg_start=anchors_before,
+            rank_start=real[:, :t].sum(-1),
+        )
+        lay = TokenLayout.cat([first, second])
+        got = visible(lay.map(lambda x: x[:, :, None]), lay.map(lambda x: x[:, None, :]), options)
+        for b, (a, r, _) in enumerate(rows):
+            want = reference_mask(
+                a, r, [0] * L, num_sink_tokens, anchors_see_anchors, prefix_len=t if keep_prefix else 0
+            )
+            assert got[b].tolist() == want, (rows[b], t)
+
+
+@pytest.mark.parametrize("num_sink_tokens,anchors_see_anchors", OPTIONS)
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_reachable_later_matches_brute_force(num_sink_tokens: int, anchors_see_anchors: bool, with_prefix: bool) -> None:
+    """A key is reachable iff some token appended later to the row could see it.
+
+    Brute force: append every anchor/non-anchor pattern of 1-3 real tokens (of the row's open
+    document) and ask the reference mask whether any appended token sees the key.
+    """
+    rng = random.Random(99 + num_sink_tokens * 3 + anchors_see_anchors + 50 * with_prefix)
+    options = AnsanOptions(num_sink_tokens, anchors_see_anchors)
+    patterns = [p for n in (1, 2, 3) for p in itertools.product([False, True], repeat=n)]
+    n_reach = n_drop = 0
+    for rows in random_batches(seed=rng.randint(0, 10**6), n_batches=40):
+        L = len(rows[0][0])
+        prefix_len = rng.randint(0, L) if with_prefix else 0
+        is_anchor, real, doc = as_tensors(rows)
+        lay = layout_from_tokens(is_anchor, real, doc, options)
+        lay = lay.with_(prefix=torch.arange(L)[None, :].expand_as(real) < prefix_len)
+        open_seg = (is_anchor & real.bool()).sum(-1, keepdim=True)
+        open_doc = doc[:, -1:]
+        got = reachable_later(lay, open_seg, open_doc)
+        for b, (a, r, d) in enumerate(rows):
+            want = [False] * L
+            for p in patterns:
+                n = len(p)
+                M = reference_mask(
+                    a + list(p), r + [True] * n, d + [d[-1]] * n, num_sink_tokens, anchors_see_anchors, prefix_len
+                )
+                for k in range(L):
+                    want[k] = want[k] or any(M[q][k] for q in range(L, L + n))
+            assert got[b].tolist() == want, (rows[b], prefix_len)
+            n_reach += _count(want)
+            n_drop += _count([r[k] and not want[k] for k in range(L)])
+    assert n_reach > 50 and n_drop > 50  # both kept and prunable real keys occur
