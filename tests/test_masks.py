@@ -137,7 +137,7 @@ def test_reference_self_check() -> None:
 
 @pytest.mark.parametrize("num_sink_tokens,anchors_see_anchors", OPTIONS)
 def test_ansan_mask_matches_reference(num_sink_tokens: int, anchors_see_anchors: bool) -> None:
-    batches = random_batches(seed=1000 + num_sink_tokens * 10 + anchors_see_anchors, n_batches=80)
+    batches = random_batches(seed=1000 + num_sink_tokens * 10 + anchors_see_anchors, n_batches=300)
     n_true = n_false = 0
     for rows in batches:
         is_anchor, real, doc = as_tensors(rows)
@@ -192,7 +192,7 @@ def test_layout_continued_in_pieces(num_sink_tokens: int, anchors_see_anchors: b
     """
     rng = random.Random(7 + num_sink_tokens + 10 * keep_prefix)
     options = AnsanOptions(num_sink_tokens, anchors_see_anchors)
-    for _ in range(60):
+    for _ in range(200):
         L = rng.randint(2, 14)
         rows = [random_row(rng, L) for _ in range(rng.randint(1, 3))]
         t = rng.randint(1, L - 1)
@@ -229,7 +229,7 @@ def test_reachable_later_matches_brute_force(num_sink_tokens: int, anchors_see_a
     options = AnsanOptions(num_sink_tokens, anchors_see_anchors)
     patterns = [p for n in (1, 2, 3) for p in itertools.product([False, True], repeat=n)]
     n_reach = n_drop = 0
-    for rows in random_batches(seed=rng.randint(0, 10**6), n_batches=40):
+    for rows in random_batches(seed=rng.randint(0, 10**6), n_batches=120):
         L = len(rows[0][0])
         prefix_len = rng.randint(0, L) if with_prefix else 0
         is_anchor, real, doc = as_tensors(rows)
