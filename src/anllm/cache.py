@@ -247,9 +247,15 @@ class AnchorCache(Cache):
         self._keys_layout = None
 
     def compact_positions(self, valid: torch.Tensor) -> torch.Tensor:
-        """Positions of new tokens numbered from each row's kept length (the authors' scheme)."""
+        """Positions of new tokens numbered from each row's kept length (the authors' scheme).
+
+        Inside a step, ``tracker.layout`` already holds the layout *after* this step (new tokens
+        included), so the base is taken from the keys before the new tokens instead.
+        """
         base = torch.zeros(valid.shape[0], dtype=torch.long, device=valid.device)
-        if self.tracker is not None and self.tracker.layout is not None:
+        if self._plan is not None and self._keys_layout is not None:
+            base = self._keys_layout.valid[:, : self._keys_layout.shape[-1] - valid.shape[-1]].long().sum(-1)
+        elif self.tracker is not None and self.tracker.layout is not None:
             base = self.tracker.layout.valid.long().sum(-1)
         pos = base[:, None] + valid.long().cumsum(-1) - 1
         return pos.clamp_min(0)
