@@ -1,0 +1,26 @@
+"""Training data for AnLLM: documents -> `<AC>`-anchored, tokenised, packed, cached datasets.
+
+``build_train_dataset`` (see :mod:`anllm.data.build`) is the entry point; ``DataCollatorForAnchors``
+batches its rows for the Trainer; ``DataStats`` reports what preprocessing did. SFT prompts for
+evaluation come from :func:`build_alpaca_prompt` so they match training exactly.
+"""
+
+from .build import build_train_dataset, process_stream
+from .collator import DataCollatorForAnchors
+from .demo import demo_documents
+from .processing import IGNORE_INDEX, TextProcessor, pack_documents
+from .sft import build_alpaca_prompt, build_alpaca_response
+from .stats import DataStats
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DataCollatorForAnchors",
+    "DataStats",
+    "TextProcessor",
+    "build_alpaca_prompt",
+    "build_alpaca_response",
+    "build_train_dataset",
+    "demo_documents",
+    "pack_documents",
+    "process_stream",
+]

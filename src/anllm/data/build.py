@@ -1,0 +1,427 @@
+"""``build_train_dataset``: from a data config to a tokenised, anchored, packed and cached dataset.
+
+Kinds (``data_cfg["kind"]``):
+
+* ``jsonl`` — local JSONL files (``paths``: files/globs, relative to ``base_dir``), one document per
+  line in ``text_column``.
+* ``demo``  — the offline English corpus from Python's own docs (:mod:`anllm.data.demo`).
+* ``hub``   — a Hugging Face dataset streamed from the hub (``name``, ``config``, ``split``); returns an
+  ``IterableDataset`` processed on the fly (nothing cached; the Trainer then needs ``max_steps``).
+* ``sft``   — Alpaca JSON (``alpaca_path``) and/or De->En JSONL (``parallel_path``) examples with the
+  loss on the response only (:mod:`anllm.data.sft`).
+
+Pretraining rows are ``{"input_ids", "labels", "document_ids"}`` blocks of exactly ``block_size``
+tokens (``packing: true``; with ``keep_remainder: true`` the last block may be shorter), or with
+``packing: false`` the authors' one document per row cut to ``block_size`` (variable length; the
+collator pads). SFT rows are ``{"input_ids", "labels"}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+
+from ..anchors import AnchorConfig
+from . import cache as cache_mod
+from .demo import demo_documents
+from .processing import TextProcessor, check_anchor_tokenizer, pack_documents, truncate_document
+from .sft import SFTProcessor
+from .sources import SkipLogger, iter_alpaca, iter_jsonl_texts, iter_parallel, resolve_paths
+from .stats import DataStats
+
+logger = logging.getLogger("anllm.data")
+
+KINDS = ("jsonl", "demo", "hub", "sft")
+_COMMON = {"kind", "name", "base_dir", "max_documents", "holdout_fraction", "holdout_seed", "splitter",
+           "packing", "keep_remainder", "batch_size", "description"}
+KNOWN_KEYS = {
+    "jsonl": _COMMON | {"paths", "text_column"},
+    "demo": _COMMON,
+    "hub": _COMMON | {"config", "split", "streaming", "text_column", "shuffle_buffer", "revision"},
+    "sft": _COMMON | {"alpaca_path", "parallel_path", "max_examples"},
+}
+SPLITS = ("train", "holdout")
+
+
+def build_train_dataset(
+    data_cfg: Mapping,
+    tokenizer: Any,
+    anchor: AnchorConfig | None,
+    block_size: int,
+    cache_dir: str | Path,
+    seed: int = 0,
+    num_proc: int = 1,
+    max_model_length: int | None = None,
+    *,
+    split: str = "train",
+) -> tuple[Any, DataStats]:
+    """Build (or load from ``cache_dir``) the training rows described by ``data_cfg``.
+
+    ``split="holdout"`` returns the documents held out by ``holdout_fraction`` instead (same
+    processing), for evaluation. Returns ``(dataset, stats)``; ``stats`` is also logged.
+    """
+    cfg = _plain(data_cfg)
+    kind = cfg.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"Unknown data kind {kind!r}: set data.kind to one of {KINDS}.")
+    unknown = sorted(set(cfg) - KNOWN_KEYS[kind])
+    if unknown:
+        logger.warning("Data config keys %s are not used by kind %r (known: %s).", unknown, kind, sorted(KNOWN_KEYS[kind]))
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    block_size = int(block_size)
+    if block_size < 2:
+        raise ValueError(f"block_size must be at least 2 tokens, got {block_size}.")
+    if max_model_length is not None and block_size > int(max_model_length):
+        raise ValueError(
+            f"block_size={block_size} is larger than the model's maximum length {max_model_length} "
+            f"(max_position_embeddings). Use a smaller block, e.g. the override block_size={max_model_length}."
+        )
+    frac = float(cfg.get("holdout_fraction") or 0.0)
+    if not 0.0 <= frac < 1.0:
+        raise ValueError(f"holdout_fraction must be in [0, 1), got {frac}.")
+    if split == "holdout" and frac == 0.0:
+        raise ValueError("split='holdout' needs data.holdout_fraction > 0.")
+    check_anchor_tokenizer(tokenizer, anchor)
+    mode = anchor.mode if anchor is not None else "none"
+    num_proc = max(1, int(num_proc or 1))
+
+    if kind == "hub":
+        return _build_hub(cfg, tokenizer, anchor, block_size, seed)
+
+    base_dir = cfg.get("base_dir") or _default_base_dir()
+    if kind == "jsonl":
+        files = resolve_paths(cfg.get("paths") or [], base_dir)
+    elif kind == "sft":
+        named = [cfg[k] for k in ("alpaca_path", "parallel_path") if cfg.get(k)]
+        if not named:
+            raise ValueError("data.kind=sft needs data.alpaca_path and/or data.parallel_path.")
+        files = resolve_paths(named, base_dir)
+    else:
+        files = []
+    key_parts = {
+        "cfg": {k: v for k, v in cfg.items() if k not in ("base_dir", "description")},
+        "files": cache_mod.file_identity(files),
+        "tokenizer": cache_mod.tokenizer_identity(tokenizer),
+        "anchor": anchor.to_dict() if anchor is not None else None,
+        "block_size": block_size,
+        "seed": seed,
+        "split": split,
+        "code": cache_mod.code_version(),
+    }
+    if kind == "demo":
+        import sys
+
+        key_parts["python"] = sys.version  # the corpus ships with Python
+    entry = Path(cache_dir).expanduser() / f"{kind}-{mode}-{split}-{cache_mod.cache_key(key_parts)}"
+    cached = cache_mod.load_entry(entry)
+    if cached is not None:
+        cached[1].log()
+        return cached
+
+    def build(work: Path) -> tuple[Any, DataStats]:
+        stats = DataStats(kind=kind, split=split, mode=mode, num_proc=num_proc, block_size=block_size)
+        t0 = time.perf_counter()
+        if kind == "sft":
+            ds = _build_sft(cfg, files, tokenizer, anchor, block_size, seed, num_proc, split, work, stats)
+        else:
+            ds = _build_pretrain(cfg, files, tokenizer, anchor, block_size, num_proc, split, work, stats)
+        stats.seconds = time.perf_counter() - t0
+        return ds, stats
+
+    ds, stats = cache_mod.build_entry(entry, key_parts, build)
+    stats.log()
+    return ds, stats
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _plain(cfg: Mapping) -> dict[str, Any]:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(cfg)
+
+
+def _default_base_dir() -> Path:
+    """Hydra's original working directory when running under Hydra, else the current one."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.utils import get_original_cwd
+
+        if HydraConfig.initialized():
+            return Path(get_original_cwd())
+    except ImportError:  # pragma: no cover
+        pass
+    return Path.cwd()
+
+
+def _timed(stats: DataStats, stage: str) -> Callable[[float], None]:
+    def done(t0: float) -> None:
+        stats.stage_seconds[stage] = round(time.perf_counter() - t0, 4)
+
+    return done
+
+
+def _from_generator(gen: Callable[..., Iterator[dict]], features: Any, work: Path, **kwargs: Any) -> Any:
+    from datasets import Dataset
+
+    return Dataset.from_generator(gen, features=features, cache_dir=str(work / "hf"), gen_kwargs=kwargs)
+
+
+def _gen_rows(make: Callable[[], Iterator[dict]]) -> Iterator[dict]:
+    yield from make()
+
+
+def _split_holdout(ds: Any, cfg: dict, split: str, seed: int) -> Any:
+    """Deterministic document-level split: a seeded permutation puts round(f*N) documents aside."""
+    frac = float(cfg.get("holdout_fraction") or 0.0)
+    if frac == 0.0:
+        return ds
+    n = len(ds)
+    n_hold = max(1, round(frac * n))
+    if n_hold >= n:
+        raise ValueError(f"holdout_fraction={frac} leaves no training documents out of {n}.")
+    rng = np.random.default_rng(int(cfg.get("holdout_seed", seed)))
+    perm = rng.permutation(n)
+    idx = np.sort(perm[:n_hold] if split == "holdout" else perm[n_hold:])
+    return ds.select(idx.tolist())
+
+
+def _read_texts(cfg: dict, files: list[Path], stats: DataStats) -> Callable[[], Iterator[dict]]:
+    skip = SkipLogger(stats)
+    max_docs = cfg.get("max_documents")
+    max_docs = int(max_docs) if max_docs is not None else None
+    if cfg["kind"] == "jsonl":
+        column = cfg.get("text_column", "text")
+        return lambda: ({"text": t} for t in iter_jsonl_texts(files, column, skip, max_docs))
+
+    def demo() -> Iterator[dict]:
+        for i, text in enumerate(demo_documents()):
+            if max_docs is not None and i >= max_docs:
+                return
+            yield {"text": text}
+
+    return demo
+
+
+def _map_kwargs(num_proc: int, cfg: dict, desc: str) -> dict[str, Any]:
+    return {"batched": True, "batch_size": int(cfg.get("batch_size", 256)),
+            "num_proc": num_proc if num_proc > 1 else None, "desc": desc}
+
+
+def _build_pretrain(
+    cfg: dict, files: list[Path], tokenizer: Any, anchor: AnchorConfig | None, block_size: int,
+    num_proc: int, split: str, work: Path, stats: DataStats,
+) -> Any:
+    from datasets import Features, Sequence, Value
+
+    t = time.perf_counter()
+    raw = _from_generator(_gen_rows, Features({"text": Value("string")}), work, make=_read_texts(cfg, files, stats))
+    if len(raw) == 0:
+        raise ValueError(
+            f"No usable document in the {cfg['kind']} data ({stats.num_skipped} skipped: {stats.skipped}; "
+            f"first: {stats.skipped_examples[:3]})."
+        )
+    raw = _split_holdout(raw, cfg, split, int(cfg.get("holdout_seed", 0)))
+    _timed(stats, "read")(t)
+
+    t = time.perf_counter()
+    processor = TextProcessor(tokenizer, anchor, "text", cfg.get("splitter", "blingfire"))
+    tok_features = Features({"input_ids": Sequence(Value("int32")), "n_anchors": Value("int32"),
+                             "n_sentences": Value("int32")})
+    tokenized = raw.map(processor, remove_columns=raw.column_names, features=tok_features,
+                        **_map_kwargs(num_proc, cfg, "AC insertion + tokenisation" if processor.token else "tokenisation"))
+    _timed(stats, "tokenize")(t)
+
+    t = time.perf_counter()
+    lengths = _count_tokenized(tokenized, stats, anchor)
+    row_features = Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
+                             "document_ids": Sequence(Value("int32"))})
+    if cfg.get("packing", True):
+        ds = _from_generator(_gen_packed, row_features, work, tokenized=tokenized, block_size=block_size,
+                             keep_remainder=bool(cfg.get("keep_remainder", False)))
+    else:
+        stats.truncated = int((lengths > block_size).sum())
+
+        def truncate(batch: dict[str, list]) -> dict[str, list]:
+            rows = [truncate_document(ids, block_size) for ids in batch["input_ids"] if len(ids)]
+            return {k: [r[k] for r in rows] for k in ("input_ids", "labels", "document_ids")}
+
+        ds = tokenized.map(truncate, remove_columns=tokenized.column_names, features=row_features,
+                           **_map_kwargs(num_proc, cfg, "truncation"))
+    _timed(stats, "pack" if cfg.get("packing", True) else "truncate")(t)
+    _count_rows(ds, stats)
+    stats.dropped_tokens = stats.tokens - stats.row_tokens
+    return ds
+
+
+def _iter_token_arrays(tokenized: Any, column: str = "input_ids") -> Iterator[np.ndarray]:
+    """Every row's ids as a numpy array, read batch-wise from Arrow without Python lists."""
+    import pyarrow.compute as pc
+
+    for table in tokenized.with_format("arrow").iter(batch_size=4096):
+        col = table.column(column).combine_chunks()
+        flat = pc.list_flatten(col).to_numpy(zero_copy_only=False)
+        lens = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+        yield from np.split(flat, np.cumsum(lens)[:-1])
+
+
+def _gen_packed(tokenized: Any, block_size: int, keep_remainder: bool) -> Iterator[dict]:
+    yield from pack_documents(_iter_token_arrays(tokenized), block_size, keep_remainder)
+
+
+def _count_tokenized(tokenized: Any, stats: DataStats, anchor: AnchorConfig | None) -> np.ndarray:
+    """Fill documents/tokens/anchors/sentences; empty documents are counted as skipped."""
+    import pyarrow.compute as pc
+
+    lengths, sentences = [], 0
+    for table in tokenized.with_format("arrow").iter(batch_size=65536):
+        lens = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
+        lengths.append(lens)
+        stats.anchors += int(pc.sum(table.column("n_anchors")).as_py() or 0)
+        sentences += int(pc.sum(pc.max_element_wise(table.column("n_sentences"), 0)).as_py() or 0)
+    lens = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+    empty = int((lens == 0).sum())
+    for _ in range(empty):
+        stats.skip("empty document (nothing left to tokenise)")
+    stats.documents = int((lens > 0).sum())
+    stats.tokens = int(lens.sum())
+    stats.sentences = sentences if anchor is not None and anchor.mode == "ac" else None
+    if stats.documents == 0:
+        raise ValueError(f"No document produced any token ({stats.num_skipped} skipped: {stats.skipped}).")
+    return lens
+
+
+def _count_rows(ds: Any, stats: DataStats) -> None:
+    import pyarrow.compute as pc
+
+    stats.rows = len(ds)
+    for table in ds.with_format("arrow").iter(batch_size=4096):
+        stats.row_tokens += int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0)
+        labels = pc.list_flatten(table.column("labels"))
+        stats.loss_tokens += int(pc.sum(pc.not_equal(labels, -100)).as_py() or 0)
+
+
+# --- SFT ---------------------------------------------------------------------------------------
+
+
+def _build_sft(
+    cfg: dict, files: list[Path], tokenizer: Any, anchor: AnchorConfig | None, block_size: int, seed: int,
+    num_proc: int, split: str, work: Path, stats: DataStats,
+) -> Any:
+    from datasets import Features, Sequence, Value
+
+    t = time.perf_counter()
+    skip = SkipLogger(stats)
+    by_name = dict(zip([k for k in ("alpaca_path", "parallel_path") if cfg.get(k)], files))
+
+    def records() -> Iterator[dict]:
+        if "alpaca_path" in by_name:
+            yield from iter_alpaca(by_name["alpaca_path"], skip)
+        if "parallel_path" in by_name:
+            yield from iter_parallel(by_name["parallel_path"], skip)
+
+    features = Features({k: Value("string") for k in ("instruction", "input", "output")})
+    raw = _from_generator(_gen_rows, features, work, make=records)
+    if len(raw) == 0:
+        raise ValueError(f"No usable SFT example ({stats.num_skipped} skipped: {stats.skipped}).")
+    raw = raw.shuffle(seed=seed)  # mixes the two sources before max_examples picks a subset
+    if cfg.get("max_examples") is not None:
+        raw = raw.select(range(min(int(cfg["max_examples"]), len(raw))))
+    raw = _split_holdout(raw, cfg, split, int(cfg.get("holdout_seed", seed)))
+    _timed(stats, "read")(t)
+
+    t = time.perf_counter()
+    processor = SFTProcessor(tokenizer, anchor, block_size, cfg.get("splitter", "blingfire"))
+    out_features = Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
+                             "n_tokens": Value("int32"), "n_anchors": Value("int32"), "n_sentences": Value("int32"),
+                             "truncated": Value("bool"), "status": Value("string")})
+    done = raw.map(processor, remove_columns=raw.column_names, features=out_features,
+                   **_map_kwargs(num_proc, cfg, "SFT formatting + tokenisation"))
+    _timed(stats, "tokenize")(t)
+
+    import pyarrow.compute as pc
+
+    sentences, offset = 0, 0
+    for table in done.with_format("arrow").iter(batch_size=65536):
+        ok = pc.equal(table.column("status"), "")
+        for i in np.flatnonzero(~ok.to_numpy(zero_copy_only=False)):
+            stats.skip("prompt fills block_size", f"example {offset + i} ({table.column('status')[int(i)].as_py()})")
+        offset += table.num_rows
+        stats.documents += int(pc.sum(ok).as_py() or 0)
+        stats.tokens += int(pc.sum(table.column("n_tokens")).as_py() or 0)
+        stats.anchors += int(pc.sum(table.column("n_anchors")).as_py() or 0)
+        stats.truncated += int(pc.sum(table.column("truncated")).as_py() or 0)
+        sentences += int(pc.sum(pc.max_element_wise(table.column("n_sentences"), 0)).as_py() or 0)
+    stats.sentences = sentences if anchor is not None and anchor.mode == "ac" else None
+    if stats.documents == 0:
+        raise ValueError(f"Every SFT example was skipped: {stats.skipped}; raise block_size.")
+    ds = done.filter(lambda s: s == "", input_columns="status")
+    ds = ds.remove_columns(["n_tokens", "n_anchors", "n_sentences", "truncated", "status"])
+    _count_rows(ds, stats)
+    stats.dropped_tokens = stats.tokens - stats.row_tokens
+    return ds
+
+
+# --- hub streaming -----------------------------------------------------------------------------
+
+
+def _build_hub(cfg: dict, tokenizer: Any, anchor: AnchorConfig | None, block_size: int, seed: int) -> tuple[Any, DataStats]:
+    from datasets import load_dataset
+
+    if not cfg.get("name"):
+        raise ValueError("data.kind=hub needs data.name (e.g. togethercomputer/RedPajama-Data-1T-Sample).")
+    if not cfg.get("streaming", True):
+        raise ValueError("data.kind=hub streams (streaming: true); for local copies use kind=jsonl.")
+    source = load_dataset(cfg["name"], cfg.get("config"), split=cfg.get("split", "train"), streaming=True,
+                          revision=cfg.get("revision"))
+    if int(cfg.get("shuffle_buffer", 10_000)) > 0:
+        source = source.shuffle(seed=seed, buffer_size=int(cfg.get("shuffle_buffer", 10_000)))
+    ds = process_stream(source, tokenizer, anchor, block_size, text_column=cfg.get("text_column", "text"),
+                        packing=bool(cfg.get("packing", True)), keep_remainder=bool(cfg.get("keep_remainder", False)),
+                        splitter=cfg.get("splitter", "blingfire"), batch_size=int(cfg.get("batch_size", 256)))
+    stats = DataStats(kind="hub", mode=anchor.mode if anchor else "none", block_size=block_size, streaming=True)
+    logger.info("Streaming %s (%s/%s): processed on the fly, nothing cached; set trainer.max_steps.",
+                cfg["name"], cfg.get("config"), cfg.get("split", "train"))
+    return ds, stats
+
+
+def process_stream(
+    source: Any, tokenizer: Any, anchor: AnchorConfig | None, block_size: int, *, text_column: str = "text",
+    packing: bool = True, keep_remainder: bool = False, splitter: str = "blingfire", batch_size: int = 256,
+) -> Any:
+    """The same AC insertion, tokenisation and packing as the cached path, lazily on an ``IterableDataset``."""
+    from datasets import IterableDataset
+
+    check_anchor_tokenizer(tokenizer, anchor)
+    processor = TextProcessor(tokenizer, anchor, text_column, splitter)
+    columns = source.column_names
+    if columns is not None and text_column not in columns:
+        raise ValueError(f"The data has no column {text_column!r}; its columns are {sorted(columns)}. "
+                         "Set data.text_column to one of them.")
+    tokenized = source.map(processor, batched=True, batch_size=batch_size, remove_columns=columns)
+    if packing:
+        return IterableDataset.from_generator(
+            _gen_stream_packed, gen_kwargs={"tokenized": tokenized, "block_size": block_size, "keep_remainder": keep_remainder}
+        )
+
+    def truncate(row: dict) -> dict:
+        return truncate_document(row["input_ids"], block_size)
+
+    return tokenized.filter(lambda r: len(r["input_ids"]) > 0).map(truncate, remove_columns=["n_anchors", "n_sentences"])
+
+
+def _gen_stream_packed(tokenized: Any, block_size: int, keep_remainder: bool) -> Iterator[dict]:
+    docs = (np.asarray(row["input_ids"], dtype=np.int64) for row in tokenized)
+    for block in pack_documents(docs, block_size, keep_remainder):
+        yield {k: v.tolist() for k, v in block.items()}

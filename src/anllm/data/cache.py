@@ -1,0 +1,119 @@
+"""On-disk cache of processed datasets, keyed by everything that determines their content.
+
+The key hashes the data config, the identity of the input files (path, size, mtime), the tokenizer
+(name, size, special ids and its full serialised model), the anchor config, the block size and the
+source of this package (so a code change invalidates old caches). Entries are written to a private
+temporary directory and renamed into place, so an interrupted or concurrent build never leaves a
+half-written entry that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .stats import DataStats
+
+logger = logging.getLogger("anllm.data")
+
+_DONE = "stats.json"  # written last inside the entry; its presence marks a complete entry
+_CODE_FILES = ("anchors.py",)  # engine files whose behaviour the data depends on (the splitter)
+
+
+def code_version() -> str:
+    """Hash of this package's source and of the anchor-insertion code."""
+    h = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for path in sorted(here.glob("*.py")) + [here.parent / f for f in _CODE_FILES]:
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
+    """What makes two tokenizers produce the same ids."""
+    ident: dict[str, Any] = {
+        "name": getattr(tokenizer, "name_or_path", ""),
+        "class": type(tokenizer).__name__,
+        "len": len(tokenizer),
+        "bos": getattr(tokenizer, "bos_token_id", None),
+        "eos": getattr(tokenizer, "eos_token_id", None),
+        "add_bos": getattr(tokenizer, "add_bos_token", None),
+        "add_eos": getattr(tokenizer, "add_eos_token", None),
+    }
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        ident["backend"] = hashlib.sha256(backend.to_str().encode()).hexdigest()
+    else:
+        vocab = sorted(tokenizer.get_vocab().items())
+        ident["vocab"] = hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
+    return ident
+
+
+def file_identity(paths: list[Path]) -> list[list[Any]]:
+    out = []
+    for p in paths:
+        st = p.stat()
+        out.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def cache_key(parts: Mapping[str, Any]) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def load_entry(entry: Path) -> tuple[Any, DataStats] | None:
+    """The cached (dataset, stats) when the entry is complete, else None."""
+    if not (entry / _DONE).is_file():
+        return None
+    from datasets import load_from_disk
+
+    stats = DataStats.load(entry / _DONE)
+    stats.from_cache = True
+    stats.cache_path = str(entry)
+    return load_from_disk(str(entry / "dataset")), stats
+
+
+def build_entry(
+    entry: Path, key_parts: Mapping[str, Any], build: Callable[[Path], tuple[Any, DataStats]]
+) -> tuple[Any, DataStats]:
+    """Run ``build(work_dir)`` (which returns an in-work-dir dataset) and publish it atomically at ``entry``.
+
+    ``work_dir`` holds intermediate Arrow files and is removed afterwards. If another process
+    published the same entry meanwhile, its copy is used and ours is discarded.
+    """
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    work = entry.parent / f".work-{entry.name}-{token}"
+    tmp = entry.parent / f".tmp-{entry.name}-{token}"
+    try:
+        work.mkdir()
+        ds, stats = build(work)
+        tmp.mkdir()
+        ds.save_to_disk(str(tmp / "dataset"))
+        (tmp / "key.json").write_text(json.dumps(key_parts, indent=2, sort_keys=True, default=str) + "\n")
+        stats.cache_path = str(entry)
+        stats.save(tmp / _DONE)
+        try:
+            os.replace(tmp, entry)
+        except OSError:
+            if load_entry(entry) is None:  # not a concurrent winner: a stale, incomplete entry
+                shutil.rmtree(entry, ignore_errors=True)
+                os.replace(tmp, entry)
+            else:
+                logger.info("Another process built %s first; using its copy.", entry)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    loaded = load_entry(entry)
+    assert loaded is not None
+    ds, cached_stats = loaded
+    stats.from_cache = False  # this call built it
+    return ds, stats

@@ -1,0 +1,178 @@
+"""Where documents come from: local JSONL files, SFT files, and the checks that make bad input loud.
+
+Readers are generators of plain strings/dicts so they can feed ``datasets.Dataset.from_generator``
+(which writes Arrow to disk as it goes) without holding a corpus in memory. Bad records are skipped
+and counted in :class:`~anllm.data.stats.DataStats`; a source with no valid record at all is an
+error, because training on nothing is never what was meant.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from .stats import DataStats
+
+logger = logging.getLogger("anllm.data")
+
+MAX_WARNINGS = 10  # per build; the rest are counted silently
+
+
+def resolve_paths(patterns: str | Sequence[str], base_dir: str | Path | None = None) -> list[Path]:
+    """Expand files and globs; relative ones are taken from ``base_dir`` (default: the current dir).
+
+    Under Hydra the current directory may be the run's output dir, so callers pass the original
+    working directory as ``base_dir``.
+    """
+    if isinstance(patterns, (str, Path)):
+        patterns = [patterns]
+    if not patterns:
+        raise ValueError("The data config lists no paths: set data.paths to a list of files or globs.")
+    base = Path(base_dir).expanduser() if base_dir is not None else Path.cwd()
+    out: list[Path] = []
+    for pattern in patterns:
+        p = Path(str(pattern)).expanduser()
+        full = p if p.is_absolute() else base / p
+        if glob.has_magic(str(full)):
+            matches = sorted(Path(m) for m in glob.glob(str(full), recursive=True))
+            matches = [m for m in matches if m.is_file()]
+            if not matches:
+                raise FileNotFoundError(f"No file matches the data pattern {str(pattern)!r} (looked for {full}).")
+            out.extend(matches)
+        elif full.is_dir():
+            raise IsADirectoryError(f"Data path {str(pattern)!r} is a directory ({full}); use a glob such as {p}/*.jsonl.")
+        elif not full.is_file():
+            raise FileNotFoundError(f"Data file {str(pattern)!r} does not exist (looked for {full}).")
+        else:
+            out.append(full)
+    seen: set[Path] = set()
+    return [p for p in out if not (p in seen or seen.add(p))]
+
+
+class SkipLogger:
+    """Counts skipped records in ``stats`` and warns about the first few with file:line."""
+
+    def __init__(self, stats: DataStats):
+        self.stats = stats
+        self.warned = 0
+
+    def __call__(self, reason: str, where: str, detail: str = "") -> None:
+        """``reason`` is the counted category; ``detail`` only goes into the message."""
+        full = f"{reason} ({detail})" if detail else reason
+        self.stats.skip(reason, where if not detail else f"{where} ({detail})")
+        if self.warned < MAX_WARNINGS:
+            self.warned += 1
+            logger.warning("Skipping %s: %s", where, full)
+            if self.warned == MAX_WARNINGS:
+                logger.warning("Further skipped records are only counted (see DataStats.skipped).")
+
+
+def iter_jsonl_records(path: Path, skip: SkipLogger) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(file:line, object)`` for every line that parses as a JSON object; blank lines are ignored."""
+    with open(path, encoding="utf-8", errors="strict") as fh:
+        lineno = 0
+        while True:
+            lineno += 1
+            try:
+                line = fh.readline()
+            except UnicodeDecodeError as e:
+                # Cannot resync reliably inside a broken UTF-8 stream: count and stop this file.
+                skip("invalid UTF-8 (rest of file ignored)", f"{path}:{lineno}", e.reason)
+                return
+            if not line:
+                return
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                skip("malformed JSON", where, e.msg)
+                continue
+            if not isinstance(obj, dict):
+                skip("not a JSON object", where, type(obj).__name__)
+                continue
+            yield where, obj
+
+
+def iter_jsonl_texts(
+    paths: Sequence[Path], text_column: str, skip: SkipLogger, max_documents: int | None = None
+) -> Iterator[str]:
+    """Texts of ``text_column`` across files, skipping (and counting) bad or empty records.
+
+    The first valid record of each file must have the column: if it does not, the config names the
+    wrong column and a ValueError lists the columns that exist.
+    """
+    n = 0
+    for path in paths:
+        checked = False
+        for where, obj in iter_jsonl_records(path, skip):
+            if text_column not in obj:
+                if not checked:
+                    raise ValueError(
+                        f"{where}: no column {text_column!r}; the records have columns {sorted(obj)}. "
+                        f"Set data.text_column to one of them."
+                    )
+                skip("no text field", where, text_column)
+                continue
+            checked = True
+            text = obj[text_column]
+            if not isinstance(text, str):
+                skip("text is not a string", where, type(text).__name__)
+                continue
+            if not text.strip():
+                skip("empty document", where)
+                continue
+            yield text
+            n += 1
+            if max_documents is not None and n >= max_documents:
+                return
+
+
+# --- SFT sources -------------------------------------------------------------------------------
+
+
+def iter_alpaca(path: Path, skip: SkipLogger) -> Iterator[dict[str, str]]:
+    """Alpaca records ``{instruction, input, output}`` from a JSON array (``input`` may be missing)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); Alpaca data is one JSON array of objects.") from e
+    if not isinstance(data, list):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}; Alpaca data is a JSON array of objects.")
+    for i, rec in enumerate(data):
+        where = f"{path}[{i}]"
+        if not isinstance(rec, dict):
+            skip("not a JSON object", where, type(rec).__name__)
+            continue
+        fields_ = {k: rec.get(k, "" if k == "input" else None) for k in ("instruction", "input", "output")}
+        bad = [k for k, v in fields_.items() if not isinstance(v, str)]
+        if bad:
+            skip("missing or non-string field", where, ", ".join(bad))
+            continue
+        if not fields_["instruction"].strip() or not fields_["output"].strip():
+            skip("empty instruction or output", where)
+            continue
+        yield fields_  # type: ignore[misc]
+
+
+TRANSLATION_INSTRUCTION = "Translate the following sentences from German to English."
+
+
+def iter_parallel(
+    path: Path, skip: SkipLogger, src: str = "de", tgt: str = "en", instruction: str = TRANSLATION_INSTRUCTION
+) -> Iterator[dict[str, str]]:
+    """Translation pairs from JSONL ``{"de": ..., "en": ...}`` as Alpaca records."""
+    checked = False
+    for where, obj in iter_jsonl_records(path, skip):
+        if not checked and (src not in obj or tgt not in obj):
+            raise ValueError(f"{where}: parallel data needs fields {src!r} and {tgt!r}; found {sorted(obj)}.")
+        checked = True
+        s, t = obj.get(src), obj.get(tgt)
+        if not isinstance(s, str) or not isinstance(t, str) or not s.strip() or not t.strip():
+            skip("empty or non-string source/target", where)
+            continue
+        yield {"instruction": instruction, "input": s, "output": t}
