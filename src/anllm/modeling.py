@@ -184,7 +184,10 @@ class AnchorAttention:
         if use_cache is None:
             use_cache = getattr(module.config, "use_cache", False) and not module.training
         if cache is None and use_cache:
-            cache = kwargs["past_key_values"] = DynamicCache(config=module.config)
+            if document_ids is not None:
+                kwargs["use_cache"] = False  # packed rows cannot be continued: no implicit cache
+            else:
+                cache = kwargs["past_key_values"] = DynamicCache(config=module.config)
         if cache is not None and document_ids is not None:
             raise ValueError("document_ids (packed rows) are for training/scoring without a cache.")
         if isinstance(cache, AnchorCache):
