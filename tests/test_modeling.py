@@ -1,0 +1,298 @@
+"""Anchor-aware models (anllm.modeling): backends, plain-causal switch, NaN safety, save/load, errors.
+
+All on CPU with tiny random Llamas and word-level tokenizers built here. The flex_attention test
+compiles through inductor (a C++ compiler is needed): ~40 s the first time on 2 cores, a few seconds
+once inductor's on-disk cache is warm. The rest: ~10 s.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+import anllm
+from anllm.testing import tiny_llama
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer: ids 0-3 are specials, then ``words`` in order."""
+    vocab = {w: i for i, w in enumerate(SPECIALS + words)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+EP_WORDS = [".", "!", "?", ","] + [f"w{i}" for i in range(120)]  # 128 tokens, the tiny_llama vocab
+EP_IDS = [4, 5, 6]  # ".", "!", "?"
+
+
+def ep_model(attn: str = "sdpa", **prepare_kwargs) -> torch.nn.Module:
+    model, _ = anllm.prepare_model(tiny_llama(attn_implementation=attn), word_tokenizer(EP_WORDS), "ep", **prepare_kwargs)
+    assert model.config.anllm["anchor_token_ids"] == EP_IDS
+    return model
+
+
+def reference_mask(is_anchor: list[bool], real: list[bool], doc: list[int]) -> list[list[bool]]:
+    """The AnSAN rule by brute force (see tests/test_masks.py for the full, option-aware version)."""
+    L = len(is_anchor)
+    anchor = [a and r for a, r in zip(is_anchor, real)]
+    seg_end = [next((j for j in range(i, L) if anchor[j]), L) for i in range(L)]
+    return [
+        [
+            k <= q and real[q] and real[k] and doc[q] == doc[k] and (seg_end[k] == seg_end[q] or (anchor[k] and not anchor[q]))
+            for k in range(L)
+        ]
+        for q in range(L)
+    ]
+
+
+def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids / attention_mask / document_ids with left and right padding, packed documents, several
+    anchor kinds, adjacent anchors, and a fully padded row."""
+    g = torch.Generator().manual_seed(seed)
+    B, L = 4, 20
+    ids = torch.randint(7, 128, (B, L), generator=g)
+    am = torch.ones(B, L, dtype=torch.long)
+    doc = torch.zeros(B, L, dtype=torch.long)
+    ids[0, [3, 9, 10, 19]] = torch.tensor([4, 5, 4, 6])  # adjacent anchors, anchor last
+    am[1, :5] = 0  # left padding
+    ids[1, [7, 12]] = torch.tensor([6, 4])
+    doc[1, 11:] = 1  # two packed documents
+    am[2, 14:] = 0  # right padding
+    ids[2, [0, 4, 8]] = 4  # anchor first
+    doc[2, 6:] = 1
+    doc[2, 10:] = 2
+    am[3] = 0  # all padding
+    ids[am == 0] = 0
+    return ids, am, doc
+
+
+def real_positions(am: torch.Tensor) -> torch.Tensor:
+    return am.bool()
+
+
+# --- the rule reaches the model ---------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_prepared_model_applies_the_rule() -> None:
+    """A prepared model equals the plain model fed the brute-force AnSAN mask as a 4D mask."""
+    ids, am, doc = batch()
+    got = ep_model()(ids, attention_mask=am, document_ids=doc).logits
+    is_anchor = torch.isin(ids, torch.tensor(EP_IDS))
+    mask = torch.tensor(
+        [reference_mask(is_anchor[b].tolist(), am[b].bool().tolist(), doc[b].tolist()) for b in range(len(ids))]
+    )[:, None]
+    plain = tiny_llama()  # same seed, same weights, no hooks
+    want = plain(ids, attention_mask=mask).logits
+    real = real_positions(am)
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_ansan_differs_from_causal_and_can_be_switched_off() -> None:
+    ids, am, _ = batch()
+    model = ep_model()
+    plain = tiny_llama()
+    causal = plain(ids, attention_mask=am).logits
+    ansan = model(ids, attention_mask=am).logits
+    real = real_positions(am)
+    assert (ansan[real] - causal[real]).abs().max() > 1e-2  # the rule changes the output
+    with anllm.anchor_attention(model, enabled=False):
+        assert not anllm.is_anchor_aware(model)
+        off = model(ids, attention_mask=am).logits
+    torch.testing.assert_close(off[real], causal[real], atol=1e-5, rtol=1e-5)
+    assert anllm.is_anchor_aware(model)  # restored after the block
+    torch.testing.assert_close(model(ids, attention_mask=am).logits[real], ansan[real])
+
+
+@torch.no_grad()
+def test_eager_and_sdpa_agree() -> None:
+    ids, am, doc = batch()
+    model = ep_model("sdpa")
+    sdpa = model(ids, attention_mask=am, document_ids=doc).logits
+    model.config._attn_implementation = "eager"
+    eager = model(ids, attention_mask=am, document_ids=doc).logits
+    real = real_positions(am)
+    torch.testing.assert_close(eager[real], sdpa[real], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(eager).all() and torch.isfinite(sdpa).all()
+
+
+def _cxx_compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++") or shutil.which("clang++")
+
+
+@torch.no_grad()
+def test_flex_attention_forward_agrees_with_sdpa() -> None:
+    """flex_attention (forward only: flex has no CPU backward) gets the rule as a BlockMask."""
+    if _cxx_compiler() is None:
+        pytest.skip("flex_attention on CPU compiles through inductor, which needs a C++ compiler (g++/clang++): none found")
+    ids, am, doc = batch()
+    model = ep_model("sdpa")
+    sdpa = model(ids, attention_mask=am, document_ids=doc).logits
+    model.config._attn_implementation = "flex_attention"
+    flex = model(ids, attention_mask=am, document_ids=doc).logits
+    real = real_positions(am)
+    torch.testing.assert_close(flex[real], sdpa[real], atol=1e-4, rtol=1e-4)
+    assert torch.isfinite(flex).all()
+
+
+# --- no NaN with a fully padded row ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_fully_padded_row_gives_no_nan(attn: str) -> None:
+    ids, am, doc = batch()
+    model = ep_model(attn).train()
+    labels = ids.masked_fill(am == 0, -100)
+    out = model(ids, attention_mask=am, document_ids=doc, labels=labels)
+    assert torch.isfinite(out.logits).all()
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+# --- save / load ---------------------------------------------------------------------------------
+
+
+AC_WORDS = [".", ",", "the", "cat", "sat", "on", "mat", "a", "dog"] + [f"w{i}" for i in range(23)]
+
+
+def ac_pair(tied: bool) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    tok = word_tokenizer(AC_WORDS)
+    model = tiny_llama(vocab_size=len(tok))
+    if tied:
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    return model, tok
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_ac_embedding_rows_start_from_period(tied: bool) -> None:
+    model, tok = ac_pair(tied)
+    before_in = model.get_input_embeddings().weight.detach().clone()
+    before_out = model.get_output_embeddings().weight.detach().clone()
+    period = tok.convert_tokens_to_ids(".")
+    n = len(tok)
+    model, tok = anllm.prepare_model(model, tok, "ac")
+    ac = tok.convert_tokens_to_ids(anllm.AC_TOKEN)
+    assert ac == n and len(tok) == n + 1
+    assert model.config.anllm["anchor_token_ids"] == [ac]
+    emb_in, emb_out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert emb_in.shape[0] == emb_out.shape[0] == n + 1
+    torch.testing.assert_close(emb_in[ac], before_in[period], atol=0, rtol=0)
+    torch.testing.assert_close(emb_out[ac], before_out[period], atol=0, rtol=0)
+    torch.testing.assert_close(emb_in[:n], before_in, atol=0, rtol=0)  # old rows untouched
+    torch.testing.assert_close(emb_out[:n], before_out, atol=0, rtol=0)
+    assert (emb_in.data_ptr() == emb_out.data_ptr()) == tied  # tying survives the resize
+    # <AC> is one token wherever it appears in text, and an anchor
+    assert tok("the cat . <AC> sat").input_ids == [tok.convert_tokens_to_ids(w) for w in "the cat .".split()] + [ac, tok.convert_tokens_to_ids("sat")]
+    # idempotent: preparing again adds nothing and keeps the rows
+    model, tok = anllm.prepare_model(model, tok, "ac")
+    assert len(tok) == n + 1 and model.get_input_embeddings().weight.shape[0] == n + 1
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["ep", "ac"])
+def test_save_load_round_trip(mode: str, tmp_path) -> None:
+    if mode == "ep":
+        model, tok = tiny_llama(), word_tokenizer(EP_WORDS)
+    else:
+        model, tok = ac_pair(tied=False)
+    model, tok = anllm.prepare_model(model, tok, mode, num_sink_tokens=1)
+    saved = dict(model.config.anllm)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+
+    anchor = saved["anchor_token_ids"][0]
+    ids = torch.tensor([[7, 8, anchor, 9, 10, 11, anchor, 12, 13], [0, 0, 7, 9, anchor, 8, 10, 11, 12]])
+    am = (ids != 0).long()
+    want = model(ids, attention_mask=am).logits
+    real = real_positions(am)
+
+    raw = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa")
+    assert raw.config.anllm == saved  # settings survive save_pretrained
+    assert not anllm.is_anchor_aware(raw)  # hooks do not
+    raw_logits = raw(ids, attention_mask=am).logits
+    assert (raw_logits[real] - want[real]).abs().max() > 1e-2
+
+    loaded, tok2 = anllm.from_pretrained(str(tmp_path))
+    assert anllm.is_anchor_aware(loaded)
+    assert loaded.config.anllm == saved
+    assert anllm.get_anchor_config(loaded).anchor_token_ids == saved["anchor_token_ids"]
+    if mode == "ac":
+        assert tok2.convert_tokens_to_ids(anllm.AC_TOKEN) == anchor
+    got = loaded(ids, attention_mask=am).logits
+    torch.testing.assert_close(got[real], want[real], atol=1e-6, rtol=1e-6)
+
+    # prepare_model(mode=None) on the raw load re-applies the same settings
+    anllm.prepare_model(raw, tok2)
+    torch.testing.assert_close(raw(ids, attention_mask=am).logits[real], want[real], atol=1e-6, rtol=1e-6)
+
+
+# --- clear errors --------------------------------------------------------------------------------
+
+
+def test_ac_model_with_tokenizer_lacking_ac(tmp_path) -> None:
+    model, tok = anllm.prepare_model(*ac_pair(tied=False), "ac")
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="<AC>"):
+        anllm.prepare_model(loaded, word_tokenizer(AC_WORDS))
+    # a tokenizer whose <AC> has another id is refused too
+    other = word_tokenizer(AC_WORDS + ["extra"])
+    other.add_special_tokens({"additional_special_tokens": [anllm.AC_TOKEN]})
+    with pytest.raises(ValueError, match="trained with"):
+        anllm.prepare_model(loaded, other)
+
+
+def test_ep_without_punctuation_is_refused() -> None:
+    with pytest.raises(ValueError, match="punctuation"):
+        anllm.prepare_model(tiny_llama(), word_tokenizer(EP_WORDS), "ep", ep_punctuation="")
+    no_stops = word_tokenizer([",", ";", "("] + [f"w{i}" for i in range(20)])
+    with pytest.raises(ValueError, match="EP anchor"):
+        anllm.prepare_model(tiny_llama(), no_stops, "ep")
+
+
+def test_unknown_mode_and_missing_settings() -> None:
+    with pytest.raises(ValueError, match="Unknown anchor mode"):
+        anllm.prepare_model(tiny_llama(), word_tokenizer(EP_WORDS), "xyz")
+    with pytest.raises(ValueError, match="no saved anchor settings"):
+        anllm.prepare_model(tiny_llama(), word_tokenizer(EP_WORDS))
+    with pytest.raises(ValueError, match="not anchor-aware"):
+        with anllm.anchor_attention(tiny_llama(), enabled=True):
+            pass
+
+
+def test_flash_attention_is_refused() -> None:
+    model = tiny_llama()
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="flash_attention_2"):
+        anllm.prepare_model(model, word_tokenizer(EP_WORDS), "ep")
+    # switching a prepared model to flash attention fails at the next forward, not silently
+    model = ep_model()
+    model.config._attn_implementation = "flash_attention_2"
+    ids = torch.tensor([[7, 8, 4, 9]])
+    with pytest.raises(ValueError, match="flash_attention_2"):
+        model(ids)
+
+
+def test_document_ids_with_a_cache_are_refused() -> None:
+    model = ep_model()
+    ids = torch.tensor([[7, 8, 4, 9]])
+    with pytest.raises(ValueError, match="document_ids"):
+        model(ids, document_ids=torch.zeros_like(ids), past_key_values=anllm.AnchorCache(), use_cache=True)
