@@ -184,7 +184,7 @@ class AnchorAttention:
         if use_cache is None:
             use_cache = getattr(module.config, "use_cache", False) and not module.training
         if cache is None and use_cache:
-            if document_ids is not None:
+            if document_ids is not None and kwargs.get("use_cache") is None:
                 kwargs["use_cache"] = False  # packed rows cannot be continued: no implicit cache
             else:
                 cache = kwargs["past_key_values"] = DynamicCache(config=module.config)
