@@ -296,3 +296,34 @@ def test_document_ids_with_a_cache_are_refused() -> None:
     ids = torch.tensor([[7, 8, 4, 9]])
     with pytest.raises(ValueError, match="document_ids"):
         model(ids, document_ids=torch.zeros_like(ids), past_key_values=anllm.AnchorCache(), use_cache=True)
+    with pytest.raises(ValueError, match="document_ids"):
+        model(ids, document_ids=torch.zeros_like(ids), use_cache=True)
+
+
+@torch.no_grad()
+def test_document_ids_in_eval_mode_need_no_use_cache_flag() -> None:
+    """Scoring packed rows in eval mode works as is (no implicit cache is made for them)."""
+    ids, am, doc = batch()
+    model = ep_model()
+    assert not model.training and model.config.use_cache
+    out = model(ids, attention_mask=am, document_ids=doc)
+    assert out.past_key_values is None
+    explicit = model(ids, attention_mask=am, document_ids=doc, use_cache=False).logits
+    torch.testing.assert_close(out.logits, explicit, atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_packed_documents_do_not_see_each_other() -> None:
+    """Each document of a packed row scores as if alone (RoPE is relative, so the offset is harmless)."""
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randint(7, 128, (1, 9), generator=g), torch.randint(7, 128, (1, 7), generator=g)
+    a[0, [2, 5]] = 4
+    b[0, 3] = 5
+    model = ep_model(num_sink_tokens=1)
+    packed = torch.cat([a, b], 1)
+    doc = torch.cat([torch.zeros_like(a), torch.ones_like(b)], 1)
+    got = model(packed, document_ids=doc).logits
+    torch.testing.assert_close(got[:, :9], model(a).logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[:, 9:], model(b).logits, atol=1e-5, rtol=1e-5)
+    unpacked = model(packed).logits  # without document_ids the second document sees the first
+    assert (unpacked[:, 9:] - got[:, 9:]).abs().max() > 1e-2
