@@ -173,9 +173,28 @@ def _timed(stats: DataStats, stage: str) -> Callable[[float], None]:
 
 
 def _from_generator(gen: Callable[..., Iterator[dict]], features: Any, work: Path, **kwargs: Any) -> Any:
+    """Arrow dataset (in ``work``) from a generator; None when it yields nothing."""
     from datasets import Dataset
 
-    return Dataset.from_generator(gen, features=features, cache_dir=str(work / "hf"), gen_kwargs=kwargs)
+    counter = [0]
+
+    def counted(**kw: Any) -> Iterator[dict]:
+        for row in gen(**kw):
+            counter[0] += 1
+            yield row
+
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        return Dataset.from_generator(counted, features=features, cache_dir=str(work / "hf"), gen_kwargs=kwargs)
+    except DatasetGenerationError as e:
+        if isinstance(e.__cause__, (ValueError, OSError)):  # our own clear message, raised by a reader
+            raise e.__cause__ from None
+        raise
+    except ValueError:
+        if counter[0] == 0:  # datasets refuses empty generators; callers explain why it was empty
+            return None
+        raise
 
 
 def _gen_rows(make: Callable[[], Iterator[dict]]) -> Iterator[dict]:
@@ -227,7 +246,7 @@ def _build_pretrain(
 
     t = time.perf_counter()
     raw = _from_generator(_gen_rows, Features({"text": Value("string")}), work, make=_read_texts(cfg, files, stats))
-    if len(raw) == 0:
+    if raw is None:
         raise ValueError(
             f"No usable document in the {cfg['kind']} data ({stats.num_skipped} skipped: {stats.skipped}; "
             f"first: {stats.skipped_examples[:3]})."
@@ -250,6 +269,11 @@ def _build_pretrain(
     if cfg.get("packing", True):
         ds = _from_generator(_gen_packed, row_features, work, tokenized=tokenized, block_size=block_size,
                              keep_remainder=bool(cfg.get("keep_remainder", False)))
+        if ds is None:
+            raise ValueError(
+                f"All {stats.tokens} tokens fit in less than one block of block_size={block_size}, so packing "
+                "produced no row. Use more documents, a smaller block_size, or data.keep_remainder=true."
+            )
     else:
         stats.truncated = int((lengths > block_size).sum())
 
@@ -333,7 +357,7 @@ def _build_sft(
 
     features = Features({k: Value("string") for k in ("instruction", "input", "output")})
     raw = _from_generator(_gen_rows, features, work, make=records)
-    if len(raw) == 0:
+    if raw is None:
         raise ValueError(f"No usable SFT example ({stats.num_skipped} skipped: {stats.skipped}).")
     raw = raw.shuffle(seed=seed)  # mixes the two sources before max_examples picks a subset
     if cfg.get("max_examples") is not None:
