@@ -132,3 +132,21 @@ def write_results(name: str, machine: dict[str, Any], payload: dict[str, Any]) -
 def setup_threads(threads: int | None) -> None:
     """Use every core by default (the lead runs the final numbers on a quiet machine)."""
     torch.set_num_threads(threads or os.cpu_count() or 1)
+
+
+def prose(min_chars: int, title: str = "Pride and Prejudice", first_chunk: int = 1) -> str:
+    """Real English prose: consecutive ~8k-character chunks of one Gutenberg book from the shared data
+    (read in place), joined until ``min_chars`` is reached."""
+    path = SHARED_DATA / "pretrain_text" / "gutenberg_books.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: set ANLLM_SHARED_DATA to the shared data directory.")
+    parts: list[str] = []
+    with path.open() as f:
+        for line in f:
+            row = json.loads(line)
+            meta = row["meta"]
+            if meta["title"] == title and meta["chunk"] >= first_chunk:
+                parts.append(row["text"])
+                if sum(map(len, parts)) >= min_chars:
+                    return "\n\n".join(parts)
+    raise SystemExit(f"Not enough text in {title!r} for {min_chars} characters.")
