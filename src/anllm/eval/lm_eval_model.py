@@ -1,0 +1,125 @@
+"""lm-eval 0.4 model ``anllm``: an ``HFLM`` whose log-likelihoods come from :class:`MultiModeScorer`.
+
+Only ``loglikelihood`` changes (multiple-choice tasks): requests are tokenised exactly as ``HFLM``
+does (``_encode_pair``, empty context -> prefix token), grouped by context and scored in the chosen
+``mode`` (``full``, ``ansan``, ``anchor`` or a baseline). Several ``AnchorLM`` objects can share one
+scorer: the first evaluation computes every mode side by side (so timings are comparable) and the
+others read the memoised results, so running lm-eval once per mode costs one pass.
+
+AnLLM-AC models get ``<AC>`` after every sentence of the context and after each demonstration; the
+query the answer continues (``Question: ...\\nAnswer:``, or the open last sentence when there is no
+``Question:`` line) stays in the open segment, so every continuation token sees it whole plus the
+anchors of everything before it. (Putting ``<AC>`` after the question would leave the answer only
+the question's anchor.)
+
+Use from the lm-eval CLI too: ``lm_eval --model anllm --model_args pretrained=DIR,mode=anchor``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Hashable
+
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from tqdm.auto import tqdm
+
+from ..anchors import insert_anchor_token, sentence_spans
+from ..modeling import from_pretrained, get_anchor_config
+from .scoring import MultiModeScorer
+
+_QUERY = re.compile(r"(?m)^Question:")
+
+
+def anchor_qa_context(context: str, token: str, fewshot_delimiter: str = "\n\n", splitter: str = "blingfire") -> str:
+    """Insert the AC ``token`` into an lm-eval context (demonstrations + the item's own text).
+
+    Each demonstration gets ``token`` after each of its sentences (so also after the demonstration);
+    in the item, every sentence before the query gets one, the query itself none.
+    """
+    parts = context.split(fewshot_delimiter)
+    demos, item = parts[:-1], parts[-1]
+    out = [insert_anchor_token(d, token, splitter=splitter) if d.strip() else d for d in demos]
+    starts = [m.start() for m in _QUERY.finditer(item)]
+    if starts:
+        q = starts[-1]
+    else:
+        spans = sentence_spans(item, splitter=splitter)
+        q = spans[-1][0] if spans else 0
+    head = item[:q]
+    out.append((insert_anchor_token(head, token, splitter=splitter) if head.strip() else head) + item[q:])
+    return fewshot_delimiter.join(out)
+
+
+@register_model("anllm")
+class AnchorLM(HFLM):
+    """HFLM scoring multiple-choice requests with full attention, AnSAN or the anchor cache."""
+
+    def __init__(
+        self,
+        pretrained: Any,
+        tokenizer: Any = None,
+        mode: str = "anchor",
+        scorer: MultiModeScorer | None = None,
+        batch_size: int | str = 1,
+        insert_anchors: bool = True,
+        fewshot_delimiter: str = "\n\n",
+        num_sink_tokens: int = 4,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(pretrained, str):  # lm-eval CLI: load with the saved anchor settings re-applied
+            pretrained, tokenizer = from_pretrained(pretrained)
+            pretrained.eval()
+        super().__init__(pretrained=pretrained, tokenizer=tokenizer, batch_size=int(batch_size), **kwargs)
+        self.mode = mode
+        if scorer is None:
+            modes = [mode] if mode in ("full", "ansan", "anchor") else ["anchor", mode]
+            scorer = MultiModeScorer(
+                self.model, modes, pad_token_id=self._pad_id(), batch_size=int(batch_size),
+                num_sink_tokens=int(num_sink_tokens),
+            )
+        if mode not in scorer.modes:
+            raise ValueError(f"mode {mode!r} is not one of the scorer's modes {scorer.modes}")
+        self.scorer = scorer
+        cfg = get_anchor_config(self.model)
+        self.ac_token = cfg.anchor_token if (cfg is not None and cfg.mode == "ac" and insert_anchors) else None
+        self.fewshot_delimiter = fewshot_delimiter
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        for tid in (tok.pad_token_id, tok.eos_token_id, 0):
+            if tid is not None:
+                return int(tid)
+        return 0
+
+    def prepare_context(self, context: str) -> str:
+        """The context as the model sees it (with ``<AC>`` for AC models)."""
+        if self.ac_token is None or not context:
+            return context
+        return anchor_qa_context(context, self.ac_token, self.fewshot_delimiter)
+
+    def encode_request(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Token ids of ``(context, continuation)`` exactly as HFLM builds them, context left-truncated
+        so that the scored sequence fits ``max_length``."""
+        context = self.prepare_context(context)
+        if context == "":
+            ctx = [self.prefix_token_id]
+            cont = self.tok_encode(continuation, add_special_tokens=False)
+        else:
+            ctx, cont = self._encode_pair(context, continuation)
+        room = self.max_length + 1 - len(cont)
+        if room < 1:
+            raise ValueError(f"A continuation of {len(cont)} tokens does not fit max_length={self.max_length}.")
+        return ctx[-room:], cont
+
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        reqs: list[tuple[Hashable, list[int], list[int]]] = []
+        for req in requests:
+            ctx, cont = req.args
+            reqs.append(((ctx, cont), *self.encode_request(ctx, cont)))
+        todo = sum(1 for key, _, _ in reqs if key not in self.scorer.memo[self.scorer.modes[0]])
+        with tqdm(total=todo, desc=f"scoring ({', '.join(self.scorer.modes)})", disable=disable_tqdm or not todo) as bar:
+            self.scorer.score(reqs, progress=bar)
+        return [
+            (s.logprob, s.greedy) for s in (self.scorer.result(self.mode, key) for key, _, _ in reqs)
+        ]

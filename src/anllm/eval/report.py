@@ -1,0 +1,230 @@
+"""Results: per-task files (saved as tasks finish, for resuming), one JSON per run, Markdown + CSV tables.
+
+Table shapes follow the paper: QA as Table 1 (one row per method, one accuracy column per task, then
+Avg, C⇓ and T⇑; one table per few-shot setting) plus a per-task detail table; other suites as long
+tables (one row per task and method) with the well-known columns below, in this order.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import hashlib
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+# column key -> (header, formatter)
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _f1(x: float) -> str:
+    return f"{x:.1f}"
+
+
+def _f2(x: float) -> str:
+    return f"{x:.2f}"
+
+
+COLUMNS: dict[str, tuple[str, Any]] = {
+    "acc": ("Acc", _pct),
+    "acc_norm": ("AccNorm", _pct),
+    "bleu": ("BLEU", _f1),
+    "chrf": ("chrF", _f1),
+    "comet": ("COMET", _f1),
+    "ppl": ("PPL", _f2),
+    "nll": ("NLL", lambda x: f"{x:.3f}"),
+    "c_red": ("C⇓ %", _pct),
+    "max_kv": ("MaxKV", _f1),
+    "kv_kept": ("KV kept", str),
+    "kv_total": ("KV total", str),
+    "time_s": ("Time s", _f2),
+    "t_up": ("T⇑", lambda x: f"{x:.2f}×"),
+    "tokens_per_s": ("tok/s", _f1),
+    "agree": ("Agree %", _pct),
+    "num_fewshot": ("Shots", str),
+    "budget": ("Budget", str),
+    "n": ("N", str),
+}
+METHOD_ORDER = ("full", "ansan", "anchor", "anchor+src", "streamingllm", "knorm")
+
+
+# ---- per-task files ---------------------------------------------------------------------------
+
+def fingerprint(settings: dict[str, Any]) -> str:
+    """Short hash of the settings that determine a task's results (resume only when equal)."""
+    blob = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def task_file(output_dir: Path, suite: str, task: str) -> Path:
+    return output_dir / "tasks" / suite / f"{task}.json"
+
+
+def save_task(path: Path, record: dict[str, Any]) -> None:
+    """Write atomically, so an interrupted run never leaves a half file that a resume would trust."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_clean(record), indent=1))
+    tmp.replace(path)
+
+
+def load_task(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe values (NaN -> None, numpy/torch scalars -> float)."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, float):
+        return None if math.isnan(x) or math.isinf(x) else x
+    if hasattr(x, "item") and callable(x.item):
+        return _clean(x.item())
+    return x
+
+
+# ---- tables ---------------------------------------------------------------------------------
+
+def _method_key(m: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m)
+
+
+def _fmt(key: str, value: Any) -> str:
+    if value is None or value == "":
+        return "–"
+    if isinstance(value, (int, float)) and key in COLUMNS:
+        return COLUMNS[key][1](value)
+    return str(value)
+
+
+class Table:
+    """A titled table with raw values (for CSV) and formatted cells (for Markdown)."""
+
+    def __init__(self, name: str, title: str, headers: list[str], rows: list[list[Any]], keys: list[str]):
+        self.name, self.title, self.headers, self.rows, self.keys = name, title, headers, rows, keys
+
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", "", "| " + " | ".join(self.headers) + " |"]
+        lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(self.headers))) + "|")
+        for r in self.rows:
+            lines.append("| " + " | ".join(_fmt(k, v) for k, v in zip(self.keys, r)) + " |")
+        return "\n".join(lines)
+
+    def csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(self.headers)
+        for r in self.rows:
+            w.writerow(["" if v is None else v for v in r])
+        return buf.getvalue()
+
+
+def qa_tables(rows: list[dict[str, Any]], task_order: Iterable[str], short: dict[str, str]) -> list[Table]:
+    """Paper Table 1 shape per few-shot setting, then one detail table."""
+    qa = [r for r in rows if r.get("suite") == "qa"]
+    if not qa:
+        return []
+    tables = []
+    tasks = [t for t in task_order if any(r["task"] == t for r in qa)]
+    for k in sorted({r.get("num_fewshot") for r in qa if r.get("method") != "error"}, key=lambda v: (v is None, v)):
+        sub = [r for r in qa if r.get("num_fewshot") == k and r.get("method") != "error"]
+        methods = sorted({r["method"] for r in sub}, key=_method_key)
+        body = []
+        for m in methods:
+            cells: list[Any] = []
+            accs, creds, tups = [], [], []
+            for t in tasks:
+                r = next((x for x in sub if x["task"] == t and x["method"] == m), None)
+                cells.append(None if r is None else r.get("acc"))
+                if r is not None:
+                    if r.get("acc") is not None:
+                        accs.append(r["acc"])
+                    if r.get("c_red") is not None:
+                        creds.append(r["c_red"])
+                    if r.get("t_up") is not None:
+                        tups.append(r["t_up"])
+            complete = len(accs) == len(tasks)
+            avg = sum(accs) / len(accs) if accs and complete else None
+            cells += [avg, sum(creds) / len(creds) if creds else None, sum(tups) / len(tups) if tups else None]
+            body.append([m] + cells)
+        headers = ["Method"] + [short.get(t, t) for t in tasks] + ["Avg", "C⇓ %", "T⇑"]
+        keys = ["method"] + ["acc"] * len(tasks) + ["acc", "c_red", "t_up"]
+        tables.append(Table(f"qa_{k}shot", f"QA, {k}-shot: accuracy (%), cache reduction, speed-up", headers, body, keys))
+    detail_keys = ["acc", "acc_norm", "c_red", "max_kv", "time_s", "t_up", "agree", "n"]
+    body = []
+    for r in sorted(qa, key=lambda r: (r.get("num_fewshot") or 0, list(tasks).index(r["task"]) if r["task"] in tasks else 99, _method_key(r["method"]))):
+        body.append([r["task"], r.get("num_fewshot"), r["method"]] + [r.get(k) for k in detail_keys] + [r.get("note") or r.get("error")])
+    headers = ["Task", "Shots", "Method"] + [COLUMNS[k][0] for k in detail_keys] + ["Note"]
+    tables.append(Table("qa_details", "QA per task", headers, body, ["task", "num_fewshot", "method"] + detail_keys + ["note"]))
+    return tables
+
+
+def long_table(suite: str, rows: list[dict[str, Any]]) -> Table | None:
+    """Generic table for a suite: task, method, then every well-known column any row has."""
+    sub = [r for r in rows if r.get("suite") == suite]
+    if not sub:
+        return None
+    keys = [k for k in COLUMNS if any(r.get(k) is not None for r in sub)]
+    body = [
+        [r["task"], r["method"]] + [r.get(k) for k in keys] + [r.get("note") or r.get("error")]
+        for r in sorted(sub, key=lambda r: (r["task"], _method_key(r["method"])))
+    ]
+    headers = ["Task", "Method"] + [COLUMNS[k][0] for k in keys] + ["Note"]
+    return Table(suite, f"{suite}", headers, body, ["task", "method"] + keys + ["note"])
+
+
+def build_tables(rows: list[dict[str, Any]], suites: list[str]) -> list[Table]:
+    from .tasks import QA_TASKS, PAPER_ORDER
+
+    tables: list[Table] = []
+    for s in suites:
+        if s == "qa":
+            tables += qa_tables(rows, PAPER_ORDER, {k: v.short for k, v in QA_TASKS.items()})
+        else:
+            t = long_table(s, rows)
+            if t is not None:
+                tables.append(t)
+    return tables
+
+
+def write_report(
+    output_dir: Path, run_info: dict[str, Any], rows: list[dict[str, Any]], suites: list[str], notes: list[str]
+) -> str:
+    """Write ``results.json``, ``results.md`` and one CSV per table; return the Markdown."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tables = build_tables(rows, suites)
+    errors = [r for r in rows if r.get("method") == "error"]
+    md = [f"## Evaluation of `{run_info.get('checkpoint')}`", ""]
+    md.append(f"Model: {run_info.get('model_desc', '')}")
+    md.append("")
+    for t in tables:
+        md += [t.markdown(), ""]
+        (output_dir / f"results_{t.name}.csv").write_text(t.csv())
+    if errors:
+        md.append("Failed tasks (re-run with the same output_dir to retry only these):")
+        md += [f"- {r['suite']}/{r['task']}: {r.get('error')}" for r in errors]
+        md.append("")
+    if notes:
+        md.append("Notes:")
+        md += [f"- {n}" for n in notes]
+        md.append("")
+    text = "\n".join(md)
+    (output_dir / "results.md").write_text(text)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    payload = _clean({**run_info, "notes": notes, "rows": rows, "finished": stamp})
+    (output_dir / "results.json").write_text(json.dumps(payload, indent=1))
+    runs = output_dir / "runs"
+    runs.mkdir(exist_ok=True)
+    (runs / f"results-{stamp}.json").write_text(json.dumps(payload, indent=1))
+    return text

@@ -1,0 +1,193 @@
+"""What ``evaluate.py`` does: validate the request, load the model once, run tasks, report.
+
+Every task's rows are saved as soon as the task finishes (``<output_dir>/tasks/<suite>/<task>.json``);
+a task that raises is recorded as an error and the others go on; a re-run with the same
+``output_dir`` reuses saved tasks whose settings fingerprint matches and retries only failed or
+changed ones. The model is not even loaded when everything is already saved.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from . import report
+from .suites import ModelBundle, Suite, load_suite, selected_suites
+
+log = logging.getLogger(__name__)
+
+# Settings that change a task's results (besides the suite's own section).
+FINGERPRINT_KEYS = ("checkpoint", "anchors", "num_fewshot", "limit", "modes", "data_dir", "batch_size", "dtype", "seed")
+
+
+def register_resolvers() -> None:
+    """``${basename:path}`` for default output directories (stable per checkpoint, so re-runs resume)."""
+    if not OmegaConf.has_resolver("basename"):
+        OmegaConf.register_new_resolver("basename", lambda p: Path(str(p)).expanduser().resolve().name or "model")
+
+
+def plan_tasks(cfg: DictConfig) -> tuple[list[tuple[Suite, str]], list[str]]:
+    """``[(suite, task)]`` to run, validated before anything heavy happens; plus notes."""
+    names = selected_suites(cfg.get("suite", "qa"))
+    explicit = cfg.get("suite") != "all"
+    suites: list[Suite] = []
+    notes: list[str] = []
+    for n in names:
+        try:
+            suites.append(load_suite(n))
+        except ImportError as e:
+            if explicit:
+                raise ImportError(f"Suite {n!r} is not available: {e}") from e
+            notes.append(f"suite {n} not available ({e}); skipped")
+    requested = cfg.get("tasks")
+    if requested is None:
+        return [(s, t) for s in suites for t in s.default_tasks], notes
+    requested = [requested] if isinstance(requested, str) else list(requested)
+    plan = []
+    for t in requested:
+        owners = [s for s in suites if t in s.tasks]
+        if not owners:
+            known = {s.name: list(s.tasks) for s in suites}
+            raise ValueError(f"Unknown task {t!r} for suite={cfg.get('suite')}: known tasks are {known}.")
+        plan += [(s, t) for s in owners]
+    return plan, notes
+
+
+def check_paths(cfg: DictConfig) -> None:
+    """Fail fast on a missing checkpoint or data_dir, naming the fix; make data_dir absolute."""
+    if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.get("checkpoint"):
+        raise ValueError("checkpoint=DIR is required (a Hugging Face causal-LM directory).")
+    data_dir = cfg.get("data_dir")
+    if data_dir:
+        path = Path(str(data_dir)).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"data_dir={data_dir!r} does not exist (cwd {os.getcwd()}). From the repository root the staged "
+                "data is data_dir=../shared/data."
+            )
+        OmegaConf.update(cfg, "data_dir", str(path.resolve()), force_add=True)
+
+
+def _settings(cfg: DictConfig, suite: str) -> dict[str, Any]:
+    s = {k: OmegaConf.to_container(cfg[k]) if OmegaConf.is_config(cfg.get(k)) else cfg.get(k) for k in FINGERPRINT_KEYS}
+    ckpt = Path(str(s["checkpoint"])).expanduser()
+    s["checkpoint"] = str(ckpt.resolve()) if ckpt.exists() else str(s["checkpoint"])
+    section = cfg.get(suite)
+    s[suite] = OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else section
+    return s
+
+
+def load_bundle(cfg: DictConfig) -> ModelBundle:
+    """Load the checkpoint once, with its saved anchor settings (or ``anchors=ep|ac|none``)."""
+    import torch
+
+    from ..modeling import from_pretrained, get_anchor_config, prepare_model
+
+    ckpt = str(cfg.checkpoint)
+    path = Path(ckpt).expanduser()
+    if not path.is_dir() and (os.environ.get("HF_HUB_OFFLINE") == "1" or ckpt.startswith((".", "/", "~"))):
+        raise FileNotFoundError(f"checkpoint={ckpt!r} is not a directory. Pass the directory of a saved model.")
+    device = str(cfg.get("device") or "auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype_name = str(cfg.get("dtype") or "auto")
+    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype_name)
+    if dtype is None:
+        raise ValueError(f"dtype={dtype_name!r}: choose auto, float32, bfloat16 or float16.")
+    model, tok = from_pretrained(str(path) if path.is_dir() else ckpt, dtype=dtype)
+    model.to(device).eval()
+    saved = get_anchor_config(model)
+    override = cfg.get("anchors")
+    notes: list[str] = []
+    source = "checkpoint" if saved is not None and saved.enabled else None
+    if override not in (None, "none", "ep", "ac"):
+        raise ValueError(f"anchors={override!r}: choose null (use the checkpoint's), ep, ac or none.")
+    if override in ("ep", "ac"):
+        if saved is not None and saved.enabled and saved.mode != override:
+            raise ValueError(f"The checkpoint was trained with anchors={saved.mode!r}; anchors={override!r} contradicts it.")
+        if saved is None or not saved.enabled:
+            model, tok = prepare_model(model, tok, mode=override)
+            model.to(device)
+            source = "override"
+            notes.append(
+                f"anchors={override} applied to a model not trained with them: ansan/anchor rows are a mechanics "
+                "check (anchor must equal ansan), not a quality result"
+            )
+    elif override == "none" and saved is not None and saved.enabled:
+        model, tok = prepare_model(model, tok, mode="none")
+        source = None
+        notes.append("anchors=none: the checkpoint's anchor settings were ignored (full attention only)")
+    cfg_now = get_anchor_config(model)
+    anchor = cfg_now.to_dict() if cfg_now is not None and cfg_now.enabled else None
+    if anchor is None:
+        notes.append(f"{ckpt}: no anchor settings — evaluated as a full-attention model")
+    return ModelBundle(model=model, tokenizer=tok, checkpoint=ckpt, device=device, anchor=anchor,
+                       anchor_source=source, notes=notes)
+
+
+def describe(bundle: ModelBundle | None, cfg: DictConfig) -> str:
+    if bundle is None:
+        return f"{cfg.checkpoint} (all tasks resumed from saved results; model not loaded)"
+    m = bundle.model
+    n = sum(p.numel() for p in m.parameters())
+    anchors = "none (full attention)" if not bundle.has_anchors else f"{bundle.anchor_mode.upper()} ({bundle.anchor_source})"
+    return f"{type(m).__name__}, {n / 1e6:.1f}M parameters, {m.dtype}, {bundle.device}; anchors: {anchors}"
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run the evaluation described by ``cfg`` (see conf/evaluate.yaml); returns the run record."""
+    check_paths(cfg)
+    plan, notes = plan_tasks(cfg)
+    out = Path(str(cfg.output_dir)).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    resume = bool(cfg.get("resume", True))
+    saved: dict[tuple[str, str], dict[str, Any]] = {}
+    for suite, task in plan:
+        fp = report.fingerprint(_settings(cfg, suite.name))
+        rec = report.load_task(report.task_file(out, suite.name, task))
+        if resume and rec and rec.get("status") == "ok" and rec.get("fingerprint") == fp:
+            saved[(suite.name, task)] = rec
+    todo = [(s, t) for s, t in plan if (s.name, t) not in saved]
+    if saved:
+        log.info("resuming %d saved task(s): %s", len(saved), ", ".join(f"{s}/{t}" for s, t in saved))
+    bundle = load_bundle(cfg) if todo else None
+    records: dict[tuple[str, str], dict[str, Any]] = dict(saved)
+    for suite, task in tqdm(todo, desc="tasks", unit="task", disable=not todo):
+        assert bundle is not None
+        task_dir = out / "tasks" / suite.name / task
+        task_dir.mkdir(parents=True, exist_ok=True)
+        rec: dict[str, Any] = {"suite": suite.name, "task": task, "fingerprint": report.fingerprint(_settings(cfg, suite.name))}
+        try:
+            rows = suite.run_task(bundle, cfg, task, task_dir)
+            rec.update(status="ok", rows=rows)
+        except Exception as e:  # one task's failure must not lose the others
+            log.error("task %s/%s failed: %s", suite.name, task, e)
+            rec.update(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(),
+                       rows=[{"suite": suite.name, "task": task, "method": "error", "error": f"{type(e).__name__}: {e}"}])
+        rec["notes"] = list(bundle.notes)
+        report.save_task(report.task_file(out, suite.name, task), rec)
+        records[(suite.name, task)] = rec
+    for rec in records.values():
+        notes += rec.get("notes", [])
+    rows = [r for s, t in plan for r in records[(s.name, t)]["rows"]]
+    info = {
+        "checkpoint": str(cfg.checkpoint),
+        "model_desc": describe(bundle, cfg),
+        "anchor": None if bundle is None else bundle.anchor,
+        "anchor_source": None if bundle is None else bundle.anchor_source,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "resumed": [f"{s}/{t}" for s, t in saved],
+        "failed": [f"{s}/{t}" for (s, t), r in records.items() if r.get("status") != "ok"],
+    }
+    suites = list(dict.fromkeys(s.name for s, _ in plan))
+    text = report.write_report(out, info, rows, suites, list(dict.fromkeys(notes)))
+    print(text)
+    print(f"Results: {out / 'results.md'} (JSON: results.json, CSV: results_*.csv)")
+    return {**info, "rows": rows, "markdown": text}
