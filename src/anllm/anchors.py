@@ -169,9 +169,17 @@ def _split_line(line: str, splitter: SplitterName) -> list[tuple[int, int]]:
         _, offsets = blingfire.text_to_sentences_and_offsets(line)
         return [(int(s), int(e)) for s, e in offsets] if offsets else []
     if splitter == "pysbd":
-        out = []
+        out: list[tuple[int, int]] = []
         for span in _pysbd().segment(line):
             start, end = span.start, span.end
+            # pysbd sometimes starts the next segment with the closing quote of the previous
+            # sentence ('might." The' -> 'might.' + '" The'): give such closers back.
+            if out and out[-1][1] == start:
+                while start < end and line[start] in _CLOSERS:
+                    start += 1
+                out[-1] = (out[-1][0], start)
+            while start < end and line[start].isspace():
+                start += 1
             while end > start and line[end - 1].isspace():
                 end -= 1
             if end > start:
