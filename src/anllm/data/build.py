@@ -267,8 +267,7 @@ def _build_pretrain(
     row_features = Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
                              "document_ids": Sequence(Value("int32"))})
     if cfg.get("packing", True):
-        ds = _from_generator(_gen_packed, row_features, work, tokenized=tokenized, block_size=block_size,
-                             keep_remainder=bool(cfg.get("keep_remainder", False)))
+        ds = _write_packed(tokenized, block_size, bool(cfg.get("keep_remainder", False)), work / "packed.arrow")
         if ds is None:
             raise ValueError(
                 f"All {stats.tokens} tokens fit in less than one block of block_size={block_size}, so packing "
@@ -300,8 +299,33 @@ def _iter_token_arrays(tokenized: Any, column: str = "input_ids") -> Iterator[np
         yield from np.split(flat, np.cumsum(lens)[:-1])
 
 
-def _gen_packed(tokenized: Any, block_size: int, keep_remainder: bool) -> Iterator[dict]:
-    yield from pack_documents(_iter_token_arrays(tokenized), block_size, keep_remainder)
+def _write_packed(tokenized: Any, block_size: int, keep_remainder: bool, path: Path, rows_per_batch: int = 256) -> Any:
+    """Pack and write blocks straight to an Arrow file (no per-row Python encoding); None if no block."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    names = ("input_ids", "labels", "document_ids")
+    schema = pa.schema([(n, pa.list_(pa.int32())) for n in names])
+    pending: list[dict[str, np.ndarray]] = []
+    n_rows = 0
+
+    def batch() -> pa.RecordBatch:
+        offsets = pa.array(np.concatenate([[0], np.cumsum([len(b["input_ids"]) for b in pending])]), pa.int32())
+        cols = [pa.ListArray.from_arrays(offsets, pa.array(np.concatenate([b[n] for b in pending]).astype(np.int32)))
+                for n in names]
+        return pa.RecordBatch.from_arrays(cols, schema=schema)
+
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for block in pack_documents(_iter_token_arrays(tokenized), block_size, keep_remainder):
+            pending.append(block)
+            if len(pending) == rows_per_batch:
+                writer.write_batch(batch())
+                n_rows += len(pending)
+                pending = []
+        if pending:
+            writer.write_batch(batch())
+            n_rows += len(pending)
+    return Dataset.from_file(str(path)) if n_rows else None
 
 
 def _count_tokenized(tokenized: Any, stats: DataStats, anchor: AnchorConfig | None) -> np.ndarray:
