@@ -20,7 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .scoring import BASELINES, MODES, MultiModeScorer
+from .scoring import BASELINES, MODES, MultiModeScorer, Scored
 from .suites import ModelBundle, Suite
 from .tasks import PAPER_ORDER, QA_TASKS, get_task, task_spec
 
@@ -139,6 +139,19 @@ def _prediction(sample: dict[str, Any]) -> int:
     return max(range(len(lls)), key=lambda i: float(lls[i]))
 
 
+def cache_metrics(per_example: list[list[Scored]]) -> dict[str, Any]:
+    """C⇓ over every scored choice, and MaxKV = mean over examples of the largest kept cache."""
+    kept = sum(x.kv_kept for ex in per_example for x in ex)
+    total = sum(x.kv_total for ex in per_example for x in ex)
+    peaks = [max(x.kv_kept for x in ex) for ex in per_example if ex]
+    return {
+        "c_red": 1.0 - kept / total if total else None,
+        "max_kv": sum(peaks) / len(peaks) if peaks else None,
+        "kv_kept": kept,
+        "kv_total": total,
+    }
+
+
 def _rows(
     task: str, info: Any, k: int, source: str, modes: list[str], scorer: MultiModeScorer,
     per_mode: dict[str, dict[str, Any]], out_dir: Path, limit: Any,
@@ -147,13 +160,7 @@ def _rows(
     rows = []
     for mode in modes:
         metrics, samples = per_mode[mode]["metrics"], per_mode[mode]["samples"]
-        kept = total = 0
-        max_kv = []
-        for s in samples:
-            scored = [scorer.result(mode, key) for key in _request_keys(s)]
-            kept += sum(x.kv_kept for x in scored)
-            total += sum(x.kv_total for x in scored)
-            max_kv.append(max(x.kv_kept for x in scored))
+        cache = cache_metrics([[scorer.result(mode, key) for key in _request_keys(s)] for s in samples])
         ref = "ansan" if mode == "anchor" and "ansan" in preds else "full"
         agree = None
         if ref in preds and ref != mode:
@@ -169,10 +176,7 @@ def _rows(
             "source": source,
             "acc": metrics.get("acc,none"),
             "acc_norm": metrics.get("acc_norm,none"),
-            "c_red": 1.0 - kept / total if total else None,
-            "max_kv": sum(max_kv) / len(max_kv) if max_kv else None,
-            "kv_kept": kept,
-            "kv_total": total,
+            **cache,
             "time_s": scorer.seconds[mode],
             "t_up": scorer.seconds["full"] / scorer.seconds[mode] if "full" in scorer.seconds and scorer.seconds[mode] else None,
             "agree": agree,

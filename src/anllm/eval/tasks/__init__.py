@@ -133,3 +133,14 @@ def read_local_docs(name: str, data_dir: str | Path) -> list[dict[str, Any]]:
     path = local_data_file(get_task(name), data_dir)
     with path.open() as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def load_task(name: str, source: str, data_dir: str | Path | None, num_fewshot: int, work_dir: Path) -> Any:
+    """The lm-eval ``Task`` object for ``name`` (for inspection and tests; runs use the spec path)."""
+    from lm_eval.tasks import TaskManager
+
+    spec = task_spec(name, source, data_dir, num_fewshot, work_dir)
+    task = TaskManager(include_defaults=False).load([spec])["tasks"][name]
+    if num_fewshot:
+        task.set_config(key="num_fewshot", value=num_fewshot)
+    return task
