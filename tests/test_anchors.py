@@ -329,3 +329,10 @@ def test_pysbd_closing_quote_stays_with_its_sentence():
     assert '.<AC>"' not in marked and '<AC>"<AC>' not in marked
     assert marked.endswith('consequences."<AC> The President said he had support.<AC>')
     assert all(text[s] != '"' or s == 0 for s, _ in sentence_spans(text, "pysbd"))
+
+
+@pytest.mark.parametrize("splitter", ["blingfire", "pysbd"])
+@pytest.mark.parametrize("sep", ["\n", "\r\n", "\x0c", "\x85", "\u2028", "\u2029"])
+def test_every_line_break_ends_a_sentence_before_the_break(sep, splitter):
+    """str.splitlines() breaks on more than \\r and \\n; the anchor goes before any of them, once."""
+    assert insert_anchor_token(f"Hi there.{sep}Next one.", splitter=splitter) == f"Hi there.<AC>{sep}Next one.<AC>"

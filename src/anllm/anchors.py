@@ -22,6 +22,7 @@ import torch
 AC_TOKEN = "<AC>"
 DEFAULT_EP_PUNCTUATION = ".!?"
 _CLOSERS = "\"')]}»”’"
+_LINE_BREAKS = "\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # what str.splitlines() splits on
 Mode = Literal["ac", "ep", "none"]
 MODES = ("ac", "ep", "none")
 
@@ -154,7 +155,7 @@ def sentence_spans(text: str, splitter: SplitterName = "blingfire") -> list[tupl
     spans: list[tuple[int, int]] = []
     pos = 0
     for line in text.splitlines(keepends=True):
-        body = line.rstrip("\r\n")
+        body = line.rstrip(_LINE_BREAKS)
         if body.strip():
             for s, e in _split_line(body, splitter):
                 spans.append((pos + s, pos + e))
