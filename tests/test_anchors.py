@@ -336,3 +336,19 @@ def test_pysbd_closing_quote_stays_with_its_sentence():
 def test_every_line_break_ends_a_sentence_before_the_break(sep, splitter):
     """str.splitlines() breaks on more than \\r and \\n; the anchor goes before any of them, once."""
     assert insert_anchor_token(f"Hi there.{sep}Next one.", splitter=splitter) == f"Hi there.<AC>{sep}Next one.<AC>"
+
+
+@pytest.mark.parametrize("splitter", ["blingfire", "pysbd"])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # pysbd splits after '?' / '.' when punctuation follows directly (seen in the Wikipedia sample).
+        ("Proudhon wrote What is Property?, published in 1840. It was read widely.",
+         "Proudhon wrote What is Property?, published in 1840.<AC> It was read widely.<AC>"),
+        ("It ran for a substantial period of time.. It has not met with success.",
+         "It ran for a substantial period of time..<AC> It has not met with success.<AC>"),
+        ("你好。再见。", "你好。<AC>再见。<AC>"),  # no whitespace between sentences: still split
+    ],
+)
+def test_anchor_never_cuts_glued_punctuation(text, expected, splitter):
+    assert insert_anchor_token(text, splitter=splitter) == expected

@@ -168,25 +168,43 @@ def _split_line(line: str, splitter: SplitterName) -> list[tuple[int, int]]:
         import blingfire
 
         _, offsets = blingfire.text_to_sentences_and_offsets(line)
-        return [(int(s), int(e)) for s, e in offsets] if offsets else []
-    if splitter == "pysbd":
-        out: list[tuple[int, int]] = []
-        for span in _pysbd().segment(line):
-            start, end = span.start, span.end
-            # pysbd sometimes starts the next segment with the closing quote of the previous
-            # sentence ('might." The' -> 'might.' + '" The'): give such closers back.
-            if out and out[-1][1] == start:
-                while start < end and line[start] in _CLOSERS:
-                    start += 1
-                out[-1] = (out[-1][0], start)
-            while start < end and line[start].isspace():
-                start += 1
-            while end > start and line[end - 1].isspace():
-                end -= 1
-            if end > start:
-                out.append((start, end))
-        return out
-    raise ValueError(f"Unknown sentence splitter {splitter!r}: choose 'blingfire' or 'pysbd'.")
+        raw = [(int(s), int(e)) for s, e in offsets] if offsets else []
+    elif splitter == "pysbd":
+        raw = [(span.start, span.end) for span in _pysbd().segment(line)]
+    else:
+        raise ValueError(f"Unknown sentence splitter {splitter!r}: choose 'blingfire' or 'pysbd'.")
+    return _repair_boundaries(line, raw)
+
+
+def _repair_boundaries(line: str, raw: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Trim whitespace and fix boundaries that cut punctuation glued to the sentence end.
+
+    Splitters (pysbd more than blingfire) sometimes start a segment right at the previous one's end
+    with punctuation: a closing quote ('might.' + '" The'), a second period ('time.' + '.'), or a
+    comma ('Property?' + ', published'). A closer or sentence-ending mark belongs to the previous
+    sentence; any other punctuation means there was no sentence end, so the segments merge. This
+    also keeps `<AC>` from cutting a merged token such as '."', '..' or '?,'.
+    """
+    out: list[tuple[int, int]] = []
+    for start, end in raw:
+        while end > start and line[end - 1].isspace():
+            end -= 1
+        if out and out[-1][1] == start:
+            run = start
+            while run < end and unicodedata.category(line[run]).startswith("P"):
+                run += 1
+            glued = line[start:run]
+            if glued and any(c not in _CLOSERS and c not in DEFAULT_EP_PUNCTUATION + "…" for c in glued):
+                out[-1] = (out[-1][0], end)  # not a sentence end: one sentence
+                start = end
+            else:
+                out[-1] = (out[-1][0], run)
+                start = run
+        while start < end and line[start].isspace():
+            start += 1
+        if end > start:
+            out.append((start, end))
+    return out
 
 
 @lru_cache(maxsize=1)
