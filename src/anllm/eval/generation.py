@@ -1,0 +1,184 @@
+"""Batched greedy decoding with a chosen attention/cache method, recording the KV cache per step.
+
+Why our own loop and not ``model.generate``: ``generate`` keeps feeding finished rows (their pad
+tokens count as real tokens in the attention mask), which would inflate a row's cache size and so
+C⇓ and MaxKV in batched runs; the paper decodes one sentence at a time. Here a finished row's new
+tokens are masked out (``attention_mask=0``), so the anchor cache drops them and every row's counts
+are what batch-size-1 decoding would give. It also reads the cache after every step for the
+"cache size over generation steps" plot. On unfinished rows it computes exactly what greedy
+``generate`` computes (same positions from the padding mask; tested).
+
+Methods (shared names with the other suites):
+
+* ``full``: causal attention, full cache (the AnSAN rule switched off on an anchor-aware model);
+* ``ansan``: the AnSAN mask with a full ``DynamicCache`` (reference for losslessness);
+* ``anchor``: AnSAN + :class:`anllm.AnchorCache` (source cache dropped; the paper's AnSAN row);
+* ``anchor+src``: AnSAN + ``AnchorCache(keep_prefix=True)``: the prompt/source stays cached
+  (the paper's "Src Cache" row).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache
+
+from ..cache import AnchorCache
+from ..modeling import anchor_attention, is_anchor_aware
+
+METHODS = ("full", "ansan", "anchor", "anchor+src")
+ANCHOR_METHODS = ("ansan", "anchor", "anchor+src")
+# Names used in the paper/brief, accepted on the command line.
+ALIASES = {"ansan_src": "anchor+src", "anchor_src": "anchor+src", "src": "anchor+src", "causal": "full"}
+
+
+def canonical_method(name: str) -> str:
+    """Validate a method name (accepting the aliases above)."""
+    m = ALIASES.get(name, name)
+    if m not in METHODS:
+        raise ValueError(f"Unknown method {name!r}: choose one of {METHODS} (aliases: {sorted(ALIASES)}).")
+    return m
+
+
+def make_cache(method: str) -> Cache:
+    """A fresh cache for ``method`` (one per batch: a cache belongs to one batch)."""
+    method = canonical_method(method)
+    if method == "anchor":
+        return AnchorCache()
+    if method == "anchor+src":
+        return AnchorCache(keep_prefix=True)
+    return DynamicCache()
+
+
+@contextlib.contextmanager
+def method_attention(model: Any, method: str) -> Iterator[None]:
+    """Attention rule for ``method``: causal for ``full``, AnSAN for the others."""
+    method = canonical_method(method)
+    if method == "full":
+        with anchor_attention(model, enabled=False):
+            yield
+        return
+    if not is_anchor_aware(model):
+        raise ValueError(
+            f"Method {method!r} needs an anchor-aware model (AnSAN); this model has no anchor settings. "
+            "Use method 'full', or load an AnLLM checkpoint / prepare the model with anchors (mode 'ep'|'ac')."
+        )
+    yield
+
+
+def kept_per_row(cache: Cache, attention_mask: torch.Tensor) -> list[int]:
+    """Keys/values held per row right now (real tokens). A full cache holds every token seen."""
+    if isinstance(cache, AnchorCache):
+        st = cache.stats()
+        return [int(x) for x in st.get("kept_per_row", [0] * attention_mask.shape[0])]
+    return [int(x) for x in attention_mask.sum(-1).tolist()]
+
+
+@dataclass
+class BatchGeneration:
+    """Greedy output of one batch plus its cache accounting (per row, batch order)."""
+
+    tokens: torch.Tensor  # [B, T] new tokens, pad after a row's EOS
+    lengths: list[int]  # new tokens per row, EOS included
+    seen: list[int]  # tokens fed to the model per row (prompt + generated, the last one excluded)
+    kept: list[int]  # keys/values held per row at the end
+    max_kept: list[int]  # peak keys/values held per row
+    time_s: float
+    trace: list[list[int]] = field(default_factory=list)  # [steps][B] kept per row after each forward
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    method: str,
+    *,
+    max_new_tokens: int,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+    record_trace: bool = False,
+    on_step: Callable[[int, Cache], None] | None = None,
+) -> BatchGeneration:
+    """Greedy-decode a left-padded batch with ``method``'s attention and cache (see module doc)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    device = input_ids.device
+    B = input_ids.shape[0]
+    cache = make_cache(method)
+    eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
+    am = attention_mask.long()
+    trace: list[list[int]] = []
+    peak = torch.zeros(B, dtype=torch.long)
+    out_tokens: list[torch.Tensor] = []
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+
+    def after_forward(step: int) -> None:
+        nonlocal peak
+        kept = kept_per_row(cache, am)
+        peak = torch.maximum(peak, torch.tensor(kept))
+        if record_trace:
+            trace.append(kept)
+        if on_step is not None:
+            on_step(step, cache)
+
+    t0 = time.perf_counter()
+    with method_attention(model, method):
+        # Positions as greedy ``generate`` computes them: count real tokens (left padding).
+        pos = (am.cumsum(-1) - 1).clamp_min(0)
+        logits = model(
+            input_ids=input_ids, attention_mask=am, position_ids=pos, past_key_values=cache, use_cache=True
+        ).logits[:, -1]
+        after_forward(0)
+        next_pos = am.sum(-1)
+        for step in range(1, max_new_tokens + 1):
+            nxt = torch.where(done, torch.full_like(lengths, pad_token_id), logits.argmax(-1))
+            out_tokens.append(nxt)
+            lengths += (~done).long()
+            done = done | torch.isin(nxt, eos)
+            if bool(done.all()) or step == max_new_tokens:
+                break  # like generate, the last token is returned but never fed
+            # A row's EOS (and the pad after it) is fed masked out: it is never part of the cache,
+            # exactly as when that row is decoded alone.
+            live = ~done
+            am = torch.cat([am, live.long()[:, None]], dim=-1)
+            logits = model(
+                input_ids=nxt[:, None],
+                attention_mask=am,
+                position_ids=next_pos[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            ).logits[:, -1]
+            next_pos = next_pos + live.long()
+            after_forward(step)
+    elapsed = time.perf_counter() - t0
+    seen = [int(x) for x in am.sum(-1).tolist()]
+    kept = kept_per_row(cache, am)
+    return BatchGeneration(
+        tokens=torch.stack(out_tokens, dim=1),
+        lengths=[int(x) for x in lengths.tolist()],
+        seen=seen,
+        kept=kept,
+        max_kept=[int(x) for x in peak.tolist()],
+        time_s=elapsed,
+        trace=trace,
+    )
+
+
+def eos_ids_of(model: Any, tokenizer: Any) -> list[int]:
+    """Every id that ends generation: the generation config's EOS (int or list) and the tokenizer's."""
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    for src in (getattr(gen, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(src, int):
+            ids.add(src)
+        elif src:
+            ids.update(int(x) for x in src)
+    if not ids:
+        raise ValueError("Neither the model's generation config nor the tokenizer defines an EOS token.")
+    return sorted(ids)

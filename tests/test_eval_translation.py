@@ -1,0 +1,386 @@
+"""Translation suite: official WMT23 scores through our scoring path, a real (tiny) COMET model,
+greedy generation with the anchor cache (lossless vs a full cache), prompts, errors.
+
+Runtime: ~60 s on 2 CPU cores (most of it building/loading the tiny COMET checkpoint).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import anllm
+from anllm.eval import translation as tr
+from anllm.eval.generation import greedy_generate
+from anllm.eval.metrics import CometUnavailable, load_comet, sacrebleu_scores, score_translations
+from anllm.testing import tiny_llama
+
+WMT23 = "wmt23_de_en"
+
+
+# ---- fixtures -------------------------------------------------------------------------------------
+
+
+def _corpus(shared_data: Path, n: int = 40) -> list[str]:
+    d = shared_data / "wmt23_de_en"
+    src = (d / "generaltest2023.de-en.src.de").read_text(encoding="utf-8").splitlines()[:n]
+    ref = (d / "generaltest2023.de-en.ref.refA.en").read_text(encoding="utf-8").splitlines()[:n]
+    return src + ref
+
+
+def tiny_bpe_tokenizer(texts: list[str], vocab_size: int = 400):
+    """A byte-level BPE trained in memory (pad=0, bos=1, eos=2 like ``tiny_llama``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tk.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def tok(shared_data):
+    return tiny_bpe_tokenizer(_corpus(shared_data))
+
+
+def _batch(tok, prompts):
+    enc = tok(prompts, padding=True, padding_side="left", return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def _ep_model(tok, prompts: list[str]):
+    """Tiny random Llama with EP anchors whose "." is made a likely greedy choice *while decoding*
+    (a random model would hardly ever emit an anchor): its output row points along the mean final
+    hidden state of a first greedy run's decoding positions."""
+    model = tiny_llama(vocab_size=len(tok) + 8)
+    anllm.prepare_model(model, tok, mode="ep")
+    dot = tok.convert_tokens_to_ids(".")
+    assert dot in anllm.get_anchor_config(model).anchor_token_ids
+    ids, am = _batch(tok, prompts)
+    out = greedy_generate(model, ids, am, "ansan", max_new_tokens=24, eos_token_ids=[2], pad_token_id=0)
+    with torch.no_grad():
+        full = torch.cat([ids, out.tokens], 1)
+        h = model.model(full, attention_mask=torch.cat([am, torch.ones_like(out.tokens)], 1)).last_hidden_state
+        mu = h[:, ids.shape[1] - 1 :].reshape(-1, h.shape[-1]).mean(0)
+        w = model.lm_head.weight
+        w[dot] = 1.3 * mu / mu.norm() * w.norm(dim=1).mean()
+    return model
+
+
+@pytest.fixture(scope="module")
+def sources(shared_data):
+    """5 short German segments of different lengths (1-3 sentences; keeps decoding cheap)."""
+    src = _corpus(shared_data, 60)[:60]
+    picked = [s for s in src if 60 <= len(s) <= 260][:5]
+    assert len(picked) == 5
+    return picked
+
+
+@pytest.fixture(scope="module")
+def ep_model(tok, sources):
+    return _ep_model(tok, [tr.build_prompt(s) for s in sources[:3]])
+
+
+@pytest.fixture(scope="module")
+def tiny_comet(tmp_path_factory) -> Path:
+    """A real COMET RegressionMetric model directory, fully offline: random tiny XLM-R encoder saved
+    locally (tokenizer + config + weights), head trained for a few steps with COMET's own Lightning
+    training loop, checkpoint saved in the layout `comet` downloads (hparams.yaml + checkpoints/)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import pytorch_lightning as pl
+    import yaml
+    from comet.models import RegressionMetric
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import XLMRobertaConfig, XLMRobertaModel, XLMRobertaTokenizerFast
+
+    root = tmp_path_factory.mktemp("comet")
+    enc = root / "encoder"
+    texts = ["Der Hund läuft schnell.", "The dog runs fast.", "Ein Haus am See.", "A house by the lake."] * 10
+    tk = Tokenizer(models.Unigram())
+    tk.normalizer = normalizers.NFKC()
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.decoder = decoders.Metaspace()
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tk.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=100, special_tokens=specials, unk_token="<unk>"))
+    tk.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    xtok = XLMRobertaTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
+        unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+    )
+    xtok.save_pretrained(enc)
+    cfg = XLMRobertaConfig(
+        vocab_size=len(xtok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=514, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    XLMRobertaModel(cfg, add_pooling_layer=False).save_pretrained(enc)
+    train = root / "train.csv"
+    rows = [
+        {"src": "Der Hund läuft schnell.", "mt": "The dog runs fast.", "ref": "The dog runs fast.", "score": 0.9},
+        {"src": "Ein Haus am See.", "mt": "A dog.", "ref": "A house by the lake.", "score": 0.1},
+    ] * 4
+    with open(train, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["src", "mt", "ref", "score"])
+        w.writeheader()
+        w.writerows(rows)
+    model = RegressionMetric(
+        pretrained_model=str(enc), local_files_only=True, hidden_sizes=[16], batch_size=4,
+        train_data=[str(train)], validation_data=[str(train)], nr_frozen_epochs=0, learning_rate=1e-3,
+    )
+    trainer = pl.Trainer(
+        max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        num_sanity_val_steps=0, limit_val_batches=0, enable_model_summary=False,
+    )
+    trainer.fit(model)
+    (root / "checkpoints").mkdir()
+    trainer.save_checkpoint(root / "checkpoints" / "model.ckpt")
+    with open(root / "hparams.yaml", "w") as f:
+        yaml.safe_dump({**dict(model.hparams), "class_identifier": "regression_metric"}, f)
+    return root
+
+
+def _fake_data_dir(tmp_path: Path, srcs: list[str], refs: list[str]) -> Path:
+    d = tmp_path / "data" / "wmt23_de_en"
+    d.mkdir(parents=True)
+    (d / "generaltest2023.de-en.src.de").write_text("\n".join(srcs) + "\n", encoding="utf-8")
+    (d / "generaltest2023.de-en.ref.refA.en").write_text("\n".join(refs) + "\n", encoding="utf-8")
+    return tmp_path / "data"
+
+
+# ---- scoring --------------------------------------------------------------------------------------
+
+
+def test_official_wmt23_bleu_chrf_through_our_scoring(shared_data, tmp_path):
+    """Staged WMT23 de-en system outputs: our hypotheses path gives the official BLEU/chrF."""
+    d = shared_data / "wmt23_de_en"
+    official = {r["system"]: r for r in csv.DictReader(open(d / "official_scores.de-en.tsv"), delimiter="\t")}
+    systems = ("GPT4-5shot", "ONLINE-W", "ONLINE-B", "NLLB_Greedy", "AIRC")  # best to worst BLEU range
+    files = [d / "system-outputs" / f"generaltest2023.de-en.hyp.{name}.en" for name in systems]
+    rows, notes = tr.evaluate_translation(
+        None, None, WMT23, data_dir=shared_data, hypotheses=files, generate=False, comet_model=None, out_dir=tmp_path
+    )
+    assert [r["method"] for r in rows] == list(systems)
+    for row in rows:
+        ref = official[row["method"]]
+        assert row["n"] == 549
+        assert round(row["bleu"], 2) == pytest.approx(float(ref["BLEU_refA"]), abs=1e-9), row["method"]
+        assert round(row["chrf"], 2) == pytest.approx(float(ref["chrF_refA"]), abs=1e-9), row["method"]
+        assert row["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:")
+        assert row["chrf_signature"].startswith("nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:")
+        assert row["comet"] is None
+    gpt4 = next(r for r in rows if r["method"] == "GPT4-5shot")
+    assert (round(gpt4["bleu"], 1), round(gpt4["chrf"], 1)) == (47.9, 69.8)
+    assert any("COMET disabled" in n for n in notes)
+
+
+def test_hypotheses_with_limit_and_bad_length(shared_data, tmp_path):
+    d = shared_data / "wmt23_de_en"
+    f = d / "system-outputs" / "generaltest2023.de-en.hyp.ONLINE-B.en"
+    rows, _ = tr.evaluate_translation(None, None, WMT23, data_dir=shared_data, limit=20, hypotheses=[f], generate=False, comet_model=None)
+    hyps = f.read_text(encoding="utf-8").splitlines()[:20]
+    refs = (d / "generaltest2023.de-en.ref.refA.en").read_text(encoding="utf-8").splitlines()[:20]
+    assert rows[0]["n"] == 20 and rows[0]["bleu"] == pytest.approx(sacrebleu_scores(hyps, refs).bleu)
+    short = tmp_path / "short.en"
+    short.write_text("\n".join(hyps[:10]) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="one line per source segment"):
+        tr.evaluate_translation(None, None, WMT23, data_dir=shared_data, hypotheses=[short], generate=False, comet_model=None)
+
+
+def test_comet_real_tiny_checkpoint(tiny_comet):
+    """Our path loads a local COMET model directory offline and reports 100 × its mean segment score."""
+    srcs = ["Der Hund läuft.", "Ein Haus am See.", "Der See."]
+    hyps = ["The dog runs.", "A cat.", "The lake."]
+    refs = ["The dog runs.", "A house by the lake.", "The lake."]
+    res = score_translations(srcs, hyps, refs, comet_model=str(tiny_comet))
+    model = load_comet(str(tiny_comet / "checkpoints" / "model.ckpt"))
+    direct = model.predict([{"src": s, "mt": h, "ref": r} for s, h, r in zip(srcs, hyps, refs)], batch_size=2, gpus=0, progress_bar=False)
+    assert res["comet_note"] is None
+    assert res["comet_segments"] == pytest.approx(direct["scores"], abs=1e-5)
+    assert res["comet"] == pytest.approx(100 * sum(direct["scores"]) / 3, abs=1e-4)
+    assert len(set(round(s, 6) for s in res["comet_segments"])) > 1  # a real model, not a constant
+
+
+def test_comet_in_suite_rows(tiny_comet, shared_data):
+    f = shared_data / "wmt23_de_en" / "system-outputs" / "generaltest2023.de-en.hyp.AIRC.en"
+    rows, notes = tr.evaluate_translation(
+        None, None, WMT23, data_dir=shared_data, limit=4, hypotheses=[f], generate=False, comet_model=str(tiny_comet)
+    )
+    assert rows[0]["comet"] is not None and rows[0]["comet_model"] == str(tiny_comet)
+    assert not notes
+
+
+def test_missing_comet_model_is_reported_and_bleu_still_computed(shared_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_hub"))
+    f = shared_data / "wmt23_de_en" / "system-outputs" / "generaltest2023.de-en.hyp.AIRC.en"
+    rows, notes = tr.evaluate_translation(
+        None, None, WMT23, data_dir=shared_data, limit=5, hypotheses=[f], generate=False, comet_model="Unbabel/wmt22-comet-da"
+    )
+    assert rows[0]["comet"] is None and rows[0]["bleu"] > 0
+    assert any("COMET not computed" in n and "translation.comet_model=PATH" in n for n in notes)
+    with pytest.raises(CometUnavailable, match="does not exist"):
+        load_comet(str(tmp_path / "nope" / "model.ckpt"))
+    (tmp_path / "notamodel").mkdir()
+    with pytest.raises(CometUnavailable, match="not a COMET model directory"):
+        load_comet(str(tmp_path / "notamodel"))
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data_dir .* does not exist"):
+        tr.load_test_set(WMT23, tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="generaltest2023.de-en.src.de"):
+        tr.load_test_set(WMT23, tmp_path / "empty")
+    with pytest.raises(ValueError, match="Unknown translation task"):
+        tr.load_test_set("wmt99", tmp_path)
+
+
+# ---- prompts --------------------------------------------------------------------------------------
+
+
+def test_prompt_plain_and_ac():
+    src = "Der Hund läuft. Die Katze schläft! Ende gut"
+    plain = tr.build_prompt(src)
+    assert plain.startswith("Below is an instruction") and plain.endswith("### Response:")
+    assert "### Instruction:\nTranslate the following sentences from German to English.\n\n### Input:\n" + src in plain
+    ac = tr.build_prompt(src, anchor_token="<AC>")
+    assert "completes the request.<AC>\n\n### Instruction:" in ac
+    assert "from German to English.<AC>\n\n### Input:" in ac
+    assert "Der Hund läuft.<AC> Die Katze schläft!<AC> Ende gut<AC>\n\n### Response:" in ac
+    assert ac.count("<AC>") == 2 + 3
+    assert tr.clean_output(" The dog runs.<AC> The cat\nsleeps!<AC>\n\n### Instruction: more", "<AC>") == "The dog runs. The cat sleeps!"
+
+
+# ---- generation -----------------------------------------------------------------------------------
+
+
+def test_greedy_loop_equals_generate(ep_model, tok, sources):
+    """Our loop = greedy ``generate`` for the full and the anchor cache (no EOS in 12 steps here)."""
+    ids, am = _batch(tok, [tr.build_prompt(s) for s in sources[:3]])
+    for method, cache in (("full", None), ("anchor", anllm.AnchorCache())):
+        out = greedy_generate(ep_model, ids, am, method, max_new_tokens=12, eos_token_ids=[2], pad_token_id=0)
+        kwargs = {} if cache is None else {"past_key_values": cache}
+        ctx = anllm.anchor_attention(ep_model, enabled=method != "full")
+        with ctx, torch.no_grad():
+            ref = ep_model.generate(ids, attention_mask=am, do_sample=False, max_new_tokens=12, pad_token_id=0, eos_token_id=2, **kwargs)
+        assert torch.equal(out.tokens, ref[:, ids.shape[1] :]), method
+
+
+def test_anchor_cache_is_lossless_and_prunes(ep_model, tok, sources):
+    """AnSAN + AnchorCache gives exactly the tokens/text of AnSAN + full cache, with anchors emitted
+    (and pruned) during decoding, and a much smaller cache."""
+    dot = tok.convert_tokens_to_ids(".")
+    ids, am = _batch(tok, [tr.build_prompt(s) for s in sources])
+    kw = dict(max_new_tokens=24, eos_token_ids=[2], pad_token_id=0)
+    ref = greedy_generate(ep_model, ids, am, "ansan", **kw)
+    anc = greedy_generate(ep_model, ids, am, "anchor", **kw)
+    assert torch.equal(anc.tokens, ref.tokens)
+    # anchors mid-generation, with tokens decoded after their pruning, in most rows
+    mid = [bool(((row == dot).nonzero().flatten() < len(row) - 3).any()) for row in anc.tokens]
+    assert sum(mid) >= 3, mid
+    full = tr.translate(ep_model, tok, sources, "ansan", batch_size=2, max_new_tokens=24, progress=False)
+    run = tr.translate(ep_model, tok, sources, "anchor", batch_size=2, max_new_tokens=24, progress=False)
+    assert run.raw == full.raw and run.hypotheses == full.hypotheses
+    assert run.seen == full.seen and full.kept == full.seen
+    assert all(k < s for k, s in zip(run.kept, run.seen))
+    assert all(k <= m <= s for k, m, s in zip(run.kept, run.max_kept, run.seen))
+    m = run.cache_metrics()
+    assert 0.5 < m["c_red"] < 1 and m["max_kv"] < full.cache_metrics()["max_kv"]
+
+
+def test_rows_finishing_early_do_not_disturb_the_batch(ep_model, tok, sources):
+    """A row that hits EOS stops feeding tokens; the others decode as before, and every row's
+    counts equal batch-size-1 decoding."""
+    ids, am = _batch(tok, [tr.build_prompt(s) for s in sources[:3]])
+    base = greedy_generate(ep_model, ids, am, "anchor", max_new_tokens=16, eos_token_ids=[2], pad_token_id=0)
+    stop = int(base.tokens[1, 5])  # pretend row 1's 6th token is EOS
+    early = greedy_generate(ep_model, ids, am, "anchor", max_new_tokens=16, eos_token_ids=[2, stop], pad_token_id=0)
+    assert early.lengths[1] <= 6
+    for r in range(3):
+        n = early.lengths[r]
+        assert torch.equal(early.tokens[r, :n], base.tokens[r, :n])
+        assert (early.tokens[r, n:] == 0).all()
+        one = greedy_generate(
+            ep_model, ids[r : r + 1, ~(am[r] == 0)], am[r : r + 1, ~(am[r] == 0)], "anchor",
+            max_new_tokens=16, eos_token_ids=[2, stop], pad_token_id=0,
+        )
+        assert one.lengths[0] == n and torch.equal(one.tokens[0, :n], early.tokens[r, :n])
+        assert (one.seen[0], one.kept[0], one.max_kept[0]) == (early.seen[r], early.kept[r], early.max_kept[r])
+
+
+def _hand_kept(ids: list[int], anchors: set[int]) -> int:
+    """AnSAN keeps every anchor plus the open sentence (tokens after the last anchor)."""
+    last = max((i for i, t in enumerate(ids) if t in anchors), default=-1)
+    return sum(t in anchors for t in ids) + (len(ids) - 1 - last)
+
+
+def test_source_kept_variant_keeps_exactly_the_prompt(ep_model, tok, sources):
+    anchors = set(anllm.get_anchor_config(ep_model).anchor_token_ids)
+    prompts = [tr.build_prompt(s) for s in sources[:3]]
+    ids, am = _batch(tok, prompts)
+    lens = am.sum(-1).tolist()
+    src = greedy_generate(ep_model, ids, am, "anchor+src", max_new_tokens=16, eos_token_ids=[2], pad_token_id=0, record_trace=True)
+    anc = greedy_generate(ep_model, ids, am, "anchor", max_new_tokens=16, eos_token_ids=[2], pad_token_id=0, record_trace=True)
+    assert src.trace[0] == lens  # after prefill: the whole prompt, nothing else
+    for r in range(3):
+        prompt_ids = ids[r, am[r].bool()].tolist()
+        fed = src.tokens[r, : src.lengths[r] - 1].tolist()  # the last new token is never fed
+        assert anc.trace[0][r] == _hand_kept(prompt_ids, anchors)
+        assert all(step[r] >= lens[r] for step in src.trace)
+        assert src.kept[r] == lens[r] + _hand_kept(fed, anchors)
+        assert anc.kept[r] == _hand_kept(prompt_ids + anc.tokens[r, : anc.lengths[r] - 1].tolist(), anchors)
+
+
+def test_suite_end_to_end_tiny(ep_model, tok, sources, tmp_path):
+    from omegaconf import OmegaConf
+
+    from anllm.eval.suites import ModelBundle, load_suite
+
+    refs = ["The dog runs.", "A house.", "The lake is big.", "Nothing.", "Hello there."]
+    data = _fake_data_dir(tmp_path, sources, refs)
+    suite = load_suite("translation")
+    assert suite is tr.SUITE and "wmt23_de_en" in suite.tasks
+    bundle = ModelBundle(model=ep_model, tokenizer=tok, checkpoint="tiny", anchor=anllm.get_anchor_config(ep_model).to_dict())
+    cfg = OmegaConf.create(
+        {"data_dir": str(data), "limit": 4, "batch_size": 2, "modes": ["full", "anchor"],
+         "translation": {"max_new_tokens": 10, "comet_model": None}}
+    )
+    out = tmp_path / "out"
+    rows = suite.run_task(bundle, cfg, WMT23, out)
+    assert [r["method"] for r in rows] == ["full", "anchor+src", "anchor"]
+    by = {r["method"]: r for r in rows}
+    assert by["full"]["c_red"] == 0 and by["anchor"]["c_red"] > by["anchor+src"]["c_red"] > 0
+    assert all(r["n"] == 4 and r["bleu"] >= 0 and r["tokens_per_s"] > 0 for r in rows)
+    segs = [json.loads(x) for x in (out / "anchor.segments.jsonl").read_text().splitlines()]
+    assert len(segs) == 4 and by["full"]["max_kv"] == pytest.approx(sum(s["kv_seen"] for s in segs) / 4)
+    assert len((out / "anchor_src.hyp.en").read_text().splitlines()) == 4
+    assert (out / "cache_over_steps.png").stat().st_size > 0 and (out / "ansan_mask.png").stat().st_size > 0
+    assert any("COMET disabled" in n for n in bundle.notes)
+
+
+def test_plain_model_runs_full_only(tok, sources, tmp_path):
+    from anllm.eval.suites import ModelBundle
+
+    model = tiny_llama(vocab_size=len(tok) + 8)
+    data = _fake_data_dir(tmp_path, sources[:2], ["a", "b"])
+    bundle = ModelBundle(model=model, tokenizer=tok, checkpoint="plain")
+    cfg = {"data_dir": str(data), "batch_size": 2, "translation": {"max_new_tokens": 4, "comet_model": None}}
+    rows = tr.run_task(bundle, cfg, WMT23, tmp_path / "o")
+    assert [r["method"] for r in rows] == ["full"]
+    assert any("no anchor settings" in n for n in bundle.notes)
+    with pytest.raises(ValueError, match="anchor-aware"):
+        tr.translate(model, tok, sources[:1], "anchor", max_new_tokens=2, progress=False)
