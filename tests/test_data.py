@@ -161,6 +161,18 @@ def test_stream_processing_matches_cached_path(tok, corpus, tmp_path):
     assert [r["input_ids"] for r in unpacked] == [DOC1[:8], DOC2]
 
 
+def test_hub_kind_streams_jsonl_urls_line_by_line(tok, tmp_path):
+    # Same code path as hf://datasets/<repo>/*.jsonl, over file:// URLs; "meta" differs in schema
+    # between the files (as in RedPajama), which datasets' json loader cannot stream.
+    write_jsonl(tmp_path / "a.jsonl", [{"text": DOCS[0]["text"], "meta": {"x": 1}}])
+    write_jsonl(tmp_path / "b.jsonl", ["{broken", {"text": DOCS[1]["text"], "meta": "y"}])
+    cfg = {"kind": "hub", "data_files": [f"file://{tmp_path}/*.jsonl"], "shuffle_buffer": 0}
+    stream, stats = build(cfg, tok, ac_config(tok), 8, tmp_path)
+    assert isinstance(stream, datasets.IterableDataset) and stats.streaming
+    assert [r["input_ids"] for r in stream] == [DOC1[:8], DOC1[8:] + DOC2[:4]]
+    assert stats.skipped == {"malformed JSON": 1}
+
+
 def test_stream_missing_text_column(tok):
     source = datasets.Dataset.from_list([{"content": "x."}]).to_iterable_dataset()
     with pytest.raises(ValueError, match=r"no column 'text'.*\['content'\]"):
@@ -361,6 +373,25 @@ def test_config_and_tokenizer_mismatches(tok, corpus, tmp_path):
         build({"kind": "jsonl", "paths": [str(corpus)]}, word_tokenizer(ac=False), ac_config(tok), 8, tmp_path)
     with pytest.raises(ValueError, match="holdout_fraction"):
         build({"kind": "jsonl", "paths": [str(corpus)]}, tok, ac_config(tok), 8, tmp_path, split="holdout")
+    with pytest.raises(ValueError, match="data.name"):  # checked before any network access
+        build({"kind": "hub"}, tok, ac_config(tok), 8, tmp_path)
+    with pytest.raises(ValueError, match="set data.name"):
+        build({"kind": "hub", "data_files": "*.jsonl"}, tok, ac_config(tok), 8, tmp_path)
+    with pytest.raises(FileNotFoundError, match="nothing"):
+        build({"kind": "hub", "data_files": f"file://{tmp_path}/nothing*.jsonl"}, tok, ac_config(tok), 8, tmp_path)
+    with pytest.raises(ValueError, match="cannot hold out"):
+        build({"kind": "hub", "name": "x/y", "holdout_fraction": 0.1}, tok, ac_config(tok), 8, tmp_path)
+
+
+def test_hydra_config_objects_are_accepted(tok, corpus, tmp_path, caplog):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"kind": "jsonl", "name": "mine", "paths": [corpus.name], "base_dir": str(tmp_path),
+                            "pakcing": False})
+    with caplog.at_level(logging.WARNING, logger="anllm.data"):
+        ds, _ = build(cfg, tok, ac_config(tok), 8, tmp_path)
+    assert ds["input_ids"][0] == DOC1[:8]
+    assert "['pakcing'] are not used" in caplog.text
 
 
 # --- demo corpus and real data ---------------------------------------------------------------------

@@ -5,8 +5,11 @@ Kinds (``data_cfg["kind"]``):
 * ``jsonl`` — local JSONL files (``paths``: files/globs, relative to ``base_dir``), one document per
   line in ``text_column``.
 * ``demo``  — the offline English corpus from Python's own docs (:mod:`anllm.data.demo`).
-* ``hub``   — a Hugging Face dataset streamed from the hub (``name``, ``config``, ``split``); returns an
-  ``IterableDataset`` processed on the fly (nothing cached; the Trainer then needs ``max_steps``).
+* ``hub``   — streamed from the hub, returned as an ``IterableDataset`` processed on the fly (nothing
+  cached; the Trainer then needs ``max_steps``): either JSONL files read line by line (``data_files``:
+  globs inside the dataset repo ``name``, or full fsspec URLs) — the way to read
+  RedPajama-Data-1T-Sample, whose loading script datasets>=4 no longer runs — or any script-free hub
+  dataset through ``datasets.load_dataset(name, config, split=..., streaming=True)``.
 * ``sft``   — Alpaca JSON (``alpaca_path``) and/or De->En JSONL (``parallel_path``) examples with the
   loss on the response only (:mod:`anllm.data.sft`).
 
@@ -30,7 +33,7 @@ from . import cache as cache_mod
 from .demo import demo_documents
 from .processing import TextProcessor, check_anchor_tokenizer, pack_documents, truncate_document
 from .sft import SFTProcessor
-from .sources import SkipLogger, iter_alpaca, iter_jsonl_texts, iter_parallel, resolve_paths
+from .sources import SkipLogger, iter_alpaca, iter_jsonl_texts, iter_parallel, resolve_paths, resolve_remote
 from .stats import DataStats
 
 logger = logging.getLogger("anllm.data")
@@ -41,7 +44,7 @@ _COMMON = {"kind", "name", "base_dir", "max_documents", "holdout_fraction", "hol
 KNOWN_KEYS = {
     "jsonl": _COMMON | {"paths", "text_column"},
     "demo": _COMMON,
-    "hub": _COMMON | {"config", "split", "streaming", "text_column", "shuffle_buffer", "revision"},
+    "hub": _COMMON | {"config", "split", "streaming", "text_column", "shuffle_buffer", "revision", "data_files"},
     "sft": _COMMON | {"alpaca_path", "parallel_path", "max_examples"},
 }
 SPLITS = ("train", "holdout")
@@ -91,6 +94,9 @@ def build_train_dataset(
     num_proc = max(1, int(num_proc or 1))
 
     if kind == "hub":
+        if frac or split != "train":
+            raise ValueError("Streamed hub data cannot hold out documents; drop data.holdout_fraction "
+                             "(evaluate on a local jsonl slice instead).")
         return _build_hub(cfg, tokenizer, anchor, block_size, seed)
 
     base_dir = cfg.get("base_dir") or _default_base_dir()
@@ -109,7 +115,7 @@ def build_train_dataset(
         "tokenizer": cache_mod.tokenizer_identity(tokenizer),
         "anchor": anchor.to_dict() if anchor is not None else None,
         "block_size": block_size,
-        "seed": seed,
+        "seed": seed if kind == "sft" else None,  # only SFT shuffles
         "split": split,
         "code": cache_mod.code_version(),
     }
@@ -201,8 +207,9 @@ def _gen_rows(make: Callable[[], Iterator[dict]]) -> Iterator[dict]:
     yield from make()
 
 
-def _split_holdout(ds: Any, cfg: dict, split: str, seed: int) -> Any:
-    """Deterministic document-level split: a seeded permutation puts round(f*N) documents aside."""
+def _split_holdout(ds: Any, cfg: dict, split: str) -> Any:
+    """Deterministic document-level split: a permutation seeded by ``holdout_seed`` (default 0, not
+    the training seed, so every run holds out the same documents) puts round(f*N) documents aside."""
     frac = float(cfg.get("holdout_fraction") or 0.0)
     if frac == 0.0:
         return ds
@@ -210,7 +217,7 @@ def _split_holdout(ds: Any, cfg: dict, split: str, seed: int) -> Any:
     n_hold = max(1, round(frac * n))
     if n_hold >= n:
         raise ValueError(f"holdout_fraction={frac} leaves no training documents out of {n}.")
-    rng = np.random.default_rng(int(cfg.get("holdout_seed", seed)))
+    rng = np.random.default_rng(int(cfg.get("holdout_seed") or 0))
     perm = rng.permutation(n)
     idx = np.sort(perm[:n_hold] if split == "holdout" else perm[n_hold:])
     return ds.select(idx.tolist())
@@ -251,7 +258,7 @@ def _build_pretrain(
             f"No usable document in the {cfg['kind']} data ({stats.num_skipped} skipped: {stats.skipped}; "
             f"first: {stats.skipped_examples[:3]})."
         )
-    raw = _split_holdout(raw, cfg, split, int(cfg.get("holdout_seed", 0)))
+    raw = _split_holdout(raw, cfg, split)
     _timed(stats, "read")(t)
 
     t = time.perf_counter()
@@ -386,7 +393,7 @@ def _build_sft(
     raw = raw.shuffle(seed=seed)  # mixes the two sources before max_examples picks a subset
     if cfg.get("max_examples") is not None:
         raw = raw.select(range(min(int(cfg["max_examples"]), len(raw))))
-    raw = _split_holdout(raw, cfg, split, int(cfg.get("holdout_seed", seed)))
+    raw = _split_holdout(raw, cfg, split)
     _timed(stats, "read")(t)
 
     t = time.perf_counter()
@@ -425,23 +432,43 @@ def _build_sft(
 
 
 def _build_hub(cfg: dict, tokenizer: Any, anchor: AnchorConfig | None, block_size: int, seed: int) -> tuple[Any, DataStats]:
-    from datasets import load_dataset
+    """Stream from the hub: JSONL files read line by line (``data_files``), or any hub dataset."""
+    from datasets import Features, IterableDataset, Value, load_dataset
 
-    if not cfg.get("name"):
-        raise ValueError("data.kind=hub needs data.name (e.g. togethercomputer/RedPajama-Data-1T-Sample).")
+    stats = DataStats(kind="hub", mode=anchor.mode if anchor else "none", block_size=block_size, streaming=True)
+    text_column = cfg.get("text_column", "text")
     if not cfg.get("streaming", True):
         raise ValueError("data.kind=hub streams (streaming: true); for local copies use kind=jsonl.")
-    source = load_dataset(cfg["name"], cfg.get("config"), split=cfg.get("split", "train"), streaming=True,
-                          revision=cfg.get("revision"))
-    if int(cfg.get("shuffle_buffer", 10_000)) > 0:
-        source = source.shuffle(seed=seed, buffer_size=int(cfg.get("shuffle_buffer", 10_000)))
-    ds = process_stream(source, tokenizer, anchor, block_size, text_column=cfg.get("text_column", "text"),
+    if cfg.get("data_files"):
+        # Our own JSONL reader: text only (files whose other fields differ in schema, like
+        # RedPajama's "meta", cannot break it), bad lines skipped and counted like kind=jsonl.
+        urls = resolve_remote(cfg["data_files"], cfg.get("name"))
+        source = IterableDataset.from_generator(
+            _gen_remote_texts, features=Features({"text": Value("string")}),
+            gen_kwargs={"urls": urls, "text_column": text_column, "stats": stats},  # a list: one shard per file
+        )
+        text_column = "text"
+        what = f"{len(urls)} files of {cfg.get('name') or 'URLs'}"
+    else:
+        if not cfg.get("name"):
+            raise ValueError("data.kind=hub needs data.name (a hub dataset) and/or data.data_files (JSONL globs).")
+        source = load_dataset(cfg["name"], cfg.get("config"), split=cfg.get("split", "train"), streaming=True,
+                              revision=cfg.get("revision"))
+        what = f"{cfg['name']} ({cfg.get('config')}/{cfg.get('split', 'train')})"
+    buffer = int(cfg.get("shuffle_buffer", 10_000))
+    if buffer > 0:
+        source = source.shuffle(seed=seed, buffer_size=buffer)
+    ds = process_stream(source, tokenizer, anchor, block_size, text_column=text_column,
                         packing=bool(cfg.get("packing", True)), keep_remainder=bool(cfg.get("keep_remainder", False)),
                         splitter=cfg.get("splitter", "blingfire"), batch_size=int(cfg.get("batch_size", 256)))
-    stats = DataStats(kind="hub", mode=anchor.mode if anchor else "none", block_size=block_size, streaming=True)
-    logger.info("Streaming %s (%s/%s): processed on the fly, nothing cached; set trainer.max_steps.",
-                cfg["name"], cfg.get("config"), cfg.get("split", "train"))
+    logger.info("Streaming %s: processed on the fly, nothing cached; the Trainer needs max_steps.", what)
     return ds, stats
+
+
+def _gen_remote_texts(urls: list[str], text_column: str, stats: DataStats) -> Iterator[dict]:
+    skip = SkipLogger(stats)
+    for text in iter_jsonl_texts(urls, text_column, skip):
+        yield {"text": text}
 
 
 def process_stream(

@@ -52,6 +52,27 @@ def resolve_paths(patterns: str | Sequence[str], base_dir: str | Path | None = N
     return [p for p in out if not (p in seen or seen.add(p))]
 
 
+def resolve_remote(patterns: str | Sequence[str], repo: str | None = None) -> list[str]:
+    """Expand remote file globs to URLs. Entries with ``://`` are used as they are; others are paths
+    inside the Hugging Face dataset ``repo`` (``hf://datasets/<repo>/<pattern>``)."""
+    import fsspec
+
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    urls: list[str] = []
+    for pattern in patterns:
+        if "://" not in pattern:
+            if not repo:
+                raise ValueError(f"data_files entry {pattern!r} is not a URL; set data.name to the hub dataset it is in.")
+            pattern = f"hf://datasets/{repo}/{pattern.lstrip('/')}"
+        files = fsspec.open_files(pattern, "rb")
+        if not files:
+            raise FileNotFoundError(f"No file matches the data pattern {pattern!r}.")
+        protocol = pattern.split("://", 1)[0]
+        urls.extend(f"{protocol}://{f.path}" if "://" not in f.path else f.path for f in files)
+    return urls
+
+
 class SkipLogger:
     """Counts skipped records in ``stats`` and warns about the first few with file:line."""
 
@@ -70,23 +91,29 @@ class SkipLogger:
                 logger.warning("Further skipped records are only counted (see DataStats.skipped).")
 
 
-def iter_jsonl_records(path: Path, skip: SkipLogger) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(file:line, object)`` for every line that parses as a JSON object; blank lines are ignored."""
-    with open(path, encoding="utf-8", errors="strict") as fh:
-        lineno = 0
-        while True:
-            lineno += 1
+def iter_jsonl_records(path: Path | str, skip: SkipLogger) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(file:line, object)`` for every line that parses as a JSON object; blank lines are ignored.
+
+    ``path`` is a local path or an fsspec URL (``hf://datasets/...``, ``https://...``; ``.gz`` etc.
+    decompressed). Lines are read as bytes and decoded one by one, so a broken UTF-8 sequence costs
+    one line, not the rest of the file.
+    """
+    if isinstance(path, str) and "://" in path:
+        import fsspec
+
+        opener = fsspec.open(path, "rb", compression="infer")
+    else:
+        opener = open(path, "rb")
+    with opener as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{path}:{lineno}"
             try:
-                line = fh.readline()
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                # Cannot resync reliably inside a broken UTF-8 stream: count and stop this file.
-                skip("invalid UTF-8 (rest of file ignored)", f"{path}:{lineno}", e.reason)
-                return
-            if not line:
-                return
+                skip("invalid UTF-8", where, e.reason)
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -99,9 +126,9 @@ def iter_jsonl_records(path: Path, skip: SkipLogger) -> Iterator[tuple[str, dict
 
 
 def iter_jsonl_texts(
-    paths: Sequence[Path], text_column: str, skip: SkipLogger, max_documents: int | None = None
+    paths: Sequence[Path | str], text_column: str, skip: SkipLogger, max_documents: int | None = None
 ) -> Iterator[str]:
-    """Texts of ``text_column`` across files, skipping (and counting) bad or empty records.
+    """Texts of ``text_column`` across files (local or URLs), skipping (and counting) bad or empty records.
 
     The first valid record of each file must have the column: if it does not, the config names the
     wrong column and a ValueError lists the columns that exist.
