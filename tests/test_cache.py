@@ -1,0 +1,437 @@
+"""AnchorCache: exact against DynamicCache and a full forward, prunes what the rule allows, in place.
+
+CPU, tiny random Llamas whose lm_head is biased toward the anchor ids so that greedy generation
+produces anchors at different steps in different rows (a ragged cache). Runtime: ~25 s.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import DynamicCache, PreTrainedTokenizerFast
+
+import anllm
+from anllm.testing import tiny_llama
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+EP_WORDS = [".", "!", "?", ","] + [f"w{i}" for i in range(120)]  # 128 tokens, the tiny_llama vocab
+EP_IDS = [4, 5, 6]
+AC_WORDS = [".", ","] + [f"w{i}" for i in range(26)]
+W = 10  # a non-anchor word id, used in hand-made examples
+P = 4  # "." in EP_WORDS
+
+
+def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer: ids 0-3 are specials, then ``words`` in order."""
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SPECIALS + words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def make_model(mode: str = "ep", anchor_bias: float = 1.0, **prepare_kwargs) -> tuple[torch.nn.Module, list[int]]:
+    """A prepared tiny model; ``anchor_bias`` scales the anchors' lm_head rows so they get generated."""
+    if mode == "ep":
+        model, tok = tiny_llama(), word_tokenizer(EP_WORDS)
+    else:
+        tok = word_tokenizer(AC_WORDS)
+        model = tiny_llama(vocab_size=len(tok))
+    model, tok = anllm.prepare_model(model, tok, mode, **prepare_kwargs)
+    anchors = model.config.anllm["anchor_token_ids"]
+    with torch.no_grad():
+        model.lm_head.weight[anchors] *= anchor_bias
+    model.generation_config.eos_token_id = None  # run to max_new_tokens (no early-finished rows)
+    model.generation_config.pad_token_id = 0
+    return model, anchors
+
+
+def positions(am: torch.Tensor) -> torch.Tensor:
+    """The position ids generate uses for left-padded rows."""
+    return (am.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def left_padded_prompts(seed: int, B: int = 3, L: int = 10, low: int = 7, high: int = 128, anchor: int = P):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(low, high, (B, L), generator=g)
+    ids[0, 3] = anchor
+    ids[B - 1, L - 2] = anchor
+    am = torch.ones(B, L, dtype=torch.long)
+    am[1, :3] = 0
+    am[B - 1, :6] = 0
+    ids[am == 0] = 0
+    return ids, am
+
+
+def generate(model, ids, am, cache, n: int = 24):
+    return model.generate(
+        ids,
+        attention_mask=am,
+        past_key_values=cache,
+        do_sample=False,
+        max_new_tokens=n,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+
+
+# --- exactness --------------------------------------------------------------------------------------
+
+CASES = {  # mode, anchor bias, prepare options (bias chosen so that rows get anchors at different steps)
+    "ep": ("ep", 2.5, {}),
+    "ac": ("ac", 2.0, {}),
+    "ep-sinks": ("ep", 2.5, {"num_sink_tokens": 2}),
+    "ep-anchors-see-anchors": ("ep", 2.5, {"anchors_see_anchors": True}),
+}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("case", list(CASES))
+def test_generate_equals_dynamic_cache_and_full_forward(case: str) -> None:
+    mode, bias, kwargs = CASES[case]
+    model, anchors = make_model(mode, bias, **kwargs)
+    vocab = model.config.vocab_size
+    ids, am = left_padded_prompts(seed=11, high=vocab - 1 if mode == "ac" else 128)
+    n = 24
+    cache = anllm.AnchorCache()
+    got = generate(model, ids, am, cache, n)
+    want = generate(model, ids, am, DynamicCache(), n)
+
+    new = got.sequences[:, ids.shape[1] :]
+    is_anchor = torch.isin(new, torch.tensor(anchors))
+    first_anchor = [int(r.nonzero()[0]) if r.any() else None for r in is_anchor]
+    # preconditions: every row generates anchors, at different steps (a ragged cache)
+    assert all(f is not None for f in first_anchor) and len(set(first_anchor)) > 1, new
+    if mode == "ep":
+        assert len(set(new[is_anchor].tolist())) > 1  # several EP anchor ids occur
+
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
+
+    # both equal one full forward over the final sequences with the AnSAN mask
+    full_am = torch.cat([am, torch.ones_like(new)], 1)
+    full = model(got.sequences, attention_mask=full_am, position_ids=positions(full_am), use_cache=False).logits
+    L = ids.shape[1]
+    for i, step in enumerate(got.logits):
+        torch.testing.assert_close(step, full[:, L - 1 + i], atol=1e-4, rtol=0)
+
+    s = cache.stats()
+    fed = full_am[:, :-1]  # generate never feeds back its last token
+    assert s["seen"] == int(fed.sum()) and s["seen_per_row"] == fed.sum(-1).tolist()
+    assert s["kept"] < s["seen"] and 0 < s["reduction"] < 1
+    assert len(set(s["kept_per_row"])) > 1 or len(set(first_anchor)) > 1
+
+
+def reference_mask(is_anchor: list[bool], real: list[bool], prefix_len: int = 0) -> list[list[bool]]:
+    """The AnSAN rule by brute force; with ``prefix_len``, tokens after the prompt also see all of it."""
+    L = len(is_anchor)
+    anchor = [a and r for a, r in zip(is_anchor, real)]
+    seg_end = [next((j for j in range(i, L) if anchor[j]), L) for i in range(L)]
+    return [
+        [
+            k <= q
+            and real[q]
+            and real[k]
+            and (seg_end[k] == seg_end[q] or (anchor[k] and not anchor[q]) or k < prefix_len <= q)
+            for k in range(L)
+        ]
+        for q in range(L)
+    ]
+
+
+@torch.no_grad()
+def test_prefill_then_chunks_equal_full_forward() -> None:
+    model, _ = make_model("ep")
+    g = torch.Generator().manual_seed(5)
+    B, L = 3, 26
+    ids = torch.randint(7, 128, (B, L), generator=g)
+    ids[0, [2, 3, 9, 17, 25]] = torch.tensor([4, 5, 6, 4, 4])
+    ids[1, [10, 11, 20]] = torch.tensor([6, 6, 4])
+    ids[2, [12, 16]] = 5
+    am = torch.ones(B, L, dtype=torch.long)
+    am[1, :4] = 0
+    am[2, :8] = 0  # this row's whole prefill is padding
+    ids[am == 0] = 0
+    full = model(ids, attention_mask=am, use_cache=False).logits
+
+    cache = anllm.AnchorCache()
+    bounds = [0, 6, 7, 10, 11, 18, 19, 20, 26]
+    parts = [
+        model(ids[:, s:e], attention_mask=am[:, :e], past_key_values=cache, use_cache=True).logits
+        for s, e in zip(bounds, bounds[1:])
+    ]
+    got = torch.cat(parts, 1)
+    real = am.bool()
+    torch.testing.assert_close(got[real], full[real], atol=1e-4, rtol=0)
+    assert cache.stats()["kept"] < cache.stats()["seen"]
+
+
+# --- what is kept ------------------------------------------------------------------------------------
+
+
+def step(model, cache, ids, am):
+    return model(ids, attention_mask=am, past_key_values=cache, use_cache=True).logits
+
+
+@torch.no_grad()
+def test_kept_counts_and_kept_keys_by_hand() -> None:
+    """Hand-computed kept counts, the peak, and the exact keys left in the cache."""
+    model, _ = make_model("ep")
+    a, d, x = W, P, 5  # word, ".", "!"
+    # row 0: a a . a a a ! a a        row 1: <pad> <pad> a . . a a a a
+    ids = torch.tensor([[a, a + 1, d, a + 2, a + 3, a + 4, x, a + 5, a + 6], [0, 0, a, d, d, a + 1, a + 2, a + 3, a + 4]])
+    am = torch.tensor([[1] * 9, [0, 0] + [1] * 7])
+    cache, full = anllm.AnchorCache(), DynamicCache()
+    steps = [ids, torch.tensor([[a + 7], [d]]), torch.tensor([[d], [a + 8]]), torch.tensor([[a + 9], [a + 10]])]
+    kept_series = []
+    for t, new in enumerate(steps):
+        am = am if t == 0 else torch.cat([am, torch.ones(2, 1, dtype=torch.long)], 1)
+        step(model, cache, new, am)
+        step(model, full, new, am)
+        kept_series.append(cache.stats()["kept_per_row"])
+    # row 0 keeps: anchors + open sentence: {. ! f g}=4, +h=5, +"."->3 anchors=3, +y=4
+    # row 1 keeps: {. . b c d e}=6, +"."->3, +x=4, +z=5
+    assert kept_series == [[4, 6], [5, 3], [3, 4], [4, 5]]
+    s = cache.stats()
+    assert s["seen_per_row"] == [12, 10] and s["seen"] == 22
+    assert s["kept"] == 9 and s["reduction"] == pytest.approx(1 - 9 / 22)
+    assert s["max_kept_per_row"] == [5, 6]  # each row's peak
+    assert s["max_kept"] == 10  # peak of the batch total (after the prefill)
+    assert cache.kept_width == 5
+    # the kept slots hold the keys/values of the kept tokens (true positions, so equal to the full
+    # cache's; deeper layers differ by float rounding only, since attention ran over fewer keys)
+    kept_positions = [[2, 6, 10, 11], [3, 4, 9, 10, 11]]
+    for layer_a, layer_f in zip(cache.layers, full.layers):
+        for b, pos in enumerate(kept_positions):
+            torch.testing.assert_close(layer_a.keys[b, :, : len(pos)], layer_f.keys[b, :, pos], atol=1e-6, rtol=0)
+            torch.testing.assert_close(layer_a.values[b, :, : len(pos)], layer_f.values[b, :, pos], atol=1e-6, rtol=0)
+    assert s["bytes"] >= s["kept_bytes"] > 0
+
+
+@torch.no_grad()
+def test_sinks_are_kept() -> None:
+    a, d, x = W, P, 5
+    # <pad> <pad> a b . c d ! e   -> sinks a b, anchors . !, open e
+    ids = torch.tensor([[0, 0, a, a + 1, d, a + 2, a + 3, x, a + 4]])
+    am = (ids != 0).long()
+    for sinks, kept in [(0, 3), (2, 5), (3, 5), (4, 6)]:
+        model, _ = make_model("ep", num_sink_tokens=sinks)
+        cache = anllm.AnchorCache()
+        got = step(model, cache, ids, am)
+        assert cache.stats()["kept"] == kept, sinks
+        # the next token, through the pruned cache, equals a full forward
+        nxt = torch.cat([ids, torch.tensor([[a + 5]])], 1)
+        am2 = torch.cat([am, torch.ones(1, 1, dtype=torch.long)], 1)
+        one = step(model, cache, nxt[:, -1:], am2)
+        full = model(nxt, attention_mask=am2, use_cache=False).logits
+        torch.testing.assert_close(torch.cat([got, one], 1)[:, 2:], full[:, 2:], atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_keep_prefix_counts_by_hand() -> None:
+    model, _ = make_model("ep")
+    a, d = W, P
+    prompt = torch.tensor([[a, a + 1, d, a + 2, a + 3]])  # 5 real tokens: all kept
+    cache = anllm.AnchorCache(keep_prefix=True)
+    am = torch.ones(1, 5, dtype=torch.long)
+    step(model, cache, prompt, am)
+    assert cache.stats()["kept"] == 5
+    for tok, kept in [(a + 4, 6), (d, 6), (a + 5, 7)]:  # later: w kept then dropped at ".", "." and w kept
+        am = torch.cat([am, torch.ones(1, 1, dtype=torch.long)], 1)
+        step(model, cache, torch.tensor([[tok]]), am)
+        assert cache.stats()["kept"] == kept
+    plain = anllm.AnchorCache()
+    am = torch.ones(1, 5, dtype=torch.long)
+    step(model, plain, prompt, am)
+    assert plain.stats()["kept"] == 3  # without keep_prefix: "." + open sentence
+
+
+@torch.no_grad()
+def test_keep_prefix_generation_equals_full_forward_with_prefix_mask() -> None:
+    model, anchors = make_model("ep", 2.5)
+    ids, am = left_padded_prompts(seed=11)
+    n = 16
+    cache = anllm.AnchorCache(keep_prefix=True)
+    got = generate(model, ids, am, cache, n)
+    seq = got.sequences
+    B, L = ids.shape
+    full_am = torch.cat([am, torch.ones(B, n, dtype=torch.long)], 1)
+    is_anchor = torch.isin(seq, torch.tensor(anchors))
+    assert is_anchor[:, L:].any(-1).all()  # anchors are generated after the prompt
+    mask = torch.tensor(
+        [reference_mask(is_anchor[b].tolist(), full_am[b].bool().tolist(), prefix_len=L) for b in range(B)]
+    )[:, None]
+    full = model(seq, attention_mask=mask, position_ids=positions(full_am), use_cache=False).logits
+    for i, logits in enumerate(got.logits):
+        torch.testing.assert_close(logits, full[:, L - 1 + i], atol=1e-4, rtol=0)
+    # kept = every real prompt token + the generated tokens the rule keeps (generate never feeds
+    # back its last token, so the cache saw n - 1 of them)
+    new_anchor = is_anchor[:, L : L + n - 1]
+    later_kept = [
+        sum(1 for j in range(n - 1) if new_anchor[b, j] or not new_anchor[b, j + 1 :].any()) for b in range(B)
+    ]
+    assert cache.stats()["kept_per_row"] == [int(am[b].sum()) + later_kept[b] for b in range(B)]
+    # and it is not the same as generating without the prompt kept
+    plain = generate(model, ids, am, anllm.AnchorCache(), n)
+    assert any((x - y).abs().max() > 1e-3 for x, y in zip(got.logits, plain.logits))
+
+
+@torch.no_grad()
+def test_compact_positions_differ_only_after_pruning() -> None:
+    model, _ = make_model("ep")
+    g = torch.Generator().manual_seed(8)
+    ids = torch.randint(7, 128, (2, 6), generator=g)
+    am = torch.ones(2, 6, dtype=torch.long)
+    am[1, :2] = 0
+    ids[am == 0] = 0
+    true, compact = anllm.AnchorCache(), anllm.AnchorCache(position_mode="compact")
+    stream = [ids] + [torch.randint(7, 128, (2, 1), generator=g) for _ in range(3)]
+    stream += [torch.tensor([[P], [5]])]  # both rows end a sentence: pruning
+    stream += [torch.randint(7, 128, (2, 1), generator=g) for _ in range(3)]
+    pruned = False
+    for t, new in enumerate(stream):
+        if t:
+            am = torch.cat([am, torch.ones(2, 1, dtype=torch.long)], 1)
+        a, b = step(model, true, new, am), step(model, compact, new, am)
+        real = am[:, -new.shape[1] :].bool()
+        if not pruned:
+            torch.testing.assert_close(a[real], b[real], atol=1e-5, rtol=0)
+        else:
+            assert (a - b).abs().max() > 1e-3, t
+        pruned = true.stats()["kept"] < true.stats()["seen"]
+        assert compact.stats() == true.stats()  # same tokens kept, only positions differ
+    assert pruned
+    with pytest.raises(ValueError, match="position_mode"):
+        anllm.AnchorCache(position_mode="shifted")
+
+
+@torch.no_grad()
+def test_batch_repeat_interleave_scores_continuations() -> None:
+    model, _ = make_model("ep")
+    g = torch.Generator().manual_seed(4)
+    ctx = torch.randint(7, 128, (2, 8), generator=g)
+    ctx[0, [2, 5]] = P
+    ctx[1, 6] = 6
+    ctx_am = torch.ones(2, 8, dtype=torch.long)
+    ctx_am[1, :3] = 0
+    ctx[ctx_am == 0] = 0
+    n = 3
+    cont = torch.randint(7, 128, (2 * n, 5), generator=g)
+    cont[[0, 4], [1, 2]] = P
+    cont[3, 0] = 5
+    cont_am = torch.ones(2 * n, 5, dtype=torch.long)
+    cont_am[1, 3:] = 0  # continuations of different lengths (right padding)
+    cont_am[5, 4:] = 0
+    cont[cont_am == 0] = 0
+
+    cache = anllm.AnchorCache()
+    step(model, cache, ctx, ctx_am)
+    assert cache.stats()["kept"] < cache.stats()["seen"]
+    cache.batch_repeat_interleave(n)
+    rep_am = ctx_am.repeat_interleave(n, 0)
+    am = torch.cat([rep_am, cont_am], 1)
+    got = step(model, cache, cont, am)
+
+    full_ids = torch.cat([ctx.repeat_interleave(n, 0), cont], 1)
+    full = model(full_ids, attention_mask=am, use_cache=False).logits[:, 8:]
+    real = cont_am.bool()
+    torch.testing.assert_close(got[real], full[real], atol=1e-4, rtol=0)
+    assert cache.stats()["seen_per_row"] == am.sum(-1).tolist()
+
+
+# --- in place ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_decode_steps_without_anchor_move_nothing() -> None:
+    model, _ = make_model("ep")
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(7, 128, (1, 10), generator=g)
+    ids[0, [3, 6]] = P
+    am = torch.ones(1, 10, dtype=torch.long)
+    cache = anllm.AnchorCache()
+    step(model, cache, ids, am)
+    grew = 0
+    for _ in range(60):  # enough steps to outgrow the first buffer once
+        layers = cache.layers
+        ptrs = [layer._kbuf.data_ptr() for layer in layers]
+        caps = [layer._kbuf.shape[2] for layer in layers]
+        widths = [layer.width for layer in layers]
+        old = [layer.keys.clone() for layer in layers]
+        copied = cache.copied_slots
+        am = torch.cat([am, torch.ones(1, 1, dtype=torch.long)], 1)
+        step(model, cache, torch.randint(7, 128, (1, 1), generator=g), am)
+        growth = [layer._kbuf.shape[2] > cap for layer, cap in zip(layers, caps)]
+        expected = sum(w for w, gr in zip(widths, growth) if gr)  # a growth copies the used slots once
+        assert cache.copied_slots == copied + expected
+        for layer, ptr, gr, k in zip(layers, ptrs, growth, old):
+            assert (layer._kbuf.data_ptr() == ptr) != gr  # reallocated only when the capacity grows
+            torch.testing.assert_close(layer.keys[:, :, : k.shape[2]], k, atol=0, rtol=0)  # old slots stay put
+        grew += any(growth)
+    assert grew == 1
+    # a step with a new anchor does move slots (the anchor into the kept prefix)
+    copied = cache.copied_slots
+    am = torch.cat([am, torch.ones(1, 1, dtype=torch.long)], 1)
+    step(model, cache, torch.tensor([[P]]), am)
+    assert cache.copied_slots > copied and cache.stats()["kept"] == 3
+
+
+@torch.no_grad()
+def test_ragged_decode_moves_only_the_new_token() -> None:
+    """In a ragged batch, a short row's new token fills its first free slot; old slots never move."""
+    model, _ = make_model("ep")
+    ids = torch.tensor([[W, P, W + 1, W + 2, W + 3, W + 4], [W, W + 1, W + 2, W + 3, P, W + 5]])
+    am = torch.ones(2, 6, dtype=torch.long)
+    cache = anllm.AnchorCache()
+    step(model, cache, ids, am)
+    assert cache.stats()["kept_per_row"] == [5, 2]
+    for t in range(5):
+        old = [layer.keys.clone() for layer in cache.layers]
+        copied = cache.copied_slots
+        am = torch.cat([am, torch.ones(2, 1, dtype=torch.long)], 1)
+        step(model, cache, torch.tensor([[W + 10 + t], [W + 20 + t]]), am)
+        # row 1 (2 + t kept) is shorter than the shared width: its new token moves once per layer
+        assert cache.copied_slots - copied == len(cache.layers)
+        for layer, k in zip(cache.layers, old):
+            torch.testing.assert_close(layer.keys[0, :, : 5 + t], k[0, :, : 5 + t], atol=0, rtol=0)
+            torch.testing.assert_close(layer.keys[1, :, : 2 + t], k[1, :, : 2 + t], atol=0, rtol=0)
+
+
+# --- clear errors -------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_cache_errors() -> None:
+    model, _ = make_model("ep")
+    ids = torch.tensor([[W, P, W + 1]])
+    cache = anllm.AnchorCache()
+    step(model, cache, ids, torch.ones(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="batch of 1 rows"):
+        step(model, cache, ids.repeat(2, 1)[:, :1], torch.ones(2, 4, dtype=torch.long))
+
+    plain = tiny_llama()
+    with pytest.raises(RuntimeError, match="prepare_model"):
+        plain(ids, past_key_values=anllm.AnchorCache(), use_cache=True)
+    none_model, _ = anllm.prepare_model(tiny_llama(), word_tokenizer(EP_WORDS), "none")
+    with pytest.raises(RuntimeError, match="prepare_model"):
+        none_model(ids, past_key_values=anllm.AnchorCache(), use_cache=True)
+
+    other, _ = make_model("ep", num_sink_tokens=1)
+    with pytest.raises(ValueError, match="different anchor options"):
+        step(other, cache, ids[:, :1], torch.ones(1, 4, dtype=torch.long))
+
+    filled = DynamicCache()
+    plain(ids, past_key_values=filled, use_cache=True)  # tokens the anchor-aware model never saw
+    with pytest.raises(ValueError, match="anchors\\s+are unknown|already holds"):
+        step(model, filled, ids[:, :1], torch.ones(1, 4, dtype=torch.long))
+
+    with pytest.raises(NotImplementedError, match="crop"):
+        cache.crop(1)
+    with pytest.raises(NotImplementedError, match="beam"):
+        cache.layers[0].reorder_cache(torch.tensor([0]))
