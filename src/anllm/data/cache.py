@@ -9,6 +9,8 @@ half-written entry that a later run would trust.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -16,7 +18,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from .stats import DataStats
 
@@ -86,10 +88,32 @@ def build_entry(
 ) -> tuple[Any, DataStats]:
     """Run ``build(work_dir)`` (which returns an in-work-dir dataset) and publish it atomically at ``entry``.
 
-    ``work_dir`` holds intermediate Arrow files and is removed afterwards. If another process
-    published the same entry meanwhile, its copy is used and ours is discarded.
+    ``work_dir`` holds intermediate Arrow files and is removed afterwards. A file lock makes other
+    processes on this machine wait and then load the entry; if a process elsewhere (shared file
+    system) published it first anyway, its copy is used and ours is discarded.
     """
     entry.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(entry.parent / f".{entry.name}.lock"):
+        done = load_entry(entry)  # another process (e.g. a DDP rank) built it while we waited
+        if done is not None:
+            return done
+        return _build_and_publish(entry, key_parts, build)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Serialise builders of one entry on this machine (other ranks wait instead of rebuilding)."""
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build_and_publish(
+    entry: Path, key_parts: Mapping[str, Any], build: Callable[[Path], tuple[Any, DataStats]]
+) -> tuple[Any, DataStats]:
     token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     work = entry.parent / f".work-{entry.name}-{token}"
     tmp = entry.parent / f".tmp-{entry.name}-{token}"
@@ -113,7 +137,7 @@ def build_entry(
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
     loaded = load_entry(entry)
-    assert loaded is not None
-    ds, cached_stats = loaded
-    stats.from_cache = False  # this call built it
-    return ds, stats
+    if loaded is None:
+        raise RuntimeError(f"The dataset cache entry {entry} vanished right after it was written.")
+    stats.from_cache = False  # this call built it (the dataset is the memory-mapped published copy)
+    return loaded[0], stats
