@@ -45,6 +45,21 @@ def resolve_source(source: str, data_dir: str | None) -> str:
     return source
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Fail before the model loads on bad modes, baselines, source or few-shot settings."""
+    opts = qa_options(cfg)
+    bad = [m for m in (cfg.get("modes") or []) if m not in MODES]
+    if bad:
+        raise ValueError(f"Unknown mode(s) {bad}: choose from {list(MODES)}.")
+    bad = [b for b in (opts["baselines"] or []) if b not in BASELINES]
+    if bad:
+        raise ValueError(f"Unknown baseline(s) {bad} (qa.baselines): choose from {list(BASELINES)}.")
+    if opts["source"] not in ("auto", "local", "hub"):
+        raise ValueError(f"qa.source={opts['source']!r}: choose auto, local or hub.")
+    if any(k < 0 for k in _fewshots(cfg.get("num_fewshot"))):
+        raise ValueError("num_fewshot must be >= 0.")
+
+
 def resolve_modes(bundle: ModelBundle, modes: list[str], baselines: list[str]) -> tuple[list[str], list[str]]:
     """Modes to run for this model, and notes on what was skipped and why."""
     bad = [m for m in modes if m not in MODES]
@@ -212,4 +227,5 @@ SUITE = Suite(
     default_tasks=PAPER_ORDER,
     run_task=run_task,
     describe="Multiple-choice QA (lm-eval): acc, C⇓, T⇑, MaxKV per mode",
+    check=check_config,
 )

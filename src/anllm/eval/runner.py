@@ -45,6 +45,9 @@ def plan_tasks(cfg: DictConfig) -> tuple[list[tuple[Suite, str]], list[str]]:
             if explicit:
                 raise ImportError(f"Suite {n!r} is not available: {e}") from e
             notes.append(f"suite {n} not available ({e}); skipped")
+    for s in suites:
+        if s.check is not None:
+            s.check(cfg)
     requested = cfg.get("tasks")
     if requested is None:
         return [(s, t) for s in suites for t in s.default_tasks], notes

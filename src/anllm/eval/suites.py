@@ -66,6 +66,8 @@ class Suite:
     default_tasks: tuple[str, ...]  # what ``tasks=null`` runs
     run_task: TaskFn
     describe: str = ""
+    # Optional: validate the config before the model loads (raise ValueError/FileNotFoundError naming the fix).
+    check: Callable[[DictConfig], None] | None = None
 
 
 # name -> "module:attribute" of a ``Suite`` (imported lazily).
