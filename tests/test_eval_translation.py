@@ -253,15 +253,20 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
 
 
 def test_prompt_plain_and_ac():
+    """Same prompt as SFT builds (Alpaca prompt_input); AC: anchors after every sentence of the
+    preamble, the instruction and the source; outputs cleaned to one line without anchors."""
+    from anllm.data.sft import build_alpaca_prompt
+
     src = "Der Hund läuft. Die Katze schläft! Ende gut"
     plain = tr.build_prompt(src)
-    assert plain.startswith("Below is an instruction") and plain.endswith("### Response:")
+    assert plain == build_alpaca_prompt("Translate the following sentences from German to English.", src)
+    assert plain.startswith("Below is an instruction") and plain.endswith("### Response:\n")
     assert "### Instruction:\nTranslate the following sentences from German to English.\n\n### Input:\n" + src in plain
     ac = tr.build_prompt(src, anchor_token="<AC>")
-    assert "completes the request.<AC>\n\n### Instruction:" in ac
+    assert "further context.<AC> Write a response that appropriately completes the request.<AC>\n\n### Instruction:" in ac
     assert "from German to English.<AC>\n\n### Input:" in ac
     assert "Der Hund läuft.<AC> Die Katze schläft!<AC> Ende gut<AC>\n\n### Response:" in ac
-    assert ac.count("<AC>") == 2 + 3
+    assert ac.count("<AC>") == 2 + 1 + 3
     assert tr.clean_output(" The dog runs.<AC> The cat\nsleeps!<AC>\n\n### Instruction: more", "<AC>") == "The dog runs. The cat sleeps!"
 
 

@@ -8,10 +8,11 @@ averaged over sentences, as the paper defines it) and ``tokens_per_s``. Methods:
 (AnSAN with a full cache, the losslessness reference); see :mod:`anllm.eval.generation`.
 
 The prompt is the standard Alpaca ``prompt_input`` template with the instruction "Translate the
-following sentences from German to English.". AC models get the anchor token after the template's
-preamble, after the instruction and after every sentence of the source (split like training with
-:func:`anllm.insert_anchor_token`); it is stripped from the outputs. EP models use the plain prompt
-(their anchors are the sentence-final punctuation already in it).
+following sentences from German to English.", built by the SFT code itself so evaluation matches
+training: AC models get the anchor token after every sentence of the template's preamble, of the
+instruction and of the source (split like training with :func:`anllm.insert_anchor_token`); it is
+stripped from the outputs. EP models use the plain prompt (their anchors are the sentence-final
+punctuation already in it).
 
 ``translation.hypotheses=FILE`` (or a list) scores existing system outputs with the same metrics,
 without generating, so external systems land in the same table.
@@ -27,19 +28,17 @@ from typing import Any, Sequence
 
 import torch
 
-from ..anchors import AC_TOKEN, insert_anchor_token
+from ..anchors import AC_TOKEN
+from ..data.sft import build_alpaca_prompt
+from ..data.sources import TRANSLATION_INSTRUCTION
 from ..modeling import get_anchor_config, is_anchor_aware
 from .generation import ANCHOR_METHODS, canonical_method, eos_ids_of, greedy_generate
 from .metrics import DEFAULT_COMET_MODEL, CometUnavailable, load_comet, score_translations
 
 log = logging.getLogger(__name__)
 
-ALPACA_PREAMBLE = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request."
-)
-ALPACA_PROMPT_INPUT = "{preamble}\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
-INSTRUCTION_DE_EN = "Translate the following sentences from German to English."
+# The prompt and instruction are the SFT data's own (anllm.data), so evaluation matches training.
+INSTRUCTION_DE_EN = TRANSLATION_INSTRUCTION
 
 # task -> (source file, reference file) relative to data_dir; sacrebleu test set name when online.
 TASKS: dict[str, tuple[str, str, str]] = {
@@ -107,13 +106,10 @@ def build_prompt(
     instruction: str = INSTRUCTION_DE_EN,
     splitter: str = "blingfire",
 ) -> str:
-    """The Alpaca ``prompt_input`` prompt; with ``anchor_token`` (AC models) anchored as in the paper."""
-    preamble, inp = ALPACA_PREAMBLE, source
-    if anchor_token:
-        preamble = preamble + anchor_token
-        instruction = instruction + anchor_token
-        inp = insert_anchor_token(source, anchor_token, splitter=splitter, after_last=True)  # type: ignore[arg-type]
-    return ALPACA_PROMPT_INPUT.format(preamble=preamble, instruction=instruction, input=inp)
+    """The Alpaca ``prompt_input`` prompt exactly as SFT builds it (:func:`anllm.data.sft.build_alpaca_prompt`);
+    with ``anchor_token`` (AC models) the anchor follows every sentence of the preamble, the
+    instruction and the source."""
+    return build_alpaca_prompt(instruction, source, anchor_token, splitter)
 
 
 def clean_output(text: str, anchor_token: str | None = None) -> str:

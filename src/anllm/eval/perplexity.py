@@ -1,0 +1,327 @@
+"""Perplexity suite: long documents scored chunk by chunk through a cache, full vs anchor cache.
+
+Why chunks: this is how a long text is read under a memory budget. With the full cache every chunk
+attends everything before it; with :class:`anllm.AnchorCache` only what the AnSAN rule still needs
+(earlier anchors + the open sentence) is kept between chunks. Because the anchor cache is lossless,
+``anchor`` must give the same PPL as ``ansan`` (the AnSAN mask over the whole document at once; tested
+to float noise), at a fraction of the cache: the rows show PPL, C⇓ (1 − kept/seen keys/values after
+the document), MaxKV (peak keys/values held between chunks), time and T⇑ against ``full``.
+
+Methods: ``full`` (causal attention, full cache), ``ansan`` (AnSAN, full cache), ``anchor`` (AnSAN +
+AnchorCache). Documents come from ``data_dir/pretrain_text`` (RedPajama layout ``{"text", "meta"}``);
+pick held-out ones with ``ppl.where`` (e.g. ``{meta.source: nltk_inaugural}``) and ``ppl.select``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from transformers.cache_utils import Cache
+
+from ..modeling import is_anchor_aware
+from .generation import ANCHOR_METHODS, canonical_method, kept_per_row, make_cache, method_attention
+
+# task -> file under data_dir
+TASKS: dict[str, str] = {
+    "speeches": "pretrain_text/us_presidential_speeches_nltk.jsonl",
+    "gutenberg": "pretrain_text/gutenberg_books.jsonl",
+    "wikipedia": "pretrain_text/wikipedia_enwiki_sample.jsonl",
+    "abc_news": "pretrain_text/abc_news_nltk.jsonl",
+    "lee_news": "pretrain_text/lee_background_news.jsonl",
+}
+PPL_METHODS = ("full", "ansan", "anchor")
+
+
+# ---- documents ------------------------------------------------------------------------------------
+
+
+def _get_path(record: dict[str, Any], key: str) -> Any:
+    cur: Any = record
+    for part in key.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def load_documents(
+    task: str,
+    data_dir: str | Path | None,
+    *,
+    limit: int | None = None,
+    where: dict[str, Any] | None = None,
+    select: str = "last",
+    min_chars: int = 2000,
+) -> list[tuple[str, str]]:
+    """``(doc_id, text)`` of ``task``'s documents matching ``where`` (``{"meta.source": "nltk_inaugural"}``;
+    a value may be a list), at least ``min_chars`` long; ``select="last"`` takes the file's last
+    ``limit`` documents (a hold-out), ``"first"`` the first."""
+    if task not in TASKS:
+        raise ValueError(f"Unknown perplexity task {task!r}: choose one of {sorted(TASKS)}.")
+    if data_dir is None:
+        raise FileNotFoundError(
+            f"The perplexity suite reads {TASKS[task]} from data_dir: pass data_dir=../shared/data."
+        )
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data_dir {root} does not exist. Pass data_dir=../shared/data (relative to the repo).")
+    path = root / TASKS[task]
+    if not path.is_file():
+        raise FileNotFoundError(f"{task}: {path} not found under data_dir {root} (expected {TASKS[task]}).")
+    if select not in ("first", "last"):
+        raise ValueError(f"ppl.select must be 'first' or 'last', got {select!r}.")
+    docs: list[tuple[str, str]] = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f):
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            ok = True
+            for key, want in (where or {}).items():
+                got = _get_path(rec, key)
+                wants = list(want) if isinstance(want, (list, tuple)) else [want]
+                if got not in wants and str(got) not in [str(w) for w in wants]:
+                    ok = False
+                    break
+            if ok and len(rec.get("text", "")) >= min_chars:
+                meta = rec.get("meta", {}) or {}
+                doc_id = str(meta.get("title") or meta.get("file") or f"{path.stem}:{n}")
+                if "chunk" in meta:
+                    doc_id += f"#{meta['chunk']}"
+                docs.append((doc_id, rec["text"]))
+    if not docs:
+        raise ValueError(f"{task}: no document in {path} matches ppl.where={where} with at least {min_chars} characters.")
+    if limit is not None:
+        docs = docs[-limit:] if select == "last" else docs[:limit]
+    return docs
+
+
+# ---- scoring ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class DocScore:
+    nll: float  # summed over predicted tokens
+    tokens: int  # predicted tokens (document length - 1)
+    seen: int
+    kept: int
+    max_kept: int
+    time_s: float
+    token_nll: torch.Tensor | None = None
+    trace: list[int] = field(default_factory=list)  # kept after each chunk
+
+
+@torch.no_grad()
+def score_document(
+    model: Any,
+    input_ids: torch.Tensor,
+    method: str,
+    *,
+    chunk_size: int = 256,
+    return_token_nll: bool = False,
+) -> DocScore:
+    """Negative log-likelihood of one document (``[L]`` ids) read in chunks through ``method``'s cache."""
+    method = canonical_method(method)
+    if method == "anchor+src":
+        raise ValueError("anchor+src keeps the first chunk whole; it is a translation variant, not a PPL method.")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    ids = input_ids.reshape(1, -1).to(next(model.parameters()).device)
+    L = ids.shape[1]
+    if L < 2:
+        raise ValueError("A document needs at least 2 tokens to score.")
+    cache: Cache = make_cache(method)
+    nlls: list[torch.Tensor] = []
+    prev_last: torch.Tensor | None = None
+    trace: list[int] = []
+    peak = 0
+    t0 = time.perf_counter()
+    with method_attention(model, method):
+        for start in range(0, L, chunk_size):
+            chunk = ids[:, start : start + chunk_size]
+            am = torch.ones((1, start + chunk.shape[1]), dtype=torch.long, device=ids.device)
+            logits = model(input_ids=chunk, attention_mask=am, past_key_values=cache, use_cache=True).logits[0].float()
+            if prev_last is not None:
+                logits = torch.cat([prev_last[None], logits], dim=0)
+                targets = chunk[0]
+            else:
+                targets = chunk[0, 1:]
+            prev_last = logits[-1]
+            logp = torch.log_softmax(logits[: targets.shape[0]], dim=-1)
+            nlls.append(-logp.gather(-1, targets[:, None])[:, 0])
+            kept = kept_per_row(cache, am)[0]
+            peak = max(peak, kept)
+            trace.append(kept)
+    elapsed = time.perf_counter() - t0
+    token_nll = torch.cat(nlls)
+    return DocScore(
+        nll=float(token_nll.sum()),
+        tokens=int(token_nll.numel()),
+        seen=L,
+        kept=trace[-1],
+        max_kept=peak,
+        time_s=elapsed,
+        token_nll=token_nll.cpu() if return_token_nll else None,
+        trace=trace,
+    )
+
+
+def full_sequence_token_nll(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL from one forward over the whole document (no cache): the reference the chunked
+    scores must match (AnSAN on an anchor-aware model, causal otherwise)."""
+    ids = input_ids.reshape(1, -1).to(next(model.parameters()).device)
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits[0].float()
+    logp = torch.log_softmax(logits[:-1], dim=-1)
+    return -logp.gather(-1, ids[0, 1:, None])[:, 0].cpu()
+
+
+def perplexity_rows(
+    model: Any,
+    tokenizer: Any,
+    docs: Sequence[tuple[str, str]],
+    methods: Sequence[str],
+    *,
+    task: str,
+    chunk_size: int = 256,
+    max_tokens: int | None = 2048,
+    out_dir: Path | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """One row per method over all ``docs``: corpus PPL (exp of mean token NLL), C⇓, MaxKV, time, T⇑."""
+    from tqdm.auto import tqdm
+
+    encoded = []
+    for doc_id, text in docs:
+        ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+        if max_tokens is not None:
+            ids = ids[:max_tokens]
+        encoded.append((doc_id, ids))
+    rows: list[dict[str, Any]] = []
+    per_doc: dict[str, list[dict[str, Any]]] = {}
+    for method in methods:
+        scores = [score_document(model, ids, method, chunk_size=chunk_size) for _, ids in tqdm(encoded, desc=f"ppl [{method}]", disable=not progress, leave=False)]
+        nll, n = sum(s.nll for s in scores), sum(s.tokens for s in scores)
+        seen, kept = sum(s.seen for s in scores), sum(s.kept for s in scores)
+        t = sum(s.time_s for s in scores)
+        rows.append(
+            {
+                "suite": "ppl",
+                "task": task,
+                "method": method,
+                "n": len(docs),
+                "ppl": math.exp(nll / n),
+                "nll": nll / n,
+                "c_red": 1.0 - kept / seen,
+                "max_kv": sum(s.max_kept for s in scores) / len(scores),
+                "kv_kept": float(kept),
+                "kv_total": float(seen),
+                "time_s": t,
+                "tokens_per_s": seen / t if t > 0 else 0.0,
+                "chunk_size": chunk_size,
+                "max_tokens": max_tokens,
+            }
+        )
+        per_doc[method] = [
+            {"doc": d, "tokens": s.tokens, "nll": s.nll, "ppl": math.exp(s.nll / s.tokens), "kv_seen": s.seen, "kv_kept": s.kept, "max_kv": s.max_kept, "kv_after_chunk": s.trace}
+            for (d, _), s in zip(encoded, scores)
+        ]
+    full = next((r for r in rows if r["method"] == "full"), None)
+    if full is not None:
+        for r in rows:
+            r["t_up"] = full["time_s"] / r["time_s"] if r["time_s"] > 0 else None
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "documents.json").write_text(json.dumps(per_doc, indent=1, ensure_ascii=False), encoding="utf-8")
+    return rows
+
+
+# ---- the suite ---------------------------------------------------------------------------------------
+
+
+def _opt(cfg: Any, key: str, default: Any = None) -> Any:
+    if cfg is None:
+        return default
+    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def resolve_methods(pcfg: Any, run_modes: Sequence[str] | None, anchor_aware: bool) -> tuple[list[str], list[str]]:
+    explicit = _opt(pcfg, "methods")
+    names = explicit if explicit else (run_modes or PPL_METHODS)
+    names = [names] if isinstance(names, str) else list(names)
+    methods = []
+    for m in names:
+        c = canonical_method(m)
+        if c == "anchor+src":
+            continue
+        if c not in methods:
+            methods.append(c)
+    notes = []
+    if not anchor_aware:
+        dropped = [m for m in methods if m in ANCHOR_METHODS]
+        methods = [m for m in methods if m not in ANCHOR_METHODS] or ["full"]
+        if dropped:
+            notes.append(f"ppl: the model has no anchor settings, so only full attention was evaluated (skipped {', '.join(dropped)}).")
+    return methods, notes
+
+
+def run_task(bundle: Any, cfg: Any, task: str, out_dir: Path) -> list[dict[str, Any]]:
+    """Suite entry point (see :mod:`anllm.eval.suites`)."""
+    pcfg = _opt(cfg, "ppl", {})
+    model = bundle.model
+    methods, notes = resolve_methods(pcfg, _opt(cfg, "modes"), is_anchor_aware(model))
+    where = _opt(pcfg, "where")
+    if where is not None:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(where):
+            where = OmegaConf.to_container(where, resolve=True)
+        if not isinstance(where, dict):
+            raise ValueError(f"ppl.where must be a mapping such as {{meta.source: nltk_inaugural}}, got {where!r}.")
+    docs = load_documents(
+        task,
+        _opt(cfg, "data_dir"),
+        limit=_opt(cfg, "limit", _opt(pcfg, "num_documents", 8)),
+        where=where,
+        select=str(_opt(pcfg, "select", "last")),
+        min_chars=int(_opt(pcfg, "min_chars", 2000)),
+    )
+    max_tokens = pcfg.get("max_tokens", 2048) if hasattr(pcfg, "get") else 2048
+    rows = perplexity_rows(
+        model,
+        bundle.tokenizer,
+        docs,
+        methods,
+        task=task,
+        chunk_size=int(_opt(pcfg, "chunk_size", 256)),
+        max_tokens=None if max_tokens is None else int(max_tokens),
+        out_dir=out_dir,
+        progress=bool(_opt(cfg, "progress", True)),
+    )
+    for note in notes:
+        if note not in bundle.notes:
+            bundle.notes.append(note)
+    return rows
+
+
+def _make_suite() -> Any:
+    from .suites import Suite
+
+    return Suite(
+        name="ppl",
+        tasks=tuple(TASKS),
+        default_tasks=("speeches",),
+        run_task=run_task,
+        describe="Perplexity of long held-out documents read in chunks: full vs anchor cache (PPL, C⇓, MaxKV, T⇑)",
+    )
+
+
+SUITE = _make_suite()
