@@ -1,0 +1,117 @@
+"""Tokens per second and model FLOPs utilisation (MFU) in the training logs.
+
+Tokens are the Trainer's own count of non-padding input tokens over all ranks
+(``include_num_input_tokens_seen="non_padding"``). MFU follows the PaLM appendix: training FLOPs per
+token = 6 N + 12 L d T (N parameters without the input embedding, L layers, d hidden size, T the
+block size), against the GPU's dense bf16 peak. Recomputation from gradient checkpointing is not
+counted (that would be hardware FLOPs utilisation), and the AnSAN mask does not reduce FLOPs: the
+attention is still computed densely and masked.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from transformers import Trainer, TrainerCallback
+
+# Dense bf16 tensor-core peaks in TFLOP/s (vendor datasheets); override with metrics.peak_tflops.
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "H800": 989.0,
+    "GH200": 989.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "L40": 181.0,
+    "A6000": 155.0,
+    "A10G": 125.0,
+    "A10": 125.0,
+    "L4": 121.0,
+    "V100": 125.0,
+    "4090": 165.0,
+    "3090": 71.0,
+}
+
+
+def gpu_peak_tflops(override: float | None = None) -> float | None:
+    """Per-device peak for MFU: ``override``, else looked up from the CUDA device name (None on CPU)."""
+    if override:
+        return float(override)
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, value in PEAK_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def count_parameters(model: Any) -> int:
+    """Parameters without the input embedding (ZeRO-3 partitions report their full size as ds_numel)."""
+    emb = model.get_input_embeddings()
+    skip = {id(p) for p in emb.parameters()} if emb is not None else set()
+    total = 0
+    for p in model.parameters():
+        if id(p) in skip:
+            continue
+        total += int(getattr(p, "ds_numel", p.numel()))
+    return total
+
+
+def flops_per_token(model: Any, block_size: int) -> float:
+    cfg = model.config
+    layers = int(getattr(cfg, "num_hidden_layers", 0) or 0)
+    hidden = int(getattr(cfg, "hidden_size", 0) or 0)
+    return 6.0 * count_parameters(model) + 12.0 * layers * hidden * block_size
+
+
+class AnllmTrainer(Trainer):
+    """The HF Trainer plus throughput in every training log line (``log`` is a documented override point)."""
+
+    def __init__(self, *args: Any, block_size: int = 0, peak_tflops: float | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._block_size = block_size
+        self._peak = gpu_peak_tflops(peak_tflops)
+        self._flops_per_token: float | None = None
+        self._last: tuple[float, int, int] | None = None  # (time, tokens, step) of the previous log
+        self.add_callback(_StartClock(self))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            self._add_throughput(logs)
+        super().log(logs, start_time)
+
+    def _add_throughput(self, logs: dict[str, float]) -> None:
+        now, tokens, step = time.perf_counter(), int(self.state.num_input_tokens_seen), int(self.state.global_step)
+        if self._last is None:
+            return
+        t0, tok0, step0 = self._last
+        self._last = (now, tokens, step)
+        dt, dtok, dstep = now - t0, tokens - tok0, step - step0
+        if dt <= 0 or dstep <= 0:
+            return
+        world = max(1, int(self.args.world_size))
+        tps = dtok / dt
+        logs["tokens_per_second"] = round(tps, 2)
+        logs["tokens_per_second_per_device"] = round(tps / world, 2)
+        logs["seconds_per_step"] = round(dt / dstep, 4)
+        if self._peak:
+            if self._flops_per_token is None:
+                self._flops_per_token = flops_per_token(self.model, self._block_size)
+            logs["mfu"] = round(tps / world * self._flops_per_token / (self._peak * 1e12), 4)
+
+
+class _StartClock(TrainerCallback):
+    """Starts the throughput clock when training begins (after a resumed state has been loaded)."""
+
+    def __init__(self, trainer: AnllmTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._last = (time.perf_counter(), int(state.num_input_tokens_seen), int(state.global_step))
+        return control
