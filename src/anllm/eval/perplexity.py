@@ -312,10 +312,34 @@ def run_task(bundle: Any, cfg: Any, task: str, out_dir: Path) -> list[dict[str, 
     return rows
 
 
+def check(cfg: Any) -> None:
+    """Validate ``ppl.*`` and the documents before the model loads (errors name the fix)."""
+    pcfg = _opt(cfg, "ppl", {})
+    explicit = _opt(pcfg, "methods")
+    for m in [explicit] if isinstance(explicit, str) else list(explicit or []):
+        if canonical_method(m) == "anchor+src":
+            raise ValueError("ppl.methods: anchor+src is a translation variant; use full, ansan, anchor.")
+    for key in ("chunk_size", "max_tokens", "num_documents"):
+        value = _opt(pcfg, key)
+        if value is not None and int(value) < 1:
+            raise ValueError(f"ppl.{key} must be >= 1, got {value}.")
+    if str(_opt(pcfg, "select", "last")) not in ("first", "last"):
+        raise ValueError(f"ppl.select must be 'first' or 'last', got {_opt(pcfg, 'select')!r}.")
+    requested = _opt(cfg, "tasks")
+    tasks = ["speeches"] if requested is None else [t for t in ([requested] if isinstance(requested, str) else list(requested)) if t in TASKS]
+    for task in tasks:
+        if _opt(cfg, "data_dir") is None:
+            raise FileNotFoundError("The perplexity suite reads data_dir/pretrain_text: pass data_dir=../shared/data.")
+        path = Path(str(_opt(cfg, "data_dir"))).expanduser() / TASKS[task]
+        if not path.is_file():
+            raise FileNotFoundError(f"ppl task {task}: {path} not found (expected {TASKS[task]} under data_dir).")
+
+
 def _make_suite() -> Any:
     from .suites import Suite
 
     return Suite(
+        check=check,
         name="ppl",
         tasks=tuple(TASKS),
         default_tasks=("speeches",),

@@ -478,6 +478,30 @@ def run_task(bundle: Any, cfg: Any, task: str, out_dir: Path) -> list[dict[str, 
     return rows
 
 
+def _selected_tasks(cfg: Any, known: Sequence[str], default: Sequence[str]) -> list[str]:
+    requested = _opt(cfg, "tasks")
+    if requested is None:
+        return list(default)
+    requested = [requested] if isinstance(requested, str) else list(requested)
+    return [t for t in requested if t in known]
+
+
+def check(cfg: Any) -> None:
+    """Validate ``translation.*`` and the data before the model loads (errors name the fix)."""
+    tcfg = _opt(cfg, "translation", {})
+    explicit = _opt(tcfg, "methods")
+    for m in [explicit] if isinstance(explicit, str) else list(explicit or []):
+        canonical_method(m)
+    hypothesis_files(_opt(tcfg, "hypotheses"))
+    for key in ("max_new_tokens", "comet_batch_size", "batch_size"):
+        value = _opt(tcfg, key)
+        if value is not None and int(value) < 1:
+            raise ValueError(f"translation.{key} must be >= 1, got {value}.")
+    for task in _selected_tasks(cfg, tuple(TASKS), ("wmt23_de_en",)):
+        if _opt(cfg, "data_dir") is not None:
+            load_test_set(task, _opt(cfg, "data_dir"), 1)
+
+
 def _make_suite() -> Any:
     from .suites import Suite
 
@@ -487,6 +511,7 @@ def _make_suite() -> Any:
         default_tasks=("wmt23_de_en",),
         run_task=run_task,
         describe="WMT De→En (Alpaca prompt, greedy): BLEU, chrF, COMET-DA, C⇓, MaxKV, tokens/s",
+        check=check,
     )
 
 
