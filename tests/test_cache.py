@@ -128,6 +128,25 @@ def test_generate_equals_dynamic_cache_and_full_forward(case: str) -> None:
     assert len(set(s["kept_per_row"])) > 1 or len(set(first_anchor)) > 1
 
 
+@torch.no_grad()
+def test_generate_without_a_cache_argument_tracks_anchors_too() -> None:
+    """generate's own DynamicCache gets the rule as well (the hook tracks its layout)."""
+    model, _ = make_model("ep", 2.5)
+    ids, am = left_padded_prompts(seed=11)
+    implicit = model.generate(
+        ids, attention_mask=am, do_sample=False, max_new_tokens=10, output_logits=True, return_dict_in_generate=True
+    )
+    explicit = generate(model, ids, am, anllm.AnchorCache(), 10)
+    assert torch.equal(implicit.sequences, explicit.sequences)
+    for a, b in zip(implicit.logits, explicit.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    with anllm.anchor_attention(model, enabled=False):  # and differs from plain causal decoding
+        plain = model.generate(
+            ids, attention_mask=am, do_sample=False, max_new_tokens=10, output_logits=True, return_dict_in_generate=True
+        )
+    assert any((a - b).abs().max() > 1e-3 for a, b in zip(implicit.logits, plain.logits))
+
+
 def reference_mask(is_anchor: list[bool], real: list[bool], prefix_len: int = 0) -> list[list[bool]]:
     """The AnSAN rule by brute force; with ``prefix_len``, tokens after the prompt also see all of it."""
     L = len(is_anchor)
@@ -146,8 +165,10 @@ def reference_mask(is_anchor: list[bool], real: list[bool], prefix_len: int = 0)
 
 
 @torch.no_grad()
-def test_prefill_then_chunks_equal_full_forward() -> None:
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_prefill_then_chunks_equal_full_forward(attn: str) -> None:
     model, _ = make_model("ep")
+    model.config._attn_implementation = attn
     g = torch.Generator().manual_seed(5)
     B, L = 3, 26
     ids = torch.randint(7, 128, (B, L), generator=g)

@@ -148,6 +148,21 @@ def test_flex_attention_forward_agrees_with_sdpa() -> None:
     assert torch.isfinite(flex).all()
 
 
+@torch.no_grad()
+def test_inputs_embeds_with_anchor_mask() -> None:
+    """Without input_ids the caller says where the anchors are (anchor_mask=)."""
+    ids, am, doc = batch()
+    model = ep_model()
+    want = model(ids, attention_mask=am, document_ids=doc).logits
+    embeds = model.get_input_embeddings()(ids)
+    is_anchor = torch.isin(ids, torch.tensor(EP_IDS))
+    got = model(inputs_embeds=embeds, anchor_mask=is_anchor, attention_mask=am, document_ids=doc).logits
+    real = real_positions(am)
+    torch.testing.assert_close(got[real], want[real], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="anchor_mask"):
+        model(inputs_embeds=embeds, attention_mask=am)
+
+
 # --- no NaN with a fully padded row ----------------------------------------------------------------
 
 
