@@ -81,6 +81,7 @@ def test_chat_template(tok):
     assert ids.count(tok.eos_token_id) == 2
 
 
+@pytest.mark.slow
 def test_greedy_answer_is_sensible(smollm2_dir, tok):
     """A broken conversion (e.g. wrongly permuted q/k weights) gives gibberish, not "Paris"."""
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
