@@ -110,10 +110,12 @@ def build_train_dataset(
     else:
         files = []
     key_parts = {
-        "cfg": {k: v for k, v in cfg.items() if k not in ("base_dir", "description")},
+        # only what changes the rows (a new name, batch size or attention option reuses the entry)
+        "cfg": {k: v for k, v in cfg.items() if k not in ("base_dir", "description", "name", "batch_size")},
         "files": cache_mod.file_identity(files),
         "tokenizer": cache_mod.tokenizer_identity(tokenizer),
-        "anchor": anchor.to_dict() if anchor is not None else None,
+        "anchor": {k: v for k, v in (anchor.to_dict() if anchor else {}).items()
+                   if k in ("mode", "anchor_token", "anchor_token_ids")},
         "block_size": block_size,
         "seed": seed if kind == "sft" else None,  # only SFT shuffles
         "split": split,
