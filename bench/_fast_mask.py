@@ -26,8 +26,10 @@ import torch
 
 from anllm.masks import AnsanOptions, TokenLayout, visible
 
+DEFAULT = AnsanOptions()
 
-def run_table_mask(q: TokenLayout, k: TokenLayout, options: AnsanOptions = AnsanOptions()) -> torch.Tensor:
+
+def run_table_mask(q: TokenLayout, k: TokenLayout, options: AnsanOptions = DEFAULT) -> torch.Tensor:
     """Same result as ``anllm.masks.dense_mask(q, k, options)``: bool ``[B, 1, Lq, Lk]``."""
     B, Lq = q.shape
     Lk = k.shape[1]
@@ -41,10 +43,14 @@ def run_table_mask(q: TokenLayout, k: TokenLayout, options: AnsanOptions = Ansan
     # Position of the first token of each run (runs past a row's last one point at token 0 and are
     # never selected).
     first = torch.zeros((B, R), dtype=torch.long, device=q.idx.device)
-    first.scatter_reduce_(1, run, torch.arange(Lq, device=q.idx.device).expand(B, Lq), "amin", include_self=False)
+    first.scatter_reduce_(
+        1, run, torch.arange(Lq, device=q.idx.device).expand(B, Lq), "amin", include_self=False
+    )
     rep = q.map(lambda t: t.gather(1, first))
     rep = rep.with_(idx=torch.full_like(rep.idx, torch.iinfo(torch.long).max))  # no causality here
-    table = visible(rep.map(lambda t: t[:, :, None]), k.map(lambda t: t[:, None, :]), options)  # [B, R, Lk]
+    table = visible(
+        rep.map(lambda t: t[:, :, None]), k.map(lambda t: t[:, None, :]), options
+    )  # [B, R, Lk]
     flat = run + R * torch.arange(B, device=run.device)[:, None]
     out = table.reshape(B * R, Lk).index_select(0, flat.reshape(-1)).view(B, 1, Lq, Lk)
     return out.tril_(diagonal=Lk - Lq)

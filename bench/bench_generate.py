@@ -39,9 +39,9 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, print_table, prose, setup_threads, write_results  # noqa: E402
+from _common import machine_info, print_table, prose, setup_threads, write_results
 
-import anllm  # noqa: E402
+import anllm
 
 RED, RESET = "\033[1;31m", "\033[0m"
 
@@ -72,8 +72,12 @@ def load(name: str) -> tuple[Any, Any]:
         anllm.prepare_model(model, None)  # re-applies the settings above
         return model.eval(), None
     path = smollm2_path()
-    tok = AutoTokenizer.from_pretrained(path, model_max_length=1_000_000)  # we slice prompts ourselves
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(
+        path, model_max_length=1_000_000
+    )  # we slice prompts ourselves
+    model = AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation="sdpa", dtype=torch.float32
+    )
     anllm.prepare_model(model, tok, mode="ep")
     return model.eval(), tok
 
@@ -140,10 +144,17 @@ def lockstep(model: Any, prompts: torch.Tensor, new_tokens: int) -> dict[str, An
     seen = P
     for step in range(1, new_tokens):
         am = torch.ones((B, seen + 1), dtype=torch.long)
-        full_copy_bytes += B * seen * per_token  # DynamicCache: torch.cat re-copies every cached token
+        full_copy_bytes += (
+            B * seen * per_token
+        )  # DynamicCache: torch.cat re-copies every cached token
         for n in names if step % 2 else names[::-1]:
             t0 = time.perf_counter()
-            out = model(input_ids=nxt[n][:, None], attention_mask=am, past_key_values=caches[n], use_cache=True)
+            out = model(
+                input_ids=nxt[n][:, None],
+                attention_mask=am,
+                past_key_values=caches[n],
+                use_cache=True,
+            )
             step_s[n].append(time.perf_counter() - t0)
             last[n] = out.logits[:, -1]
             nxt[n] = last[n].argmax(-1)
@@ -160,7 +171,9 @@ def lockstep(model: Any, prompts: torch.Tensor, new_tokens: int) -> dict[str, An
         "batch": B,
         "prompt_tokens": P,
         "new_tokens": new_tokens,
-        "prompt_anchors_per_row": (torch.isin(prompts, model._anllm_attention.anchor_ids).sum(-1)).tolist(),
+        "prompt_anchors_per_row": (
+            torch.isin(prompts, model._anllm_attention.anchor_ids).sum(-1)
+        ).tolist(),
         "identical_tokens": first_mismatch is None,
         "first_mismatch_step": first_mismatch,
         "max_abs_logit_diff": logits_gap,
@@ -170,7 +183,8 @@ def lockstep(model: Any, prompts: torch.Tensor, new_tokens: int) -> dict[str, An
         "decode_tokens_per_s": {n: B / med[n] for n in names},
         "decode_speedup_anchor_over_full": med["full"] / med["anchor"],
         "end_to_end_s": {n: prefill_s[n] + sum(step_s[n]) for n in names},
-        "end_to_end_speedup": (prefill_s["full"] + sum(step_s["full"])) / (prefill_s["anchor"] + sum(step_s["anchor"])),
+        "end_to_end_speedup": (prefill_s["full"] + sum(step_s["full"]))
+        / (prefill_s["anchor"] + sum(step_s["anchor"])),
         "seen_tokens": stats["seen"],
         "full_cache_tokens": seen_total,
         "anchor_kept_tokens": stats["kept"],
@@ -236,7 +250,9 @@ def main() -> None:
         for B in args.batches:
             for L in args.lengths:
                 if name == "smollm2" and B * L > args.max_batch_tokens:
-                    print(f"skip {name} batch {B} x {L} (> --max-batch-tokens {args.max_batch_tokens})")
+                    print(
+                        f"skip {name} batch {B} x {L} (> --max-batch-tokens {args.max_batch_tokens})"
+                    )
                     continue
                 r = lockstep(model, make_prompts(ids, B, L), args.new_tokens)
                 toks = r.pop("_tokens_row0")

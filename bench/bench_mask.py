@@ -23,18 +23,25 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, median, print_table, setup_threads, time_side_by_side, write_results  # noqa: E402
+from _common import (
+    machine_info,
+    median,
+    print_table,
+    setup_threads,
+    time_side_by_side,
+    write_results,
+)
+from _fast_mask import run_table_mask
 
-import anllm  # noqa: E402
-from anllm.anchors import AnchorConfig  # noqa: E402
-from anllm.masks import layout_from_tokens  # noqa: E402
-from _fast_mask import run_table_mask  # noqa: E402
+import anllm
+from anllm.anchors import AnchorConfig
+from anllm.masks import layout_from_tokens
 
 # Llama-2 ids as in the authors' EP scripts: "." is 29889, the added pad token is 32000.
 ANCHOR_ID = 29889
@@ -43,7 +50,9 @@ VOCAB = 32000
 
 
 # --- the authors' algorithm, re-implemented --------------------------------------------------------
-def authors_mask(input_ids: torch.Tensor, anchor_ids: list[int], pad_id: int, dtype: torch.dtype) -> torch.Tensor:
+def authors_mask(
+    input_ids: torch.Tensor, anchor_ids: list[int], pad_id: int, dtype: torch.dtype
+) -> torch.Tensor:
     """Additive ``[B, 1, L, L]`` mask (0 = attend, finfo.min = blocked), built the way the authors do."""
     batch, length = input_ids.shape
     neg = torch.finfo(dtype).min
@@ -62,7 +71,9 @@ def authors_mask(input_ids: torch.Tensor, anchor_ids: list[int], pad_id: int, dt
                 anchors = [anchors]
             sentence_start = 0
             for n, a in enumerate(anchors):  # one anchor at a time
-                m[a + 1 :, sentence_start:a] = neg  # later rows lose the finished sentence (not its anchor)
+                m[a + 1 :, sentence_start:a] = (
+                    neg  # later rows lose the finished sentence (not its anchor)
+                )
                 sentence_start = a + 1
                 m[a, anchors[:n]] = neg  # the anchor loses every earlier anchor
         pads = torch.nonzero(row_ids == pad_id).squeeze().tolist()
@@ -102,7 +113,9 @@ def hook_mask_fn(attn_implementation: str) -> Callable[[torch.Tensor, torch.Tens
     hook = model._anllm_attention
 
     def build(ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
-        _, kwargs = hook._pre_forward(model, (), {"input_ids": ids, "attention_mask": am, "use_cache": False})
+        _, kwargs = hook._pre_forward(
+            model, (), {"input_ids": ids, "attention_mask": am, "use_cache": False}
+        )
         return kwargs["attention_mask"]
 
     return build
@@ -115,13 +128,56 @@ def as_allowed(mask: torch.Tensor) -> torch.Tensor:
     return mask if mask.dtype == torch.bool else mask == 0
 
 
+Build = Callable[[], torch.Tensor]
+
+
+def candidates(
+    ids: torch.Tensor,
+    am: torch.Tensor,
+    dtypes: list[str],
+    hook_sdpa: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    hook_eager: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> tuple[dict[str, Build], dict[str, Build]]:
+    """(candidates checked against the authors' mask, reference rows) for one batch."""
+    anchor_ids = torch.tensor([ANCHOR_ID])
+    B, L = ids.shape
+    cands: dict[str, Build] = {}
+    for dt in dtypes:
+        dtype = getattr(torch, dt)
+        cands[f"authors ({dt})"] = lambda dtype=dtype: authors_mask(ids, [ANCHOR_ID], PAD_ID, dtype)
+    cands["ours: anllm.ansan_mask (bool)"] = lambda: anllm.ansan_mask(
+        anllm.anchor_mask(ids, anchor_ids), am
+    )
+    cands["ours: model hook, sdpa (bool 4D)"] = lambda: hook_sdpa(ids, am)
+    cands["ours: model hook, eager (float 4D)"] = lambda: hook_eager(ids, am)
+
+    def sketch() -> torch.Tensor:
+        lay = layout_from_tokens(anllm.anchor_mask(ids, anchor_ids), am)
+        return run_table_mask(lay, lay)
+
+    cands["sketch: run-table mask (bench/_fast_mask.py)"] = sketch
+    refs: dict[str, Build] = {
+        "ref: causal bool 4D (dense floor)": lambda: torch.ones(
+            (B, 1, L, L), dtype=torch.bool
+        ).tril_(),
+        "ref: token layout only, O(L)": lambda: layout_from_tokens(
+            anllm.anchor_mask(ids, anchor_ids), am
+        ),
+    }
+    return cands, refs
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192])
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--tokens-per-anchor", type=int, default=25, help="mean sentence length (realistic: ~25)")
+    p.add_argument(
+        "--tokens-per-anchor", type=int, default=25, help="mean sentence length (realistic: ~25)"
+    )
     p.add_argument("--pad-fraction", type=float, default=0.1, help="right padding of rows 2..B")
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="dtype(s) of the authors' mask")
+    p.add_argument(
+        "--dtypes", nargs="+", default=["float32", "bfloat16"], help="dtype(s) of the authors' mask"
+    )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
@@ -129,38 +185,21 @@ def main() -> None:
     setup_threads(args.threads)
     machine = machine_info()
 
-    anchor_ids = torch.tensor([ANCHOR_ID])
     hook_sdpa, hook_eager = hook_mask_fn("sdpa"), hook_mask_fn("eager")
     results, rows = [], []
     for L in args.lengths:
         ids, am = make_batch(args.batch, L, args.tokens_per_anchor, args.pad_fraction)
         n_anchors = int((ids == ANCHOR_ID).sum())
-        cands: dict[str, Callable[[], torch.Tensor]] = {}
-        for dt in args.dtypes:
-            dtype = getattr(torch, dt)
-            cands[f"authors ({dt})"] = lambda dtype=dtype: authors_mask(ids, [ANCHOR_ID], PAD_ID, dtype)
-        cands["ours: anllm.ansan_mask (bool)"] = lambda: anllm.ansan_mask(anllm.anchor_mask(ids, anchor_ids), am)
-        cands["ours: model hook, sdpa (bool 4D)"] = lambda: hook_sdpa(ids, am)
-        cands["ours: model hook, eager (float 4D)"] = lambda: hook_eager(ids, am)
-        def sketch() -> torch.Tensor:
-            lay = layout_from_tokens(anllm.anchor_mask(ids, anchor_ids), am)
-            return run_table_mask(lay, lay)
-
-        cands["sketch: run-table mask (bench/_fast_mask.py)"] = sketch
-        refs = {
-            "ref: causal bool 4D (dense floor)": lambda: torch.ones(
-                (args.batch, 1, L, L), dtype=torch.bool
-            ).tril_(),
-            "ref: token layout only, O(L)": lambda: layout_from_tokens(anllm.anchor_mask(ids, anchor_ids), am),
-        }
-
+        cands, refs = candidates(ids, am, args.dtypes, hook_sdpa, hook_eager)
         # Same mask first: every candidate must agree with the authors' rule exactly.
         want = as_allowed(authors_mask(ids, [ANCHOR_ID], PAD_ID, torch.float32))
         for name, fn in cands.items():
             got = as_allowed(fn())
             if not torch.equal(got, want):
                 bad = (got != want).nonzero()[:5].tolist()
-                raise SystemExit(f"MISMATCH at L={L}: {name} differs from the authors' mask at {bad}")
+                raise SystemExit(
+                    f"MISMATCH at L={L}: {name} differs from the authors' mask at {bad}"
+                )
         del want
 
         times = time_side_by_side({**cands, **refs}, args.warmup, args.repeat)

@@ -20,16 +20,25 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, median, print_table, prose, setup_threads, time_side_by_side, write_results  # noqa: E402
+from _common import (
+    machine_info,
+    median,
+    print_table,
+    prose,
+    setup_threads,
+    time_side_by_side,
+    write_results,
+)
 
-import anllm  # noqa: E402
-from anllm.anchors import AnchorConfig  # noqa: E402
+import anllm
+from anllm.anchors import AnchorConfig
 
 TINY_ANCHOR_ID = 5
 
@@ -66,7 +75,9 @@ def smollm2_model(attn: str) -> tuple[Any, Callable[[int], torch.Tensor]]:
     from anllm.models.smollm2 import smollm2_path
 
     path = smollm2_path()
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation=attn, dtype=torch.float32
+    )
     tok = AutoTokenizer.from_pretrained(path, model_max_length=1_000_000)  # we slice ourselves
     anllm.prepare_model(model, tok, mode="ep")
     ids_all = tok(prose(60_000), return_tensors="pt").input_ids
@@ -79,8 +90,12 @@ def smollm2_model(attn: str) -> tuple[Any, Callable[[int], torch.Tensor]]:
     return model, batch
 
 
-def step_fn(model: Any, ids: torch.Tensor, mode: str, opt: torch.optim.Optimizer | None) -> Callable[[], None]:
-    causal_4d = torch.ones((ids.shape[0], 1, ids.shape[1], ids.shape[1]), dtype=torch.bool, device=ids.device).tril_()
+def step_fn(
+    model: Any, ids: torch.Tensor, mode: str, opt: torch.optim.Optimizer | None
+) -> Callable[[], None]:
+    causal_4d = torch.ones(
+        (ids.shape[0], 1, ids.shape[1], ids.shape[1]), dtype=torch.bool, device=ids.device
+    ).tril_()
 
     def run() -> None:
         if mode == "ansan":
@@ -113,8 +128,16 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["tiny", "smollm2"], choices=["tiny", "smollm2"])
     p.add_argument("--lengths", type=int, nargs="+", default=[1024])
     p.add_argument("--tiny-vocab", type=int, default=8192)
-    p.add_argument("--adamw", action="store_true", help="include an AdamW step (lr 0: weights stay put)")
-    p.add_argument("--no-4d-reference", action="store_true", help="skip the 'causal, dense 4D mask' reference")
+    p.add_argument(
+        "--adamw", action="store_true", help="include an AdamW step (lr 0: weights stay put)"
+    )
+    p.add_argument(
+        "--reference-models",
+        nargs="*",
+        default=["tiny"],
+        choices=["tiny", "smollm2"],
+        help="models that also run the 'causal, dense 4D mask' reference (SmolLM2 steps are slow)",
+    )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
@@ -138,8 +161,11 @@ def main() -> None:
         for L in args.lengths:
             ids = make(L).to(device)
             n_anchor = int(torch.isin(ids, model._anllm_attention.anchor_ids.to(ids.device)).sum())
-            modes = ["causal", "ansan"] + ([] if args.no_4d_reference or attn != "sdpa" else ["causal_4d"])
-            times = time_side_by_side({m: step_fn(model, ids, m, opt) for m in modes}, args.warmup, args.repeat)
+            reference = name in args.reference_models and attn == "sdpa"
+            modes = ["causal", "ansan"] + (["causal_4d"] if reference else [])
+            times = time_side_by_side(
+                {m: step_fn(model, ids, m, opt) for m in modes}, args.warmup, args.repeat
+            )
             t_causal = median(times["causal"])
             mask_ms = mask_build_ms(model, ids, max(3, args.repeat))
             for m in modes:
@@ -164,15 +190,38 @@ def main() -> None:
                     }
                 )
                 rows.append(
-                    [name, attn, L, n_anchor, m, t, tps, t_causal / t, f"{mask_ms:.1f}" if m == "ansan" else ""]
+                    [
+                        name,
+                        attn,
+                        L,
+                        n_anchor,
+                        m,
+                        t,
+                        tps,
+                        t_causal / t,
+                        f"{mask_ms:.1f}" if m == "ansan" else "",
+                    ]
                 )
-            print(f"{name} ({attn}) L={L}: ansan/causal = {t_causal / median(times['ansan']):.3f}", flush=True)
+            print(
+                f"{name} ({attn}) L={L}: ansan/causal = {t_causal / median(times['ansan']):.3f}",
+                flush=True,
+            )
         del model, opt
 
     print_table(
         f"Training step (fwd+bwd{' + AdamW' if args.adamw else ''}), batch 1, {device.type} "
         f"(median of {args.repeat}, {torch.get_num_threads()} threads)",
-        ["model", "backend", "L", "anchors", "attention", "s/step", "tokens/s", "× causal speed", "mask build ms"],
+        [
+            "model",
+            "backend",
+            "L",
+            "anchors",
+            "attention",
+            "s/step",
+            "tokens/s",
+            "× causal speed",
+            "mask build ms",
+        ],
         rows,
     )
     write_results(
