@@ -171,6 +171,8 @@ def test_hub_kind_streams_jsonl_urls_line_by_line(tok, tmp_path):
     assert isinstance(stream, datasets.IterableDataset) and stats.streaming
     assert [r["input_ids"] for r in stream] == [DOC1[:8], DOC1[8:] + DOC2[:4]]
     assert stats.skipped == {"malformed JSON": 1}
+    first_doc_only, _ = build({**cfg, "max_documents": 1, "keep_remainder": True}, tok, ac_config(tok), 8, tmp_path)
+    assert [r["input_ids"] for r in first_doc_only] == [DOC1[:8], DOC1[8:]]
 
 
 def test_stream_missing_text_column(tok):

@@ -39,7 +39,7 @@ from .stats import DataStats
 logger = logging.getLogger("anllm.data")
 
 KINDS = ("jsonl", "demo", "hub", "sft")
-_COMMON = {"kind", "name", "base_dir", "max_documents", "holdout_fraction", "holdout_seed", "splitter",
+_COMMON = {"kind", "id", "name", "base_dir", "max_documents", "holdout_fraction", "holdout_seed", "splitter",
            "packing", "keep_remainder", "batch_size", "description"}
 KNOWN_KEYS = {
     "jsonl": _COMMON | {"paths", "text_column"},
@@ -111,7 +111,7 @@ def build_train_dataset(
         files = []
     key_parts = {
         # only what changes the rows (a new name, batch size or attention option reuses the entry)
-        "cfg": {k: v for k, v in cfg.items() if k not in ("base_dir", "description", "name", "batch_size")},
+        "cfg": {k: v for k, v in cfg.items() if k not in ("base_dir", "description", "id", "name", "batch_size")},
         "files": cache_mod.file_identity(files),
         "tokenizer": cache_mod.tokenizer_identity(tokenizer),
         "anchor": {k: v for k, v in (anchor.to_dict() if anchor else {}).items()
@@ -460,6 +460,8 @@ def _build_hub(cfg: dict, tokenizer: Any, anchor: AnchorConfig | None, block_siz
     buffer = int(cfg.get("shuffle_buffer", 10_000))
     if buffer > 0:
         source = source.shuffle(seed=seed, buffer_size=buffer)
+    if cfg.get("max_documents") is not None:
+        source = source.take(int(cfg["max_documents"]))
     ds = process_stream(source, tokenizer, anchor, block_size, text_column=text_column,
                         packing=bool(cfg.get("packing", True)), keep_remainder=bool(cfg.get("keep_remainder", False)),
                         splitter=cfg.get("splitter", "blingfire"), batch_size=int(cfg.get("batch_size", 256)))
