@@ -110,7 +110,11 @@ def add_ac_token(model: Any, tokenizer: Any, token: str = AC_TOKEN, init_from: s
     if token in tokenizer.get_vocab():
         return ac_token_id(tokenizer, token)
     src = _single_token_id(tokenizer, init_from)
-    tokenizer.add_tokens([AddedToken(token, special=True, normalized=False)], special_tokens=True)
+    # As an additional special token, so skip_special_tokens and all_special_ids know it too.
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [AddedToken(token, special=True, normalized=False)]},
+        replace_additional_special_tokens=False,
+    )
     new_id = ac_token_id(tokenizer, token)
     if model.get_input_embeddings().weight.shape[0] <= new_id:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
