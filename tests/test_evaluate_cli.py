@@ -25,6 +25,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a busy CPU two threads spin against each other."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, smollm2_dir) -> Path:
     """A tiny random Llama with EP anchors and the SmolLM2 tokenizer, saved like a trained model."""
@@ -117,7 +128,7 @@ def test_cli_prints_the_table(checkpoint, shared_data, tmp_path):
     _stage(shared_data, data, "piqa", "validation")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "evaluate.py", f"checkpoint={checkpoint}", f"data_dir={data}", "tasks=[piqa]", "limit=2",
-           f"output_dir={tmp_path / 'out'}", "qa.baselines=[streamingllm,knorm]"]
+           f"output_dir={tmp_path / 'out'}", "qa.baselines=[streamingllm,knorm]", "num_threads=1"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| Method | PIQA | Avg | C⇓ % | T⇑ |" in proc.stdout

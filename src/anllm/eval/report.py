@@ -198,6 +198,33 @@ def build_tables(rows: list[dict[str, Any]], suites: list[str]) -> list[Table]:
     return tables
 
 
+def plot_qa(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """Accuracy vs C⇓, one point per (task, method), one marker per method (PNG)."""
+    qa = [r for r in rows if r.get("suite") == "qa" and r.get("acc") is not None and r.get("c_red") is not None]
+    if not qa:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    markers = "os^Dvx*+"
+    for i, m in enumerate(sorted({r["method"] for r in qa}, key=_method_key)):
+        pts = [r for r in qa if r["method"] == m]
+        ax.scatter([100 * r["c_red"] for r in pts], [100 * r["acc"] for r in pts], marker=markers[i % len(markers)], label=m)
+        for r in pts:
+            ax.annotate(f"{r['task']}/{r.get('num_fewshot', 0)}", (100 * r["c_red"], 100 * r["acc"]), fontsize=6, alpha=0.6)
+    ax.set_xlabel("KV cache reduction C⇓ (%)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("QA: accuracy vs cache reduction")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_report(
     output_dir: Path, run_info: dict[str, Any], rows: list[dict[str, Any]], suites: list[str], notes: list[str]
 ) -> str:
@@ -211,6 +238,13 @@ def write_report(
     for t in tables:
         md += [t.markdown(), ""]
         (output_dir / f"results_{t.name}.csv").write_text(t.csv())
+    if "qa" in suites:
+        try:
+            png = plot_qa(rows, output_dir / "qa_acc_vs_cred.png")
+        except Exception as e:  # a plot must never cost the results
+            png, notes = None, notes + [f"plot failed: {e}"]
+        if png is not None:
+            md += [f"![accuracy vs C⇓]({png.name})", ""]
     if errors:
         md.append("Failed tasks (re-run with the same output_dir to retry only these):")
         md += [f"- {r['suite']}/{r['task']}: {r.get('error')}" for r in errors]
