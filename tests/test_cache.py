@@ -1,4 +1,4 @@
-"""AnchorCache: exact against DynamicCache and a full forward, prunes what the rule allows, in place.
+"""AnchorCache: exact vs DynamicCache and a full forward; prunes what the rule allows, in place.
 
 CPU, tiny random Llamas whose lm_head is biased toward the anchor ids so that greedy generation
 produces anchors at different steps in different rows (a ragged cache). Runtime: ~25 s.
@@ -6,7 +6,11 @@ produces anchors at different steps in different rows (a ragged cache). Runtime:
 
 from __future__ import annotations
 
+import itertools
 import os
+
+# Local files only; set before transformers is imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
@@ -15,8 +19,6 @@ from transformers import DynamicCache, PreTrainedTokenizerFast
 
 import anllm
 from anllm.testing import tiny_llama
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 EP_WORDS = [".", "!", "?", ","] + [f"w{i}" for i in range(120)]  # 128 tokens, the tiny_llama vocab
@@ -28,15 +30,19 @@ P = 4  # "." in EP_WORDS
 
 def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     """A whitespace word-level tokenizer: ids 0-3 are specials, then ``words`` in order."""
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SPECIALS + words)}, unk_token="<unk>"))
+    tk = Tokenizer(
+        models.WordLevel({w: i for i, w in enumerate(SPECIALS + words)}, unk_token="<unk>")
+    )
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
         tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
 
 
-def make_model(mode: str = "ep", anchor_bias: float = 1.0, **prepare_kwargs) -> tuple[torch.nn.Module, list[int]]:
-    """A prepared tiny model; ``anchor_bias`` scales the anchors' lm_head rows so they get generated."""
+def make_model(
+    mode: str = "ep", anchor_bias: float = 1.0, **prepare_kwargs
+) -> tuple[torch.nn.Module, list[int]]:
+    """A prepared tiny model; ``anchor_bias`` scales the anchors' lm_head rows (more anchors)."""
     if mode == "ep":
         model, tok = tiny_llama(), word_tokenizer(EP_WORDS)
     else:
@@ -56,7 +62,9 @@ def positions(am: torch.Tensor) -> torch.Tensor:
     return (am.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def left_padded_prompts(seed: int, B: int = 3, L: int = 10, low: int = 7, high: int = 128, anchor: int = P):
+def left_padded_prompts(
+    seed: int, B: int = 3, L: int = 10, low: int = 7, high: int = 128, anchor: int = P
+):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(low, high, (B, L), generator=g)
     ids[0, 3] = anchor
@@ -76,13 +84,15 @@ def generate(model, ids, am, cache, n: int = 24):
         do_sample=False,
         max_new_tokens=n,
         output_logits=True,
+        output_scores=True,
         return_dict_in_generate=True,
     )
 
 
-# --- exactness --------------------------------------------------------------------------------------
+# --- exactness -----------------------------------------------------------------------------------
 
-CASES = {  # mode, anchor bias, prepare options (bias chosen so that rows get anchors at different steps)
+# mode, anchor bias, prepare options (biases chosen so rows get anchors at different steps)
+CASES = {
     "ep": ("ep", 2.5, {}),
     "ac": ("ac", 2.0, {}),
     "ep-sinks": ("ep", 2.5, {"num_sink_tokens": 2}),
@@ -111,12 +121,14 @@ def test_generate_equals_dynamic_cache_and_full_forward(case: str) -> None:
         assert len(set(new[is_anchor].tolist())) > 1  # several EP anchor ids occur
 
     assert torch.equal(got.sequences, want.sequences)
-    for a, b in zip(got.logits, want.logits):
+    for a, b in zip(got.scores, want.scores):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
 
     # both equal one full forward over the final sequences with the AnSAN mask
     full_am = torch.cat([am, torch.ones_like(new)], 1)
-    full = model(got.sequences, attention_mask=full_am, position_ids=positions(full_am), use_cache=False).logits
+    full = model(
+        got.sequences, attention_mask=full_am, position_ids=positions(full_am), use_cache=False
+    ).logits
     L = ids.shape[1]
     for i, step in enumerate(got.logits):
         torch.testing.assert_close(step, full[:, L - 1 + i], atol=1e-4, rtol=0)
@@ -134,7 +146,12 @@ def test_generate_without_a_cache_argument_tracks_anchors_too() -> None:
     model, _ = make_model("ep", 2.5)
     ids, am = left_padded_prompts(seed=11)
     implicit = model.generate(
-        ids, attention_mask=am, do_sample=False, max_new_tokens=10, output_logits=True, return_dict_in_generate=True
+        ids,
+        attention_mask=am,
+        do_sample=False,
+        max_new_tokens=10,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
     explicit = generate(model, ids, am, anllm.AnchorCache(), 10)
     assert torch.equal(implicit.sequences, explicit.sequences)
@@ -142,13 +159,20 @@ def test_generate_without_a_cache_argument_tracks_anchors_too() -> None:
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
     with anllm.anchor_attention(model, enabled=False):  # and differs from plain causal decoding
         plain = model.generate(
-            ids, attention_mask=am, do_sample=False, max_new_tokens=10, output_logits=True, return_dict_in_generate=True
+            ids,
+            attention_mask=am,
+            do_sample=False,
+            max_new_tokens=10,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
     assert any((a - b).abs().max() > 1e-3 for a, b in zip(implicit.logits, plain.logits))
 
 
-def reference_mask(is_anchor: list[bool], real: list[bool], prefix_len: int = 0) -> list[list[bool]]:
-    """The AnSAN rule by brute force; with ``prefix_len``, tokens after the prompt also see all of it."""
+def reference_mask(
+    is_anchor: list[bool], real: list[bool], prefix_len: int = 0
+) -> list[list[bool]]:
+    """The AnSAN rule by brute force; with ``prefix_len`` later tokens also see the whole prompt."""
     L = len(is_anchor)
     anchor = [a and r for a, r in zip(is_anchor, real)]
     seg_end = [next((j for j in range(i, L) if anchor[j]), L) for i in range(L)]
@@ -185,7 +209,7 @@ def test_prefill_then_chunks_equal_full_forward(attn: str) -> None:
     bounds = [0, 6, 7, 10, 11, 18, 19, 20, 26]
     parts = [
         model(ids[:, s:e], attention_mask=am[:, :e], past_key_values=cache, use_cache=True).logits
-        for s, e in zip(bounds, bounds[1:])
+        for s, e in itertools.pairwise(bounds)
     ]
     got = torch.cat(parts, 1)
     real = am.bool()
@@ -193,7 +217,7 @@ def test_prefill_then_chunks_equal_full_forward(attn: str) -> None:
     assert cache.stats()["kept"] < cache.stats()["seen"]
 
 
-# --- what is kept ------------------------------------------------------------------------------------
+# --- what is kept --------------------------------------------------------------------------------
 
 
 def step(model, cache, ids, am):
@@ -206,10 +230,20 @@ def test_kept_counts_and_kept_keys_by_hand() -> None:
     model, _ = make_model("ep")
     a, d, x = W, P, 5  # word, ".", "!"
     # row 0: a a . a a a ! a a        row 1: <pad> <pad> a . . a a a a
-    ids = torch.tensor([[a, a + 1, d, a + 2, a + 3, a + 4, x, a + 5, a + 6], [0, 0, a, d, d, a + 1, a + 2, a + 3, a + 4]])
+    ids = torch.tensor(
+        [
+            [a, a + 1, d, a + 2, a + 3, a + 4, x, a + 5, a + 6],
+            [0, 0, a, d, d, a + 1, a + 2, a + 3, a + 4],
+        ]
+    )
     am = torch.tensor([[1] * 9, [0, 0] + [1] * 7])
     cache, full = anllm.AnchorCache(), DynamicCache()
-    steps = [ids, torch.tensor([[a + 7], [d]]), torch.tensor([[d], [a + 8]]), torch.tensor([[a + 9], [a + 10]])]
+    steps = [
+        ids,
+        torch.tensor([[a + 7], [d]]),
+        torch.tensor([[d], [a + 8]]),
+        torch.tensor([[a + 9], [a + 10]]),
+    ]
     kept_series = []
     for t, new in enumerate(steps):
         am = am if t == 0 else torch.cat([am, torch.ones(2, 1, dtype=torch.long)], 1)
@@ -230,8 +264,12 @@ def test_kept_counts_and_kept_keys_by_hand() -> None:
     kept_positions = [[2, 6, 10, 11], [3, 4, 9, 10, 11]]
     for layer_a, layer_f in zip(cache.layers, full.layers):
         for b, pos in enumerate(kept_positions):
-            torch.testing.assert_close(layer_a.keys[b, :, : len(pos)], layer_f.keys[b, :, pos], atol=1e-6, rtol=0)
-            torch.testing.assert_close(layer_a.values[b, :, : len(pos)], layer_f.values[b, :, pos], atol=1e-6, rtol=0)
+            torch.testing.assert_close(
+                layer_a.keys[b, :, : len(pos)], layer_f.keys[b, :, pos], atol=1e-6, rtol=0
+            )
+            torch.testing.assert_close(
+                layer_a.values[b, :, : len(pos)], layer_f.values[b, :, pos], atol=1e-6, rtol=0
+            )
     assert s["bytes"] >= s["kept_bytes"] > 0
 
 
@@ -263,7 +301,11 @@ def test_keep_prefix_counts_by_hand() -> None:
     am = torch.ones(1, 5, dtype=torch.long)
     step(model, cache, prompt, am)
     assert cache.stats()["kept"] == 5
-    for tok, kept in [(a + 4, 6), (d, 6), (a + 5, 7)]:  # later: w kept then dropped at ".", "." and w kept
+    for tok, kept in [
+        (a + 4, 6),
+        (d, 6),
+        (a + 5, 7),
+    ]:  # later: w kept then dropped at ".", "." and w kept
         am = torch.cat([am, torch.ones(1, 1, dtype=torch.long)], 1)
         step(model, cache, torch.tensor([[tok]]), am)
         assert cache.stats()["kept"] == kept
@@ -286,7 +328,10 @@ def test_keep_prefix_generation_equals_full_forward_with_prefix_mask() -> None:
     is_anchor = torch.isin(seq, torch.tensor(anchors))
     assert is_anchor[:, L:].any(-1).all()  # anchors are generated after the prompt
     mask = torch.tensor(
-        [reference_mask(is_anchor[b].tolist(), full_am[b].bool().tolist(), prefix_len=L) for b in range(B)]
+        [
+            reference_mask(is_anchor[b].tolist(), full_am[b].bool().tolist(), prefix_len=L)
+            for b in range(B)
+        ]
     )[:, None]
     full = model(seq, attention_mask=mask, position_ids=positions(full_am), use_cache=False).logits
     for i, logits in enumerate(got.logits):
@@ -295,7 +340,8 @@ def test_keep_prefix_generation_equals_full_forward_with_prefix_mask() -> None:
     # back its last token, so the cache saw n - 1 of them)
     new_anchor = is_anchor[:, L : L + n - 1]
     later_kept = [
-        sum(1 for j in range(n - 1) if new_anchor[b, j] or not new_anchor[b, j + 1 :].any()) for b in range(B)
+        sum(1 for j in range(n - 1) if new_anchor[b, j] or not new_anchor[b, j + 1 :].any())
+        for b in range(B)
     ]
     assert cache.stats()["kept_per_row"] == [int(am[b].sum()) + later_kept[b] for b in range(B)]
     # and it is not the same as generating without the prompt kept
@@ -366,7 +412,7 @@ def test_batch_repeat_interleave_scores_continuations() -> None:
     assert cache.stats()["seen_per_row"] == am.sum(-1).tolist()
 
 
-# --- in place ----------------------------------------------------------------------------------------
+# --- in place ------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -389,11 +435,15 @@ def test_decode_steps_without_anchor_move_nothing() -> None:
         am = torch.cat([am, torch.ones(1, 1, dtype=torch.long)], 1)
         step(model, cache, torch.randint(7, 128, (1, 1), generator=g), am)
         growth = [layer._kbuf.shape[2] > cap for layer, cap in zip(layers, caps)]
-        expected = sum(w for w, gr in zip(widths, growth) if gr)  # a growth copies the used slots once
+        expected = sum(
+            w for w, gr in zip(widths, growth) if gr
+        )  # a growth copies the used slots once
         assert cache.copied_slots == copied + expected
         for layer, ptr, gr, k in zip(layers, ptrs, growth, old):
             assert (layer._kbuf.data_ptr() == ptr) != gr  # reallocated only when the capacity grows
-            torch.testing.assert_close(layer.keys[:, :, : k.shape[2]], k, atol=0, rtol=0)  # old slots stay put
+            torch.testing.assert_close(
+                layer.keys[:, :, : k.shape[2]], k, atol=0, rtol=0
+            )  # old slots stay put
         grew += any(growth)
     assert grew == 1
     # a step with a new anchor does move slots (the anchor into the kept prefix)
@@ -405,7 +455,7 @@ def test_decode_steps_without_anchor_move_nothing() -> None:
 
 @torch.no_grad()
 def test_ragged_decode_moves_only_the_new_token() -> None:
-    """In a ragged batch, a short row's new token fills its first free slot; old slots never move."""
+    """Ragged batch: a short row's new token fills its first free slot; old slots never move."""
     model, _ = make_model("ep")
     ids = torch.tensor([[W, P, W + 1, W + 2, W + 3, W + 4], [W, W + 1, W + 2, W + 3, P, W + 5]])
     am = torch.ones(2, 6, dtype=torch.long)
@@ -424,7 +474,7 @@ def test_ragged_decode_moves_only_the_new_token() -> None:
             torch.testing.assert_close(layer.keys[1, :, : 2 + t], k[1, :, : 2 + t], atol=0, rtol=0)
 
 
-# --- clear errors -------------------------------------------------------------------------------------
+# --- clear errors --------------------------------------------------------------------------------
 
 
 @torch.no_grad()

@@ -60,7 +60,9 @@ def reference_mask(
 
 def random_row(rng: random.Random, L: int) -> Row:
     """A row with random padding (none/left/right/all), 1-3 packed documents and anchor density."""
-    pad_kind = rng.choice(["none", "left", "right", "left", "right", "all"] if L > 1 else ["none", "all"])
+    pad_kind = rng.choice(
+        ["none", "left", "right", "left", "right", "all"] if L > 1 else ["none", "all"]
+    )
     n_pad = 0 if pad_kind == "none" else (L if pad_kind == "all" else rng.randint(1, L - 1))
     real = [True] * L
     if pad_kind == "left":
@@ -92,7 +94,11 @@ SPECIAL_ROWS: list[Row] = [
     # all padding
     ([False, True, False, False, True, False, False, False], [False] * 8, [0] * 8),
     # left padding + two documents, anchor ending the first document
-    ([False, False, False, True, False, True, False, False], [False, False] + [True] * 6, [9, 9, 1, 1, 2, 2, 2, 2]),
+    (
+        [False, False, False, True, False, True, False, False],
+        [False, False] + [True] * 6,
+        [9, 9, 1, 1, 2, 2, 2, 2],
+    ),
     # right padding after a final anchor; a padded "anchor" must not split a segment
     ([False, True, False, True, True, False, False, False], [True] * 5 + [False] * 3, [0] * 8),
     # every token an anchor
@@ -142,12 +148,24 @@ def test_ansan_mask_matches_reference(num_sink_tokens: int, anchors_see_anchors:
     for rows in batches:
         is_anchor, real, doc = as_tensors(rows)
         got = ansan_mask(
-            is_anchor, real, doc, num_sink_tokens=num_sink_tokens, anchors_see_anchors=anchors_see_anchors
+            is_anchor,
+            real,
+            doc,
+            num_sink_tokens=num_sink_tokens,
+            anchors_see_anchors=anchors_see_anchors,
         )
-        assert got.dtype == torch.bool and got.shape == (len(rows), is_anchor.shape[1], is_anchor.shape[1])
+        assert got.dtype == torch.bool and got.shape == (
+            len(rows),
+            is_anchor.shape[1],
+            is_anchor.shape[1],
+        )
         for b, row in enumerate(rows):
-            want = reference_mask(*row, num_sink_tokens=num_sink_tokens, anchors_see_anchors=anchors_see_anchors)
-            assert got[b].tolist() == want, f"row {row} options sink={num_sink_tokens} a2a={anchors_see_anchors}"
+            want = reference_mask(
+                *row, num_sink_tokens=num_sink_tokens, anchors_see_anchors=anchors_see_anchors
+            )
+            assert got[b].tolist() == want, (
+                f"row {row} options sink={num_sink_tokens} a2a={anchors_see_anchors}"
+            )
             n_true += sum(map(sum, want))
             n_false += sum(len(r) - sum(r) for r in want)
     assert n_true > 100 and n_false > 100  # the layouts exercise both outcomes
@@ -185,7 +203,9 @@ def _count(xs: list[bool]) -> int:
 
 @pytest.mark.parametrize("num_sink_tokens,anchors_see_anchors", OPTIONS)
 @pytest.mark.parametrize("keep_prefix", [False, True])
-def test_layout_continued_in_pieces(num_sink_tokens: int, anchors_see_anchors: bool, keep_prefix: bool) -> None:
+def test_layout_continued_in_pieces(
+    num_sink_tokens: int, anchors_see_anchors: bool, keep_prefix: bool
+) -> None:
     """A row laid out in two forwards (as a cache does) gives the same mask as the whole row.
 
     Without document_ids (the cache path). With ``keep_prefix`` the first piece is the kept prompt.
@@ -212,14 +232,21 @@ def test_layout_continued_in_pieces(num_sink_tokens: int, anchors_see_anchors: b
         got = visible(lay.map(lambda x: x[:, :, None]), lay.map(lambda x: x[:, None, :]), options)
         for b, (a, r, _) in enumerate(rows):
             want = reference_mask(
-                a, r, [0] * L, num_sink_tokens, anchors_see_anchors, prefix_len=t if keep_prefix else 0
+                a,
+                r,
+                [0] * L,
+                num_sink_tokens,
+                anchors_see_anchors,
+                prefix_len=t if keep_prefix else 0,
             )
             assert got[b].tolist() == want, (rows[b], t)
 
 
 @pytest.mark.parametrize("num_sink_tokens,anchors_see_anchors", OPTIONS)
 @pytest.mark.parametrize("with_prefix", [False, True])
-def test_reachable_later_matches_brute_force(num_sink_tokens: int, anchors_see_anchors: bool, with_prefix: bool) -> None:
+def test_reachable_later_matches_brute_force(
+    num_sink_tokens: int, anchors_see_anchors: bool, with_prefix: bool
+) -> None:
     """A key is reachable iff some token appended later to the row could see it.
 
     Brute force: append every anchor/non-anchor pattern of 1-3 real tokens (of the row's open
@@ -243,7 +270,12 @@ def test_reachable_later_matches_brute_force(num_sink_tokens: int, anchors_see_a
             for p in patterns:
                 n = len(p)
                 M = reference_mask(
-                    a + list(p), r + [True] * n, d + [d[-1]] * n, num_sink_tokens, anchors_see_anchors, prefix_len
+                    a + list(p),
+                    r + [True] * n,
+                    d + [d[-1]] * n,
+                    num_sink_tokens,
+                    anchors_see_anchors,
+                    prefix_len,
                 )
                 for k in range(L):
                     want[k] = want[k] or any(M[q][k] for q in range(L, L + n))

@@ -1,4 +1,4 @@
-"""Anchor-aware models (anllm.modeling): backends, plain-causal switch, NaN safety, save/load, errors.
+"""Anchor-aware models (anllm.modeling): backends, causal switch, NaN safety, save/load, errors.
 
 All on CPU with tiny random Llamas and word-level tokenizers built here. The flex_attention test
 compiles through inductor (a C++ compiler is needed): ~40 s the first time on 2 cores, a few seconds
@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 import shutil
 
+# Local files only; set before transformers is imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -17,8 +20,6 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import anllm
 from anllm.testing import tiny_llama
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
@@ -38,19 +39,25 @@ EP_IDS = [4, 5, 6]  # ".", "!", "?"
 
 
 def ep_model(attn: str = "sdpa", **prepare_kwargs) -> torch.nn.Module:
-    model, _ = anllm.prepare_model(tiny_llama(attn_implementation=attn), word_tokenizer(EP_WORDS), "ep", **prepare_kwargs)
+    model, _ = anllm.prepare_model(
+        tiny_llama(attn_implementation=attn), word_tokenizer(EP_WORDS), "ep", **prepare_kwargs
+    )
     assert model.config.anllm["anchor_token_ids"] == EP_IDS
     return model
 
 
 def reference_mask(is_anchor: list[bool], real: list[bool], doc: list[int]) -> list[list[bool]]:
-    """The AnSAN rule by brute force (see tests/test_masks.py for the full, option-aware version)."""
+    """The AnSAN rule by brute force (tests/test_masks.py has the full, option-aware version)."""
     L = len(is_anchor)
     anchor = [a and r for a, r in zip(is_anchor, real)]
     seg_end = [next((j for j in range(i, L) if anchor[j]), L) for i in range(L)]
     return [
         [
-            k <= q and real[q] and real[k] and doc[q] == doc[k] and (seg_end[k] == seg_end[q] or (anchor[k] and not anchor[q]))
+            k <= q
+            and real[q]
+            and real[k]
+            and doc[q] == doc[k]
+            and (seg_end[k] == seg_end[q] or (anchor[k] and not anchor[q]))
             for k in range(L)
         ]
         for q in range(L)
@@ -82,7 +89,7 @@ def real_positions(am: torch.Tensor) -> torch.Tensor:
     return am.bool()
 
 
-# --- the rule reaches the model ---------------------------------------------------------------------
+# --- the rule reaches the model ------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -92,7 +99,10 @@ def test_prepared_model_applies_the_rule() -> None:
     got = ep_model()(ids, attention_mask=am, document_ids=doc).logits
     is_anchor = torch.isin(ids, torch.tensor(EP_IDS))
     mask = torch.tensor(
-        [reference_mask(is_anchor[b].tolist(), am[b].bool().tolist(), doc[b].tolist()) for b in range(len(ids))]
+        [
+            reference_mask(is_anchor[b].tolist(), am[b].bool().tolist(), doc[b].tolist())
+            for b in range(len(ids))
+        ]
     )[:, None]
     plain = tiny_llama()  # same seed, same weights, no hooks
     want = plain(ids, attention_mask=mask).logits
@@ -130,14 +140,19 @@ def test_eager_and_sdpa_agree() -> None:
 
 
 def _cxx_compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++") or shutil.which("clang++")
+    return (
+        shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++") or shutil.which("clang++")
+    )
 
 
 @torch.no_grad()
 def test_flex_attention_forward_agrees_with_sdpa() -> None:
     """flex_attention (forward only: flex has no CPU backward) gets the rule as a BlockMask."""
     if _cxx_compiler() is None:
-        pytest.skip("flex_attention on CPU compiles through inductor, which needs a C++ compiler (g++/clang++): none found")
+        pytest.skip(
+            "flex_attention on CPU compiles through inductor, which needs a C++ compiler "
+            "(g++/clang++): none found"
+        )
     ids, am, doc = batch()
     model = ep_model("sdpa")
     sdpa = model(ids, attention_mask=am, document_ids=doc).logits
@@ -156,14 +171,16 @@ def test_inputs_embeds_with_anchor_mask() -> None:
     want = model(ids, attention_mask=am, document_ids=doc).logits
     embeds = model.get_input_embeddings()(ids)
     is_anchor = torch.isin(ids, torch.tensor(EP_IDS))
-    got = model(inputs_embeds=embeds, anchor_mask=is_anchor, attention_mask=am, document_ids=doc).logits
+    got = model(
+        inputs_embeds=embeds, anchor_mask=is_anchor, attention_mask=am, document_ids=doc
+    ).logits
     real = real_positions(am)
     torch.testing.assert_close(got[real], want[real], atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="anchor_mask"):
         model(inputs_embeds=embeds, attention_mask=am)
 
 
-# --- no NaN with a fully padded row ----------------------------------------------------------------
+# --- no NaN with a fully padded row --------------------------------------------------------------
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -215,7 +232,9 @@ def test_ac_embedding_rows_start_from_period(tied: bool) -> None:
     torch.testing.assert_close(emb_out[:n], before_out, atol=0, rtol=0)
     assert (emb_in.data_ptr() == emb_out.data_ptr()) == tied  # tying survives the resize
     # <AC> is one token wherever it appears in text, and an anchor
-    assert tok("the cat . <AC> sat").input_ids == [tok.convert_tokens_to_ids(w) for w in "the cat .".split()] + [ac, tok.convert_tokens_to_ids("sat")]
+    assert tok("the cat . <AC> sat").input_ids == [
+        tok.convert_tokens_to_ids(w) for w in ["the", "cat", "."]
+    ] + [ac, tok.convert_tokens_to_ids("sat")]
     # idempotent: preparing again adds nothing and keeps the rows
     model, tok = anllm.prepare_model(model, tok, "ac")
     assert len(tok) == n + 1 and model.get_input_embeddings().weight.shape[0] == n + 1
@@ -234,7 +253,9 @@ def test_save_load_round_trip(mode: str, tmp_path) -> None:
     tok.save_pretrained(tmp_path)
 
     anchor = saved["anchor_token_ids"][0]
-    ids = torch.tensor([[7, 8, anchor, 9, 10, 11, anchor, 12, 13], [0, 0, 7, 9, anchor, 8, 10, 11, 12]])
+    ids = torch.tensor(
+        [[7, 8, anchor, 9, 10, 11, anchor, 12, 13], [0, 0, 7, 9, anchor, 8, 10, 11, 12]]
+    )
     am = (ids != 0).long()
     want = model(ids, attention_mask=am).logits
     real = real_positions(am)
@@ -252,18 +273,22 @@ def test_save_load_round_trip(mode: str, tmp_path) -> None:
     if mode == "ac":
         assert tok2.convert_tokens_to_ids(anllm.AC_TOKEN) == anchor
     got = loaded(ids, attention_mask=am).logits
-    torch.testing.assert_close(got[real], want[real], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        got[real], want[real], atol=0, rtol=0
+    )  # identical weights, identical mask
 
     # prepare_model(mode=None) on the raw load re-applies the same settings
     anllm.prepare_model(raw, tok2)
-    torch.testing.assert_close(raw(ids, attention_mask=am).logits[real], want[real], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        raw(ids, attention_mask=am).logits[real], want[real], atol=1e-6, rtol=1e-6
+    )
 
 
 # --- clear errors --------------------------------------------------------------------------------
 
 
 def test_ac_model_with_tokenizer_lacking_ac(tmp_path) -> None:
-    model, tok = anllm.prepare_model(*ac_pair(tied=False), "ac")
+    model, _ = anllm.prepare_model(*ac_pair(tied=False), "ac")
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="<AC>"):
@@ -288,9 +313,11 @@ def test_unknown_mode_and_missing_settings() -> None:
         anllm.prepare_model(tiny_llama(), word_tokenizer(EP_WORDS), "xyz")
     with pytest.raises(ValueError, match="no saved anchor settings"):
         anllm.prepare_model(tiny_llama(), word_tokenizer(EP_WORDS))
-    with pytest.raises(ValueError, match="not anchor-aware"):
-        with anllm.anchor_attention(tiny_llama(), enabled=True):
-            pass
+    with (
+        pytest.raises(ValueError, match="not anchor-aware"),
+        anllm.anchor_attention(tiny_llama(), enabled=True),
+    ):
+        pass
 
 
 def test_flash_attention_is_refused() -> None:
@@ -310,7 +337,12 @@ def test_document_ids_with_a_cache_are_refused() -> None:
     model = ep_model()
     ids = torch.tensor([[7, 8, 4, 9]])
     with pytest.raises(ValueError, match="document_ids"):
-        model(ids, document_ids=torch.zeros_like(ids), past_key_values=anllm.AnchorCache(), use_cache=True)
+        model(
+            ids,
+            document_ids=torch.zeros_like(ids),
+            past_key_values=anllm.AnchorCache(),
+            use_cache=True,
+        )
     with pytest.raises(ValueError, match="document_ids"):
         model(ids, document_ids=torch.zeros_like(ids), use_cache=True)
 
@@ -329,7 +361,7 @@ def test_document_ids_in_eval_mode_need_no_use_cache_flag() -> None:
 
 @torch.no_grad()
 def test_packed_documents_do_not_see_each_other() -> None:
-    """Each document of a packed row scores as if alone (RoPE is relative, so the offset is harmless)."""
+    """Each document of a packed row scores as if alone (RoPE is relative: offsets are harmless)."""
     g = torch.Generator().manual_seed(3)
     a, b = torch.randint(7, 128, (1, 9), generator=g), torch.randint(7, 128, (1, 7), generator=g)
     a[0, [2, 5]] = 4
