@@ -79,3 +79,20 @@ def test_architecture_applies_rule_and_cache_is_exact(arch: str) -> None:
     diff = max((a - b).abs().max().item() for a, b in zip(full.scores, pruned.scores))
     assert diff < 1e-3
     assert cache.stats()["kept"] < cache.stats()["seen"]
+
+
+def test_full_attention_baseline_respects_packed_documents() -> None:
+    """mode='none' (the paper's Llama2-RedPajama control) trains on packed rows too: a document's
+    logits must not depend on the document packed before it."""
+    from anllm.testing import tiny_llama
+
+    model, _ = anllm.prepare_model(tiny_llama(), None, mode="none")
+    ids = torch.randint(3, 100, (1, 20), generator=torch.Generator().manual_seed(0))
+    docs = torch.tensor([[0] * 8 + [1] * 12])
+    with torch.no_grad():
+        packed = model(ids, document_ids=docs).logits
+        alone = model(ids[:, 8:]).logits
+        plain = model(ids).logits
+    torch.testing.assert_close(packed[:, 8:], alone)
+    assert (plain[:, 8:] - alone).abs().max() > 1e-4  # without document_ids it is plain causal
+    assert not anllm.is_anchor_aware(model)

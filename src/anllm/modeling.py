@@ -93,16 +93,15 @@ def prepare_model(
     old = getattr(model, "_anllm_attention", None)
     if old is not None:
         old.remove()
-    if cfg.enabled:
-        impl = getattr(model.config, "_attn_implementation", None)
-        if impl in _UNSUPPORTED_BACKENDS:
-            raise ValueError(
-                f"attn_implementation={impl!r} cannot express the AnSAN mask (it only knows causal/varlen "
-                "masks). Load the model with attn_implementation='sdpa' (or 'flex_attention' on GPU)."
-            )
-        model._anllm_attention = AnchorAttention(model, cfg)
-    else:
-        model._anllm_attention = None
+    impl = getattr(model.config, "_attn_implementation", None)
+    if cfg.enabled and impl in _UNSUPPORTED_BACKENDS:
+        raise ValueError(
+            f"attn_implementation={impl!r} cannot express the AnSAN mask (it only knows causal/varlen "
+            "masks). Load the model with attn_implementation='sdpa' (or 'flex_attention' on GPU)."
+        )
+    # Installed for mode "none" too: packed rows (document_ids) must not attend across documents
+    # in the full-attention baseline either (the rule without anchors = causal within a document).
+    model._anllm_attention = AnchorAttention(model, cfg)
     return model, tokenizer
 
 
@@ -122,9 +121,9 @@ def from_pretrained(path: str, **kwargs: Any) -> tuple[Any, Any]:
 def anchor_attention(model: Any, enabled: bool) -> Iterator[None]:
     """Temporarily switch the AnSAN rule off (plain causal attention) or on for an anchor-aware model."""
     att = getattr(model, "_anllm_attention", None)
-    if att is None:
+    if att is None or not att.cfg.enabled:
         if enabled:
-            raise ValueError("This model is not anchor-aware: call anllm.prepare_model first.")
+            raise ValueError("This model is not anchor-aware: call anllm.prepare_model(mode='ac'|'ep') first.")
         yield
         return
     before = att.enabled
@@ -137,7 +136,7 @@ def anchor_attention(model: Any, enabled: bool) -> Iterator[None]:
 
 def is_anchor_aware(model: Any) -> bool:
     att = getattr(model, "_anllm_attention", None)
-    return att is not None and att.enabled
+    return att is not None and att.enabled and att.cfg.enabled
 
 
 class AnchorAttention:
@@ -163,8 +162,10 @@ class AnchorAttention:
     def _pre_forward(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         document_ids = kwargs.pop("document_ids", None)
         is_anchor = kwargs.pop("anchor_mask", None)
-        if not self.enabled:
-            return args, kwargs
+        if not (self.enabled and self.cfg.enabled):
+            if document_ids is None:
+                return args, kwargs  # plain causal attention: leave the model's own fast path alone
+            is_anchor = torch.zeros(document_ids.shape, dtype=torch.bool, device=document_ids.device)
         attention_mask = kwargs.get("attention_mask")
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
             return args, kwargs  # a caller-built 4D mask wins
