@@ -12,7 +12,8 @@ query the answer continues (``Question: ...\\nAnswer:``, or the open last senten
 anchors of everything before it. (Putting ``<AC>`` after the question would leave the answer only
 the question's anchor.)
 
-Use from the lm-eval CLI too: ``lm_eval --model anllm --model_args pretrained=DIR,mode=anchor``.
+Also usable through lm-eval's own API once this module is imported (registration is by import):
+``simple_evaluate(model="anllm", model_args="pretrained=DIR,mode=anchor", tasks=[...])``.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class AnchorLM(HFLM):
         num_sink_tokens: int = 4,
         **kwargs: Any,
     ) -> None:
-        if isinstance(pretrained, str):  # lm-eval CLI: load with the saved anchor settings re-applied
+        if isinstance(pretrained, str):  # model_args string: load with the saved anchor settings re-applied
             pretrained, tokenizer = from_pretrained(pretrained)
             pretrained.eval()
         super().__init__(pretrained=pretrained, tokenizer=tokenizer, batch_size=int(batch_size), **kwargs)
