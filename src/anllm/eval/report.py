@@ -49,6 +49,14 @@ COLUMNS: dict[str, tuple[str, Any]] = {
     "budget": ("Budget", str),
     "n": ("N", str),
 }
+QA_CAPTION = (
+    "Acc: lm-eval `acc`. C⇓: 1 − kept/total KV entries when the choices are scored (mean over tasks). "
+    "T⇑: time(full)/time(method) of the scoring compute on the same examples, modes run batch by batch "
+    "side by side after a warm-up. full = causal attention with a full cache; ansan = AnSAN mask over "
+    "whole sequences (no cache); anchor = AnSAN + anchor-pruned cache (prefill once, score every choice); "
+    "baselines = causal attention with the context cache compressed to the anchor cache's size, per example. "
+    "Avg only when every task has a value."
+)
 METHOD_ORDER = ("full", "ansan", "anchor", "anchor+src", "streamingllm", "knorm")
 
 
@@ -111,14 +119,19 @@ def _fmt(key: str, value: Any) -> str:
 class Table:
     """A titled table with raw values (for CSV) and formatted cells (for Markdown)."""
 
-    def __init__(self, name: str, title: str, headers: list[str], rows: list[list[Any]], keys: list[str]):
+    def __init__(
+        self, name: str, title: str, headers: list[str], rows: list[list[Any]], keys: list[str], caption: str = ""
+    ):
         self.name, self.title, self.headers, self.rows, self.keys = name, title, headers, rows, keys
+        self.caption = caption
 
     def markdown(self) -> str:
         lines = [f"### {self.title}", "", "| " + " | ".join(self.headers) + " |"]
         lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(self.headers))) + "|")
         for r in self.rows:
             lines.append("| " + " | ".join(_fmt(k, v) for k, v in zip(self.keys, r)) + " |")
+        if self.caption:
+            lines += ["", self.caption]
         return "\n".join(lines)
 
     def csv(self) -> str:
@@ -160,7 +173,8 @@ def qa_tables(rows: list[dict[str, Any]], task_order: Iterable[str], short: dict
             body.append([m] + cells)
         headers = ["Method"] + [short.get(t, t) for t in tasks] + ["Avg", "C⇓ %", "T⇑"]
         keys = ["method"] + ["acc"] * len(tasks) + ["acc", "c_red", "t_up"]
-        tables.append(Table(f"qa_{k}shot", f"QA, {k}-shot: accuracy (%), cache reduction, speed-up", headers, body, keys))
+        tables.append(Table(f"qa_{k}shot", f"QA, {k}-shot: accuracy (%), cache reduction, speed-up", headers, body, keys,
+                            caption=QA_CAPTION))
     detail_keys = ["acc", "acc_norm", "c_red", "max_kv", "time_s", "t_up", "agree", "n"]
     body = []
     for r in sorted(qa, key=lambda r: (r.get("num_fewshot") or 0, list(tasks).index(r["task"]) if r["task"] in tasks else 99, _method_key(r["method"]))):
