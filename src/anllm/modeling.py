@@ -134,6 +134,11 @@ def anchor_attention(model: Any, enabled: bool) -> Iterator[None]:
         att.enabled = before
 
 
+def _first_keys(cache: Cache) -> torch.Tensor | None:
+    layers = getattr(cache, "layers", None)
+    return getattr(layers[0], "keys", None) if layers else None
+
+
 def is_anchor_aware(model: Any) -> bool:
     att = getattr(model, "_anllm_attention", None)
     return att is not None and att.enabled and att.cfg.enabled
@@ -149,6 +154,10 @@ class AnchorAttention:
         self.anchor_ids = torch.tensor(cfg.anchor_token_ids, dtype=torch.long)
         self.enabled = True
         self._trackers: "weakref.WeakKeyDictionary[Cache, LayoutTracker]" = weakref.WeakKeyDictionary()
+        # The first layer's key tensor each tracked cache held after our last forward: a different one
+        # before the next forward means the cache was changed behind our back (beam search reorders
+        # rows, assisted decoding crops), so the tracked anchor layout no longer matches it.
+        self._last_keys: "weakref.WeakKeyDictionary[Cache, Any]" = weakref.WeakKeyDictionary()
         self._handles = [
             model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
             model.register_forward_hook(self._post_forward, with_kwargs=True),
@@ -204,6 +213,12 @@ class AnchorAttention:
                         "are unknown. Start generation with an empty cache (DynamicCache() or AnchorCache())."
                     )
                 tracker = self._trackers[cache] = LayoutTracker(self.options)
+            elif cache in self._last_keys and self._last_keys[cache]() is not _first_keys(cache):
+                raise ValueError(
+                    "The cache was reordered or cropped outside the anchor-aware model (beam search, "
+                    "assisted decoding, batch_select_indices), so its anchor layout is lost. Use greedy "
+                    "or sampling decoding (AnchorCache.batch_repeat_interleave to score continuations)."
+                )
             qlay, klay = tracker.extend(is_anchor, valid)
             tracker.layout = klay
             tracker.num_steps += 1
@@ -217,6 +232,10 @@ class AnchorAttention:
         if isinstance(cache, AnchorCache):
             cache.end_step()
             cache.tracker.num_steps += 1
+        elif isinstance(cache, Cache) and cache in self._trackers:
+            keys = _first_keys(cache)
+            if keys is not None:
+                self._last_keys[cache] = weakref.ref(keys)
         return output
 
     # -- masks ---------------------------------------------------------------------------------
