@@ -506,3 +506,24 @@ def test_cache_errors() -> None:
         cache.crop(1)
     with pytest.raises(NotImplementedError, match="beam"):
         cache.layers[0].reorder_cache(torch.tensor([0]))
+
+
+@torch.no_grad()
+def test_beam_search_is_refused_not_silently_wrong() -> None:
+    """Beam search reorders cache rows behind the model's back; the anchor layout cannot follow."""
+    model, _ = make_model("ep", 2.5)
+    ids, am = left_padded_prompts(seed=11)
+    kwargs = {"attention_mask": am, "do_sample": False, "num_beams": 2, "max_new_tokens": 4}
+    with pytest.raises(ValueError, match="reordered"):
+        model.generate(ids, **kwargs)
+    with pytest.raises(NotImplementedError, match="beam search"):
+        model.generate(ids, past_key_values=anllm.AnchorCache(), **kwargs)
+    # the same for a row selection done by hand on a DynamicCache between two forwards
+    cache = DynamicCache()
+    step(model, cache, ids, am)
+    cache.batch_select_indices(torch.tensor([1, 0, 2]))
+    am = torch.cat([am, torch.ones(3, 1, dtype=torch.long)], 1)
+    with pytest.raises(ValueError, match="reordered"):
+        step(model, cache, torch.full((3, 1), W), am)
+    with anllm.anchor_attention(model, enabled=False):  # plain causal beam search is untouched
+        assert model.generate(ids, **kwargs).shape == (3, ids.shape[1] + 4)
