@@ -293,6 +293,23 @@ def test_sinks_are_kept() -> None:
 
 
 @torch.no_grad()
+def test_sinks_spanning_several_steps() -> None:
+    """Sinks are the first real tokens of the row even when they arrive over several forwards."""
+    model, _ = make_model("ep", num_sink_tokens=4)
+    ids = torch.tensor([[0, W, P, W + 1, W + 2, 5, W + 3, P, W + 4, W + 5]])
+    am = (ids != 0).long()
+    full = model(ids, attention_mask=am, use_cache=False).logits
+    cache = anllm.AnchorCache()
+    bounds = [0, 3, 4, 5, 6, 8, 9, 10]  # the 2nd..4th real tokens come one forward at a time
+    got = torch.cat(
+        [step(model, cache, ids[:, s:e], am[:, :e]) for s, e in itertools.pairwise(bounds)], 1
+    )
+    torch.testing.assert_close(got[:, 1:], full[:, 1:], atol=1e-4, rtol=0)
+    # kept: sinks W . W+1 W+2, anchors "!" ".", open sentence W+4 W+5
+    assert cache.stats()["kept"] == 8
+
+
+@torch.no_grad()
 def test_keep_prefix_counts_by_hand() -> None:
     model, _ = make_model("ep")
     a, d = W, P
@@ -501,6 +518,10 @@ def test_cache_errors() -> None:
     plain(ids, past_key_values=filled, use_cache=True)  # tokens the anchor-aware model never saw
     with pytest.raises(ValueError, match="anchors\\s+are unknown|already holds"):
         step(model, filled, ids[:, :1], torch.ones(1, 4, dtype=torch.long))
+
+    cache.reset()  # an emptied cache takes any batch again
+    step(model, cache, ids.repeat(2, 1), torch.ones(2, 3, dtype=torch.long))
+    assert cache.stats()["seen_per_row"] == [3, 3]
 
     with pytest.raises(NotImplementedError, match="crop"):
         cache.crop(1)
