@@ -389,3 +389,21 @@ def test_plain_model_runs_full_only(tok, sources, tmp_path):
     assert any("no anchor settings" in n for n in bundle.notes)
     with pytest.raises(ValueError, match="anchor-aware"):
         tr.translate(model, tok, sources[:1], "anchor", max_new_tokens=2, progress=False)
+
+
+def test_chat_prompt_format(ep_model, tok, sources):
+    """prompt_format=chat: one user turn of the tokenizer's chat template, specials not doubled."""
+    import copy
+
+    chat_tok = copy.deepcopy(tok)
+    chat_tok.chat_template = (
+        "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}<s>{% endif %}"
+    )
+    prompt = tr.build_chat_prompt("Der Hund läuft. Ende", chat_tok, anchor_token="<AC>")
+    assert prompt == "<s>Translate the following sentences from German to English.<AC>\n\nDer Hund läuft.<AC> Ende<AC></s><s>"
+    run = tr.translate(ep_model, chat_tok, sources[:2], "anchor", max_new_tokens=3, prompt_format="chat", progress=False)
+    assert run.prompts[0].startswith("<s>Translate") and run.prompt_tokens[0] == len(chat_tok(run.prompts[0], add_special_tokens=False)["input_ids"])
+    with pytest.raises(ValueError, match="chat template"):
+        tr.translate(ep_model, tok, sources[:1], "anchor", max_new_tokens=2, prompt_format="chat", progress=False)
+    with pytest.raises(ValueError, match="prompt_format"):
+        tr.translate(ep_model, tok, sources[:1], "anchor", max_new_tokens=2, prompt_format="vicuna", progress=False)

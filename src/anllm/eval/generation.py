@@ -127,12 +127,14 @@ def greedy_generate(
         if on_step is not None:
             on_step(step, cache)
 
+    # Only the last position's logits are needed: skip the [B, L, vocab] prompt logits.
+    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
     t0 = time.perf_counter()
     with method_attention(model, method):
         # Positions as greedy ``generate`` computes them: count real tokens (left padding).
         pos = (am.cumsum(-1) - 1).clamp_min(0)
         logits = model(
-            input_ids=input_ids, attention_mask=am, position_ids=pos, past_key_values=cache, use_cache=True
+            input_ids=input_ids, attention_mask=am, position_ids=pos, past_key_values=cache, use_cache=True, **extra
         ).logits[:, -1]
         after_forward(0)
         next_pos = am.sum(-1)
@@ -153,6 +155,7 @@ def greedy_generate(
                 position_ids=next_pos[:, None],
                 past_key_values=cache,
                 use_cache=True,
+                **extra,
             ).logits[:, -1]
             next_pos = next_pos + live.long()
             after_forward(step)
@@ -168,6 +171,15 @@ def greedy_generate(
         time_s=elapsed,
         trace=trace,
     )
+
+
+def _accepts_logits_to_keep(model: Any) -> bool:
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def eos_ids_of(model: Any, tokenizer: Any) -> list[int]:

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import torch
 
 from ..anchors import AC_TOKEN
-from ..data.sft import build_alpaca_prompt
+from ..data.sft import build_alpaca_prompt, mark_sentences
 from ..data.sources import TRANSLATION_INSTRUCTION
 from ..modeling import get_anchor_config, is_anchor_aware
 from .generation import ANCHOR_METHODS, canonical_method, eos_ids_of, greedy_generate
@@ -112,6 +112,25 @@ def build_prompt(
     return build_alpaca_prompt(instruction, source, anchor_token, splitter)
 
 
+PROMPT_FORMATS = ("alpaca", "chat")
+
+
+def build_chat_prompt(
+    source: str,
+    tokenizer: Any,
+    *,
+    anchor_token: str | None = None,
+    instruction: str = INSTRUCTION_DE_EN,
+    splitter: str = "blingfire",
+) -> str:
+    """The request as one user turn of the tokenizer's chat template (for chat-tuned base models,
+    e.g. SmolLM2-Instruct, that were never trained on the Alpaca template)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("translation.prompt_format=chat needs a tokenizer with a chat template; use prompt_format=alpaca.")
+    content = f"{mark_sentences(instruction, anchor_token, splitter)}\n\n{mark_sentences(source, anchor_token, splitter)}"
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+
+
 def clean_output(text: str, anchor_token: str | None = None) -> str:
     """One hypothesis line: anchors removed, cut where the model starts a new "###" section,
     whitespace (newlines included) collapsed so files stay line-aligned."""
@@ -147,6 +166,7 @@ class TranslationRun:
     time_s: float
     trace: list[list[int]] = field(default_factory=list)  # [steps][rows of the first batch]
     trace_segments: list[int] = field(default_factory=list)  # segment index of each trace column
+    prompts: list[str] = field(default_factory=list)
 
     def cache_metrics(self) -> dict[str, float]:
         total_seen = sum(self.seen)
@@ -154,10 +174,10 @@ class TranslationRun:
             "c_red": 1.0 - sum(self.kept) / total_seen if total_seen else 0.0,
             "c_red_peak": 1.0 - sum(self.max_kept) / total_seen if total_seen else 0.0,
             "max_kv": sum(self.max_kept) / len(self.max_kept) if self.max_kept else 0.0,
-            "kv_kept": float(sum(self.kept)),
-            "kv_total": float(total_seen),
+            "kv_kept": int(sum(self.kept)),
+            "kv_total": int(total_seen),
             "time_s": self.time_s,
-            "gen_tokens": float(sum(self.gen_tokens)),
+            "gen_tokens": int(sum(self.gen_tokens)),
             "tokens_per_s": sum(self.gen_tokens) / self.time_s if self.time_s > 0 else 0.0,
         }
 
@@ -172,6 +192,7 @@ def translate(
     max_new_tokens: int = 512,
     instruction: str = INSTRUCTION_DE_EN,
     splitter: str = "blingfire",
+    prompt_format: str = "alpaca",
     record_trace: bool = True,
     progress: bool = True,
 ) -> TranslationRun:
@@ -182,12 +203,18 @@ def translate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     anchor_token = prompt_anchor_token(model)
-    prompts = [build_prompt(s, anchor_token=anchor_token, instruction=instruction, splitter=splitter) for s in sources]
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"translation.prompt_format={prompt_format!r}: choose one of {PROMPT_FORMATS}.")
+    if prompt_format == "chat":
+        prompts = [build_chat_prompt(s, tokenizer, anchor_token=anchor_token, instruction=instruction, splitter=splitter) for s in sources]
+    else:
+        prompts = [build_prompt(s, anchor_token=anchor_token, instruction=instruction, splitter=splitter) for s in sources]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("The tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token.")
     eos = eos_ids_of(model, tokenizer)
-    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    # A chat template already spells out its special tokens.
+    encoded = [tokenizer(p, add_special_tokens=prompt_format != "chat")["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     n = len(prompts)
     res: dict[str, list[Any]] = {k: [None] * n for k in ("hyp", "raw", "gen", "seen", "kept", "max_kept")}
@@ -236,6 +263,7 @@ def translate(
         time_s=total_time,
         trace=trace,
         trace_segments=trace_segments,
+        prompts=prompts,
     )
 
 
@@ -343,6 +371,7 @@ def evaluate_translation(
     comet_batch_size: int = 8,
     instruction: str = INSTRUCTION_DE_EN,
     splitter: str = "blingfire",
+    prompt_format: str = "alpaca",
     plots: bool = True,
     progress: bool = True,
 ) -> tuple[list[dict[str, Any]], list[str]]:
@@ -382,12 +411,14 @@ def evaluate_translation(
                 max_new_tokens=max_new_tokens,
                 instruction=instruction,
                 splitter=splitter,
+                prompt_format=prompt_format,
                 progress=progress,
             )
             runs.append(run)
             row = metrics_row(method, run.hypotheses)
             row.update(run.cache_metrics())
             row["max_new_tokens"] = max_new_tokens
+            row["prompt_format"] = prompt_format
             truncated = sum(g >= max_new_tokens for g in run.gen_tokens)
             if truncated:
                 row["note"] = f"{truncated}/{len(srcs)} outputs hit max_new_tokens={max_new_tokens}"
@@ -395,7 +426,7 @@ def evaluate_translation(
             if out_dir is not None:
                 _save_run(Path(out_dir), run, srcs, refs)
     if out_dir is not None and plots and runs:
-        _plots(Path(out_dir), runs, model, tokenizer, srcs[runs[0].trace_segments[0]] if runs[0].trace_segments else srcs[0])
+        _plots(Path(out_dir), runs, model, tokenizer)
     return rows, notes
 
 
@@ -420,7 +451,7 @@ def _save_run(out_dir: Path, run: TranslationRun, srcs: Sequence[str], refs: Seq
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
-def _plots(out_dir: Path, runs: list[TranslationRun], model: Any, tokenizer: Any, example_src: str) -> None:
+def _plots(out_dir: Path, runs: list[TranslationRun], model: Any, tokenizer: Any) -> None:
     from .plots import plot_ansan_mask_for_text, plot_cache_over_steps
 
     seg = runs[0].trace_segments[0] if runs[0].trace_segments else 0
@@ -432,8 +463,7 @@ def _plots(out_dir: Path, runs: list[TranslationRun], model: Any, tokenizer: Any
     if traces:
         plot_cache_over_steps(traces, out_dir / "cache_over_steps.png", title=f"KV cache while translating segment {seg}")
     if is_anchor_aware(model):
-        prompt = build_prompt(example_src, anchor_token=prompt_anchor_token(model))
-        plot_ansan_mask_for_text(model, tokenizer, prompt, out_dir / "ansan_mask.png")
+        plot_ansan_mask_for_text(model, tokenizer, runs[0].prompts[seg], out_dir / "ansan_mask.png")
 
 
 def run_task(bundle: Any, cfg: Any, task: str, out_dir: Path) -> list[dict[str, Any]]:
@@ -462,6 +492,7 @@ def run_task(bundle: Any, cfg: Any, task: str, out_dir: Path) -> list[dict[str, 
         comet_batch_size=int(_opt(tcfg, "comet_batch_size", 8)),
         instruction=str(_opt(tcfg, "instruction", INSTRUCTION_DE_EN)),
         splitter=str(_opt(tcfg, "splitter", "blingfire")),
+        prompt_format=str(_opt(tcfg, "prompt_format", "alpaca")),
         plots=bool(_opt(tcfg, "plots", True)),
         progress=bool(_opt(cfg, "progress", True)),
     )
@@ -493,6 +524,8 @@ def check(cfg: Any) -> None:
     for m in [explicit] if isinstance(explicit, str) else list(explicit or []):
         canonical_method(m)
     hypothesis_files(_opt(tcfg, "hypotheses"))
+    if str(_opt(tcfg, "prompt_format", "alpaca")) not in PROMPT_FORMATS:
+        raise ValueError(f"translation.prompt_format={_opt(tcfg, 'prompt_format')!r}: choose one of {PROMPT_FORMATS}.")
     for key in ("max_new_tokens", "comet_batch_size", "batch_size"):
         value = _opt(tcfg, key)
         if value is not None and int(value) < 1:
