@@ -22,12 +22,12 @@ import torch  # noqa: E402
 
 from ..masks import ansan_mask  # noqa: E402
 
-METHOD_STYLE = {
-    "full": dict(color="tab:gray", marker="o"),
-    "ansan": dict(color="tab:blue", marker="s"),
-    "anchor": dict(color="tab:red", marker="^"),
-    "anchor+src": dict(color="tab:orange", marker="v"),
-    "streamingllm": dict(color="tab:green", marker="D"),
+METHOD_STYLE = {  # line styles differ so that methods holding the same cache stay visible
+    "full": dict(color="tab:gray", marker="o", linestyle="-", linewidth=3.0),
+    "ansan": dict(color="tab:blue", marker="s", linestyle="--", linewidth=1.5),
+    "anchor": dict(color="tab:red", marker="^", linestyle="-", linewidth=1.5),
+    "anchor+src": dict(color="tab:orange", marker="v", linestyle=":", linewidth=2.0),
+    "streamingllm": dict(color="tab:green", marker="D", linestyle="-.", linewidth=1.5),
 }
 
 
@@ -50,7 +50,8 @@ def plot_cache_over_steps(traces: Mapping[str, Sequence[int]], path: Path, title
         ys = [int(v) for v in values]
         data[method] = ys
         style = METHOD_STYLE.get(method, {})
-        ax.plot(range(len(ys)), ys, label=method, color=style.get("color"), linewidth=1.5)
+        ax.plot(range(len(ys)), ys, label=method, color=style.get("color"), linestyle=style.get("linestyle", "-"),
+                linewidth=style.get("linewidth", 1.5))
     ax.set_xlabel("generation step (0 = prompt prefilled)")
     ax.set_ylabel("keys/values held (tokens)")
     ax.set_title(title)
