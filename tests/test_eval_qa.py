@@ -243,3 +243,27 @@ def test_plain_model_runs_full_only_and_says_so(shared_data, tokenizer, tmp_path
     rows = run_task(bundle, _cfg(shared_data, limit=2), "arc_easy", tmp_path)
     assert [r["method"] for r in rows] == ["full"]
     assert any("only 'full' ran" in n for n in bundle.notes)
+
+
+def test_full_mode_reproduces_stock_hflm(shared_data, tokenizer, tmp_path):
+    """Our lm-eval model in mode 'full' gives lm-eval's own HFLM log-likelihoods, request by request."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from anllm.eval.lm_eval_model import AnchorLM
+    from anllm.eval.tasks import task_spec
+
+    model = tiny_llama(vocab_size=len(tokenizer) + 8)
+    spec = task_spec("hellaswag", "local", shared_data, 0, tmp_path)
+    out = {}
+    for name, lm in {
+        "hf": HFLM(pretrained=model, tokenizer=tokenizer, batch_size=2),
+        "anllm": AnchorLM(pretrained=model, tokenizer=tokenizer, mode="full", batch_size=2),
+    }.items():
+        res = simple_evaluate(model=lm, tasks=[spec], limit=3, task_manager=TaskManager(include_defaults=False),
+                              bootstrap_iters=0, verbosity="ERROR")
+        out[name] = [[float(r[0]) for r in s["filtered_resps"]] for s in res["samples"]["hellaswag"]]
+    assert len(out["hf"]) == 3
+    for a, b in zip(out["hf"], out["anllm"]):
+        assert a == pytest.approx(b, abs=1e-4)
