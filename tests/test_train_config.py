@@ -143,3 +143,58 @@ def test_local_data_files_are_checked(shared_data: Path):
                          f"data.parallel_path={shared_data}/newstest_de_en/newstest2017-2020.de-en.jsonl"))
     with pytest.raises(ConfigError, match="does not exist"):
         validate(compose_cfg("+exp=sft_translation_ac", f"data.alpaca_path={shared_data}/alpaca/nope.json"))
+
+
+# --- the SLURM scripts of the paper runs -----------------------------------------------------------
+
+SLURM_DIR = CONF_DIR.parent / "slurm"
+PAPER_RUNS = ["anllm_ac_7b", "anllm_ep_7b", "anllm_ac_13b", "baseline_7b",
+              "sft_translation_ac_7b", "sft_translation_ep_7b", "sft_translation_baseline_7b"]
+
+
+def _train_overrides_of(script: Path, tmp_path: Path, env: dict[str, str]) -> list[str]:
+    """Run an sbatch script with stand-ins for srun/scontrol/python; return train.py's overrides."""
+    import json
+    import os
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho node-a\necho node-b\n")
+    capture = tmp_path / "argv.json"
+    (bin_dir / "fakepython").write_text(
+        f"#!{__import__('sys').executable}\nimport json, sys\njson.dump(sys.argv[1:], open({str(capture)!r}, 'w'))\n"
+    )
+    for name in ("srun", "scontrol", "fakepython"):
+        (bin_dir / name).chmod(0o755)
+    full_env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(bin_dir / "fakepython"),
+                    SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node-[a-b]", SLURM_NNODES="4", SLURM_SUBMIT_DIR=str(CONF_DIR.parent),
+                    **env)
+    proc = subprocess.run(["bash", str(script)], env=full_env, capture_output=True, text=True, cwd=CONF_DIR.parent)
+    assert proc.returncode == 0, proc.stderr
+    argv = json.loads(capture.read_text())
+    assert argv[:2] == ["-m", "torch.distributed.run"] and "--rdzv_endpoint=node-a:29742" in argv
+    assert "--nnodes=4" in argv and "--rdzv_id=4242" in argv
+    return argv[argv.index("train.py") + 1:]
+
+
+@pytest.mark.parametrize("run_name", PAPER_RUNS)
+def test_paper_sbatch_scripts_compose_and_validate(run_name, tmp_path):
+    overrides = _train_overrides_of(SLURM_DIR / f"{run_name}.sbatch", tmp_path, {})
+    cfg = compose_cfg(*overrides)
+    validate(cfg, check_files=False)
+    assert cfg.scale_name == "paper"
+    assert cfg.output_dir == f"outputs/paper/{run_name}"
+    if run_name.startswith(("anllm", "baseline")):
+        assert cfg.deepspeed.zero_optimization.offload_param.device == "cpu"
+        assert cfg.data.id == "redpajama_sample" and cfg.trainer.max_steps == 1200
+        assert cfg.trainer.gradient_accumulation_steps == 16 and cfg.trainer.per_device_train_batch_size == 1
+    else:
+        assert cfg.data.id == "alpaca_newstest" and cfg.model.path.startswith("outputs/paper/")
+    # With a local copy of the corpus the same scripts read it as JSONL (exact epochs, cached).
+    if run_name == "anllm_ac_7b":
+        overrides = _train_overrides_of(SLURM_DIR / f"{run_name}.sbatch", tmp_path, {"RPJ_DIR": "/data/rpj"})
+        cfg = compose_cfg(*overrides)
+        validate(cfg, check_files=False)
+        assert cfg.data.id == "jsonl" and list(cfg.data.paths) == ["/data/rpj/*.jsonl"] and cfg.trainer.max_steps == -1

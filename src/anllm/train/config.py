@@ -169,8 +169,11 @@ def _check_data(cfg: DictConfig, check_files: bool) -> None:
         )
     max_steps = (cfg.get("trainer") or {}).get("max_steps", -1)
     if kind == "hub":
-        if not data.get("name"):
-            raise ConfigError("data.name is empty: the hub dataset id, e.g. togethercomputer/RedPajama-Data-1T-Sample.")
+        if not data.get("name") and not data.get("data_files"):
+            raise ConfigError(
+                "data.name and data.data_files are both empty: give the hub dataset id "
+                "(e.g. togethercomputer/RedPajama-Data-1T-Sample) and/or JSONL file globs/URLs."
+            )
         if data.get("streaming", True) and (max_steps is None or int(max_steps) <= 0):
             raise ConfigError(
                 "data.streaming=true has no length, so epochs cannot be counted: set trainer.max_steps=<optimizer steps>."
