@@ -1,6 +1,6 @@
 """QA suite: local lm-eval tasks on the real staged files, scoring modes, cache accounting, AC prompts.
 
-CPU, ~1.5 min: a tiny random Llama with the SmolLM2 tokenizer (real text, real EP anchors).
+CPU, ~1 min on an idle machine: a tiny random Llama with the SmolLM2 tokenizer (real text, real EP anchors).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """evaluate.py: config, per-task save/resume, error isolation, clear errors, the real CLI.
 
-CPU, ~1.5 min (two subprocess runs of evaluate.py dominate). Data: a few lines of the staged QA files
+CPU, ~1 min on an idle machine (the subprocess run of evaluate.py dominates). Data: a few lines of the staged QA files
 written to a temporary data_dir, so tasks can be made to fail and then fixed.
 """
 
@@ -74,10 +74,11 @@ def test_failed_task_keeps_the_others_and_rerun_resumes(shared_data, checkpoint,
     data = tmp_path / "data"
     _stage(shared_data, data, "arc_easy", "test")  # boolq is missing: that task fails
     out = tmp_path / "out"
-    args = [f"checkpoint={checkpoint}", f"data_dir={data}", f"output_dir={out}", "tasks=[arc_easy,boolq]", "limit=2"]
+    args = [f"checkpoint={checkpoint}", f"data_dir={data}", f"output_dir={out}", "tasks=[arc_easy,boolq]",
+            "modes=[full,anchor]", "qa.baselines=[]", "limit=2"]
     first = run(_cfg(args))
     assert first["failed"] == ["qa/boolq"]
-    assert {r["method"] for r in first["rows"] if r["task"] == "arc_easy"} == {"full", "ansan", "anchor", "streamingllm"}
+    assert {r["method"] for r in first["rows"] if r["task"] == "arc_easy"} == {"full", "anchor"}
     err = next(r for r in first["rows"] if r["task"] == "boolq")
     assert err["method"] == "error" and "qa/boolq/validation.jsonl" in err["error"]
     saved = json.loads((out / "tasks" / "qa" / "arc_easy.json").read_text())
@@ -93,7 +94,7 @@ def test_failed_task_keeps_the_others_and_rerun_resumes(shared_data, checkpoint,
     assert (out / "tasks" / "qa" / "arc_easy.json").stat().st_mtime_ns == mtime
     arc = [r for r in second["rows"] if r["task"] == "arc_easy"]
     assert arc == saved["rows"]
-    assert {r["method"] for r in second["rows"] if r["task"] == "boolq"} == {"full", "ansan", "anchor", "streamingllm"}
+    assert {r["method"] for r in second["rows"] if r["task"] == "boolq"} == {"full", "anchor"}
     table = second["markdown"]
     assert "| Method | ARC-e | BoolQ | Avg | C⇓ % | T⇑ |" in table
 
@@ -128,12 +129,10 @@ def test_cli_prints_the_table(checkpoint, shared_data, tmp_path):
     _stage(shared_data, data, "piqa", "validation")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "evaluate.py", f"checkpoint={checkpoint}", f"data_dir={data}", "tasks=[piqa]", "limit=2",
-           f"output_dir={tmp_path / 'out'}", "qa.baselines=[streamingllm,knorm]", "num_threads=1"]
+           f"output_dir={tmp_path / 'out'}", "qa.baselines=[knorm]", "num_threads=1"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| Method | PIQA | Avg | C⇓ % | T⇑ |" in proc.stdout
-    for method in ("| full |", "| ansan |", "| anchor |", "| streamingllm |", "| knorm |"):
+    for method in ("| full |", "| ansan |", "| anchor |", "| knorm |"):
         assert method in proc.stdout
-    bad = subprocess.run(cmd[:2] + [f"checkpoint={checkpoint}", "data_dir=/nonexistent"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert bad.returncode != 0 and "does not exist" in bad.stderr
+    assert (tmp_path / "out" / "results.md").read_text().strip() in proc.stdout
