@@ -119,6 +119,12 @@ def test_clear_errors_before_loading_the_model(checkpoint, shared_data, tmp_path
         run(cfg)
 
 
+def test_offline_without_data_dir_is_clear(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="pass data_dir=../shared/data"):
+        run(_cfg([f"checkpoint={checkpoint}", f"output_dir={tmp_path}"]))
+
+
 def test_missing_checkpoint_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         run(_cfg([f"checkpoint={tmp_path}/nope", f"output_dir={tmp_path}"]))

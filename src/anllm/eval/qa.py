@@ -39,9 +39,12 @@ def qa_options(cfg: DictConfig) -> dict[str, Any]:
 def resolve_source(source: str, data_dir: str | None) -> str:
     """``auto``: the staged files when ``data_dir`` is given, otherwise the hub."""
     if source == "auto":
-        return "local" if data_dir else "hub"
+        source = "local" if data_dir else "hub"
     if source == "hub" and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ValueError("qa.source=hub but HF_HUB_OFFLINE=1: pass data_dir=../shared/data for the offline tasks.")
+        raise ValueError(
+            "QA tasks would come from the HF hub but HF_HUB_OFFLINE=1: pass data_dir=../shared/data for the "
+            "offline task files."
+        )
     return source
 
 
@@ -58,6 +61,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"qa.source={opts['source']!r}: choose auto, local or hub.")
     if any(k < 0 for k in _fewshots(cfg.get("num_fewshot"))):
         raise ValueError("num_fewshot must be >= 0.")
+    resolve_source(opts["source"], cfg.get("data_dir"))
 
 
 def resolve_modes(bundle: ModelBundle, modes: list[str], baselines: list[str]) -> tuple[list[str], list[str]]:

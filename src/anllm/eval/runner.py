@@ -66,6 +66,11 @@ def check_paths(cfg: DictConfig) -> None:
     """Fail fast on a missing checkpoint or data_dir, naming the fix; make data_dir absolute."""
     if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.get("checkpoint"):
         raise ValueError("checkpoint=DIR is required (a Hugging Face causal-LM directory).")
+    ckpt = str(cfg.checkpoint)
+    if not Path(ckpt).expanduser().is_dir() and (
+        os.environ.get("HF_HUB_OFFLINE") == "1" or ckpt.startswith((".", "/", "~"))
+    ):
+        raise FileNotFoundError(f"checkpoint={ckpt!r} is not a directory. Pass the directory of a saved model.")
     data_dir = cfg.get("data_dir")
     if data_dir:
         path = Path(str(data_dir)).expanduser()
@@ -94,8 +99,6 @@ def load_bundle(cfg: DictConfig) -> ModelBundle:
 
     ckpt = str(cfg.checkpoint)
     path = Path(ckpt).expanduser()
-    if not path.is_dir() and (os.environ.get("HF_HUB_OFFLINE") == "1" or ckpt.startswith((".", "/", "~"))):
-        raise FileNotFoundError(f"checkpoint={ckpt!r} is not a directory. Pass the directory of a saved model.")
     if cfg.get("num_threads"):
         # On a shared CPU, OpenMP threads that outnumber free cores spin against each other (we measured
         # 2 threads 12x slower than 1 under load): let the user pin the count.
