@@ -198,3 +198,22 @@ def test_paper_sbatch_scripts_compose_and_validate(run_name, tmp_path):
         cfg = compose_cfg(*overrides)
         validate(cfg, check_files=False)
         assert cfg.data.id == "jsonl" and list(cfg.data.paths) == ["/data/rpj/*.jsonl"] and cfg.trainer.max_steps == -1
+
+
+def test_submitit_tasks_get_the_torch_distributed_environment(monkeypatch):
+    """launcher=slurm runs one submitit task per GPU; each must know its rank and the rendezvous."""
+    import os
+
+    from anllm.train.distributed import env_from_submitit
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    assert env_from_submitit() is False  # not inside a submitit job: nothing to do
+    slurm = dict(SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="1234", SLURM_PROCID="3", SLURM_LOCALID="1", SLURM_NTASKS="4",
+                 SLURM_JOB_NUM_NODES="2", SLURM_NNODES="2", SLURM_NODEID="1", SLURM_JOB_NODELIST="gpu[01-02]")
+    for k, v in slurm.items():
+        monkeypatch.setenv(k, v)
+    assert env_from_submitit() is True
+    got = {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR")}
+    assert got == {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "gpu01"}
+    assert env_from_submitit() is False  # torchrun-style variables already set: left alone

@@ -103,7 +103,7 @@ class AnllmTrainer(Trainer):
         if self._peak:
             if self._flops_per_token is None:
                 self._flops_per_token = flops_per_token(self.model, self._block_size)
-            logs["mfu"] = round(tps / world * self._flops_per_token / (self._peak * 1e12), 4)
+            logs["mfu"] = round(tps / world * self._flops_per_token / (self._peak * 1e12), 6)
 
 
 class _StartClock(TrainerCallback):
