@@ -396,7 +396,7 @@ def evaluate_translation(
         n_total = len(load_test_set(task, data_dir, None)[0])
         for path in hypotheses:
             row = metrics_row(system_name(path), load_hypotheses(path, len(srcs), n_total))
-            row["note"] = f"external outputs: {path}"
+            row["note"] = f"external outputs: {path.name}"
             rows.append(row)
     if generate:
         if model is None:
