@@ -208,3 +208,16 @@ def test_rotation_keeps_only_complete_checkpoints(tmp_path):
     assert latest_complete_checkpoint(tmp_path).name == "checkpoint-40"
     rotate(tmp_path, keep=2)
     assert [p.name for _, p in checkpoint_dirs(tmp_path)] == ["checkpoint-20", "checkpoint-30", "checkpoint-40"]
+
+
+def test_a_second_run_into_a_busy_output_dir_is_refused(tmp_path, data_cache):
+    from anllm.train.checkpoints import OutputDirLock
+
+    out = tmp_path / "out"
+    held = OutputDirLock(out).acquire()  # as if another training process were writing there
+    try:
+        with pytest.raises(ConfigError, match="Another training run .*pid"):
+            run(tiny_cfg(out, data_cache, "anllm_ac", "block_size=32", "trainer.max_steps=1"))
+    finally:
+        held.release()
+    assert run(tiny_cfg(out, data_cache, "anllm_ac", "block_size=32", "trainer.max_steps=1")).global_step == 1

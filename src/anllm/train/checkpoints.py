@@ -10,8 +10,10 @@ only after the new one is marked, so there is always at least one complete check
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import socket
 import os
 import re
 import shutil
@@ -29,6 +31,49 @@ MARKER = "anllm_checkpoint_complete.json"
 PREFIX = "checkpoint-"
 QUARANTINE = "incomplete_checkpoints"
 _STEP = re.compile(rf"^{PREFIX}(\d+)$")
+
+
+LOCK_FILE = ".anllm_train.lock"
+
+
+class OutputDirLock:
+    """Exclusive lock on an output_dir for one training run (held by global rank 0).
+
+    Two runs writing the same checkpoints (a job submitted twice, a requeued job whose previous
+    instance still runs) would corrupt each other, and the second one's resume would mistake the
+    first one's in-progress checkpoint for an interrupted one. ``flock`` is released by the kernel
+    when the process dies, so a crash never leaves a stale lock.
+    """
+
+    def __init__(self, output_dir: str | Path):
+        self.path = Path(output_dir) / LOCK_FILE
+        self._fh = None
+
+    def acquire(self) -> "OutputDirLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise RuntimeError(
+                f"Another training run ({holder}) is writing to {self.path.parent}. Wait for it to finish, stop it, "
+                "or choose another output_dir=..."
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[tuple[int, Path]]:

@@ -16,7 +16,14 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoints import AtomicCheckpointCallback, checkpoint_dirs, is_complete, latest_complete_checkpoint, quarantine_incomplete
+from .checkpoints import (
+    AtomicCheckpointCallback,
+    OutputDirLock,
+    checkpoint_dirs,
+    is_complete,
+    latest_complete_checkpoint,
+    quarantine_incomplete,
+)
 from .config import ConfigError, plain_dict, resolve_bf16, validate
 from .distributed import barrier, env_from_submitit, is_main_process
 
@@ -51,6 +58,20 @@ def run(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     _setup_reporting(c, output_dir)
 
     args, save_limit, resume = training_arguments(c, output_dir)
+    lock = OutputDirLock(output_dir)
+    if args.process_index == 0:
+        try:
+            lock.acquire()  # before resume looks at checkpoints another run may be writing
+        except RuntimeError as e:
+            raise ConfigError(str(e)) from None
+    try:
+        return _run_locked(c, callbacks, output_dir, args, save_limit, resume)
+    finally:
+        lock.release()
+
+
+def _run_locked(c: dict[str, Any], callbacks: Sequence[Any], output_dir: Path, args: Any,
+                save_limit: int | None, resume: Any) -> TrainResult:
     resume_path = resolve_resume(resume, output_dir, args)
     _claim_output_dir(c, output_dir, resume_path, args)
 
