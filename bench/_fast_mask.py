@@ -18,6 +18,11 @@ non-anchor tokens form one run, its anchor another). So:
 
 Exact for every option (sinks, documents, prefix, anchors_see_anchors); checked against
 ``anllm.masks.dense_mask`` in ``bench_mask.py`` before it is timed.
+
+Step 1 still uses broadcasts over ``[B, R, Lk]``. :func:`onehot_segment_mask` (default options only)
+avoids them: the per-segment rows are a one-hot scatter plus key-only rows, so every op is contiguous.
+At 8k one more cost appears: a fresh 64 MiB bool tensor costs ~45 ms of page faults on first touch
+(more than building it), so the output buffer must be reused across forwards to approach the floor.
 """
 
 from __future__ import annotations
@@ -54,3 +59,31 @@ def run_table_mask(q: TokenLayout, k: TokenLayout, options: AnsanOptions = DEFAU
     flat = run + R * torch.arange(B, device=run.device)[:, None]
     out = table.reshape(B * R, Lk).index_select(0, flat.reshape(-1)).view(B, 1, Lq, Lk)
     return out.tril_(diagonal=Lk - Lq)
+
+
+def onehot_segment_mask(
+    is_anchor: torch.Tensor, attention_mask: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Same as ``anllm.ansan_mask`` with default options (no documents, sinks or prefix), as
+    ``[B, 1, L, L]``, without any slow broadcast: the per-segment rows come from a one-hot scatter
+    (``O(S·L)``), every other op is contiguous. ``out`` reuses a buffer across calls, which at 8k
+    saves the page faults of a fresh 64 MiB allocation (tens of ms, more than the mask itself)."""
+    valid = attention_mask.bool()
+    anchor = is_anchor.bool() & valid
+    B, L = anchor.shape
+    seg = anchor.long().cumsum(-1) - anchor.long()
+    S = int(seg.max()) + 1 if L else 1
+    same = torch.zeros(
+        (B, S + 1, L), dtype=torch.bool, device=anchor.device
+    )  # row S: padding queries
+    same.scatter_(1, seg[:, None, :], True)
+    # rows 0..S: anchor queries (own sentence only); rows S+1..: non-anchors (+ every anchor)
+    table = torch.cat([same, same | anchor[:, None, :]], dim=1)
+    table &= valid[:, None, :]
+    R = 2 * (S + 1)
+    code = torch.where(valid, seg + (S + 1) * (~anchor).long(), S)
+    code = code + R * torch.arange(B, device=code.device)[:, None]
+    if out is None:
+        out = torch.empty((B, 1, L, L), dtype=torch.bool, device=anchor.device)
+    torch.index_select(table.view(B * R, L), 0, code.view(-1), out=out.view(B * L, L))
+    return out.tril_()

@@ -11,8 +11,9 @@ algorithm (same loops, dtype and fill value) in our own words.
 
 Ours: ``anllm.ansan_mask`` (vectorised rule, bool ``[B, L, L]``) and the mask the prepared model's
 forward hook builds (``[B, 1, L, L]``: bool for SDPA, additive float for eager). Every candidate is
-checked against the authors' mask before timing. A sketch of a faster dense mask (``_fast_mask.py``,
-not in the engine) shows what the engine could reach. Reference rows show the floor of any dense mask (writing a causal bool ``[B, 1, L, L]``) and the O(L) token layout that a
+checked against the authors' mask before timing. Sketches of faster dense masks (``_fast_mask.py``,
+not in the engine) show what the engine could reach: a general one (every option) and one for the
+default options that avoids slow broadcasts entirely, optionally writing into a reused buffer. Reference rows show the floor of any dense mask (writing a causal bool ``[B, 1, L, L]``) and the O(L) token layout that a
 non-dense backend (flex_attention's ``mask_mod``) needs.
 
     .venv/bin/python bench/bench_mask.py                      # L = 1k, 4k, 8k
@@ -37,7 +38,7 @@ from _common import (
     time_side_by_side,
     write_results,
 )
-from _fast_mask import run_table_mask
+from _fast_mask import onehot_segment_mask, run_table_mask
 
 import anllm
 from anllm.anchors import AnchorConfig
@@ -156,8 +157,15 @@ def candidates(
         return run_table_mask(lay, lay)
 
     cands["sketch: run-table mask (bench/_fast_mask.py)"] = sketch
+    buf = torch.empty((B, 1, L, L), dtype=torch.bool)
+    cands["sketch: one-hot segments (default options)"] = lambda: onehot_segment_mask(
+        anllm.anchor_mask(ids, anchor_ids), am
+    )
+    cands["sketch: one-hot segments, reused buffer"] = lambda: onehot_segment_mask(
+        anllm.anchor_mask(ids, anchor_ids), am, out=buf
+    )
     refs: dict[str, Build] = {
-        "ref: causal bool 4D (dense floor)": lambda: torch.ones(
+        "ref: causal bool 4D, fresh alloc (dense floor)": lambda: torch.ones(
             (B, 1, L, L), dtype=torch.bool
         ).tril_(),
         "ref: token layout only, O(L)": lambda: layout_from_tokens(
