@@ -123,6 +123,52 @@ def mask_build_ms(model: Any, ids: torch.Tensor, repeat: int) -> float:
     return 1e3 * median(times["mask"])
 
 
+def attention_kernel_s(model: Any, ids: torch.Tensor, repeat: int) -> dict[str, float]:
+    """SDPA forward+backward alone, summed over the model's layers, with ``is_causal`` (what plain
+    causal training uses) vs the AnSAN mask: the part of the gap that is the kernel path (a dense
+    mask forgoes the causal kernel's skipping of the upper triangle), not the rule."""
+    import torch.nn.functional as F
+
+    cfg = model.config
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    B, L = ids.shape
+    g = torch.Generator(device=ids.device).manual_seed(0)
+
+    def t(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, device=ids.device).requires_grad_()
+
+    q, k, v = t(B, heads, L, dim), t(B, kv, L, dim), t(B, kv, L, dim)
+    hook = model._anllm_attention
+    kw: dict[str, Any] = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "use_cache": False,
+    }
+    mask = hook._pre_forward(model, (), kw)[1]["attention_mask"]
+
+    def run(**extra: Any) -> Callable[[], None]:
+        def go() -> None:
+            F.scaled_dot_product_attention(
+                q, k, v, enable_gqa=kv != heads, **extra
+            ).sum().backward()
+
+        return go
+
+    times = time_side_by_side(
+        {"is_causal": run(is_causal=True), "ansan": run(attn_mask=mask)}, 1, repeat
+    )
+    layers = cfg.num_hidden_layers
+    return {name: layers * median(ts) for name, ts in times.items()}
+
+
+def _kernel_cell(kernel: dict[str, float], mode: str, step_s: float) -> str:
+    key = {"causal": "is_causal", "ansan": "ansan"}.get(mode)
+    if key is None or key not in kernel:
+        return ""
+    return f"{kernel[key]:.2f} ({100 * kernel[key] / step_s:.0f}%)"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["tiny", "smollm2"], choices=["tiny", "smollm2"])
@@ -168,6 +214,7 @@ def main() -> None:
             )
             t_causal = median(times["causal"])
             mask_ms = mask_build_ms(model, ids, max(3, args.repeat))
+            kernel = attention_kernel_s(model, ids, max(3, args.repeat)) if attn == "sdpa" else {}
             for m in modes:
                 t = median(times[m])
                 tps = ids.numel() / t
@@ -186,6 +233,11 @@ def main() -> None:
                         "tokens_per_s": tps,
                         "ratio_vs_causal": t_causal / t,
                         "mask_build_ms": mask_ms if m == "ansan" else None,
+                        "sdpa_fwd_bwd_all_layers_s": kernel.get(
+                            "ansan" if m == "ansan" else "is_causal"
+                        )
+                        if m != "causal_4d"
+                        else None,
                         "adamw": args.adamw,
                     }
                 )
@@ -200,6 +252,7 @@ def main() -> None:
                         tps,
                         t_causal / t,
                         f"{mask_ms:.1f}" if m == "ansan" else "",
+                        _kernel_cell(kernel, m, t),
                     ]
                 )
             print(
@@ -221,8 +274,13 @@ def main() -> None:
             "tokens/s",
             "× causal speed",
             "mask build ms",
+            "SDPA fwd+bwd s (share)",
         ],
         rows,
+    )
+    print(
+        "SDPA fwd+bwd = the attention kernel alone over all layers (random q/k/v of the model's shape): "
+        "is_causal for 'causal', the AnSAN mask for 'ansan'."
     )
     write_results(
         "bench_train_step",
