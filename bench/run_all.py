@@ -5,6 +5,7 @@ finish in under ~10 minutes on a quiet 2-core CPU; ``--big`` runs the larger siz
 
     .venv/bin/python bench/run_all.py                 # what `make bench` runs
     .venv/bin/python bench/run_all.py --big           # longer contexts, more repeats
+    .venv/bin/python bench/run_all.py --quick         # smoke run (~1 min, numbers meaningless)
     .venv/bin/python bench/run_all.py --only mask generate --threads 2
 """
 
@@ -20,18 +21,25 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
-# name: (script, default args, --big args)
+# name: (script, default args, --big args, --quick args)
 BENCHES = {
-    "mask": ("bench_mask.py", "", "--lengths 1024 4096 8192 16384 --repeat 9"),
+    "mask": (
+        "bench_mask.py",
+        "",
+        "--lengths 1024 4096 8192 16384 --repeat 9",
+        "--lengths 256 512 --repeat 2",
+    ),
     "train": (
         "bench_train_step.py",
         "",
         "--lengths 1024 2048 --repeat 5 --adamw --reference-models tiny smollm2",
+        "--models tiny --lengths 256 --repeat 2",
     ),
     "generate": (
         "bench_generate.py",
         "",
         "--lengths 1024 2048 4096 8000 --batches 1 4 --new-tokens 128 --max-batch-tokens 32768",
+        "--models tiny --lengths 256 512 --batches 1 2 --new-tokens 8",
     ),
 }
 
@@ -78,16 +86,21 @@ def _load(name: str) -> dict | None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", nargs="+", choices=list(BENCHES), default=list(BENCHES))
-    p.add_argument(
-        "--big", action="store_true", help="larger sizes and more repeats (tens of minutes)"
+    size = p.add_mutually_exclusive_group()
+    size.add_argument(
+        "--big", action="store_true", help="larger sizes, more repeats (tens of minutes)"
+    )
+    size.add_argument(
+        "--quick", action="store_true", help="tiny sizes, tiny model only: a smoke run"
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = p.parse_args()
     t_all = time.perf_counter()
     failed = []
     for key in args.only:
-        script, small, big = BENCHES[key]
-        cmd = [sys.executable, str(HERE / script), *(big if args.big else small).split()]
+        script, default, big, quick = BENCHES[key]
+        extra = big if args.big else quick if args.quick else default
+        cmd = [sys.executable, str(HERE / script), *extra.split()]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         print(f"\n### {' '.join(cmd)}", flush=True)
