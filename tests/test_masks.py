@@ -283,3 +283,24 @@ def test_reachable_later_matches_brute_force(
             n_reach += _count(want)
             n_drop += _count([r[k] and not want[k] for k in range(L)])
     assert n_reach > 50 and n_drop > 50  # both kept and prunable real keys occur
+
+
+@pytest.mark.parametrize("num_sink_tokens,anchors_see_anchors", OPTIONS)
+def test_long_rows_take_the_run_table_path_and_match_reference(
+    num_sink_tokens: int, anchors_see_anchors: bool
+) -> None:
+    """Rows of >= 64 queries are built one row per run of identical queries (masks._run_table_mask);
+    they must equal the reference too, with padding, packing and every option."""
+    from anllm import masks
+
+    rng = random.Random(77 + num_sink_tokens)
+    for _ in range(4):
+        L = rng.randint(masks._RUN_TABLE_MIN_QUERIES, 150)
+        rows = [random_row(rng, L) for _ in range(rng.randint(1, 3))]
+        is_anchor, real, doc = as_tensors(rows)
+        got = ansan_mask(
+            is_anchor, real, doc, num_sink_tokens=num_sink_tokens, anchors_see_anchors=anchors_see_anchors
+        )
+        for b, row in enumerate(rows):
+            want = reference_mask(*row, num_sink_tokens=num_sink_tokens, anchors_see_anchors=anchors_see_anchors)
+            assert got[b].tolist() == want
