@@ -121,11 +121,21 @@ class AnchorLayer(CacheLayerMixin):
         return self._kbuf[:, :, :end], self._vbuf[:, :, :end]
 
     def compact(self, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, new_width: int) -> None:
-        """Move slots ``src -> dst`` of ``rows`` in place (reads happen before writes)."""
+        """Move slots ``src -> dst`` of ``rows`` in place (reads happen before writes).
+
+        When pruning leaves the buffer mostly empty (e.g. after a long prefill), it is reallocated at
+        twice the kept width so that memory follows the kept cache, not the longest prompt.
+        """
         if rows.numel():
             self._kbuf[rows, :, dst] = self._kbuf[rows, :, src]
             self._vbuf[rows, :, dst] = self._vbuf[rows, :, src]
         self.width = new_width
+        cap = self._kbuf.shape[2]
+        if cap > 256 and new_width < cap // 4:
+            keep = max(2 * new_width, 64)
+            self._kbuf = self._kbuf[:, :, :keep].clone()
+            self._vbuf = self._vbuf[:, :, :keep].clone()
+            self.parent.copied_slots += new_width
 
     @property
     def keys(self) -> torch.Tensor | None:  # the Cache API exposes .keys/.values

@@ -248,9 +248,8 @@ class AnchorAttention:
         dtype = model.dtype if model is not None else torch.float32
         if impl == "eager":
             allowed = dense_mask(q, k, self.options)
-            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
-                ~allowed, torch.finfo(dtype).min
-            )
+            zero = torch.zeros((), dtype=dtype, device=allowed.device)
+            return torch.where(allowed, zero, torch.finfo(dtype).min)  # additive: 0 or -inf-ish
         if impl in _UNSUPPORTED_BACKENDS:
             raise ValueError(f"attn_implementation={impl!r} cannot express the AnSAN mask; use sdpa or flex_attention.")
         B, Lq = q.shape
