@@ -207,7 +207,10 @@ def test_submitit_tasks_get_the_torch_distributed_environment(monkeypatch):
     from anllm.train.distributed import env_from_submitit
 
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        # setenv first so that monkeypatch restores the key's absence afterwards: env_from_submitit
+        # exports these, and a leaked RANK/WORLD_SIZE makes every later Trainer wait for a process group.
+        monkeypatch.setenv(key, "unset")
+        monkeypatch.delenv(key)
     assert env_from_submitit() is False  # not inside a submitit job: nothing to do
     slurm = dict(SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="1234", SLURM_PROCID="3", SLURM_LOCALID="1", SLURM_NTASKS="4",
                  SLURM_JOB_NUM_NODES="2", SLURM_NNODES="2", SLURM_NODEID="1", SLURM_JOB_NODELIST="gpu[01-02]")
