@@ -9,8 +9,6 @@ half-written entry that a later run would trust.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -18,9 +16,10 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 from .stats import DataStats
+from ..utils import file_lock
 
 logger = logging.getLogger("anllm.data")
 
@@ -93,22 +92,11 @@ def build_entry(
     system) published it first anyway, its copy is used and ours is discarded.
     """
     entry.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(entry.parent / f".{entry.name}.lock"):
+    with file_lock(entry.parent / f".{entry.name}.lock"):
         done = load_entry(entry)  # another process (e.g. a DDP rank) built it while we waited
         if done is not None:
             return done
         return _build_and_publish(entry, key_parts, build)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Serialise builders of one entry on this machine (other ranks wait instead of rebuilding)."""
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _build_and_publish(

