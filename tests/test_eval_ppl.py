@@ -134,3 +134,23 @@ def test_plain_model_runs_full_only(tok, shared_data, tmp_path):
     rows = pp.run_task(bundle, cfg, "speeches", tmp_path)
     assert [r["method"] for r in rows] == ["full"]
     assert any("no anchor settings" in n for n in bundle.notes)
+
+
+def test_anchor_targets_are_read_but_not_scored() -> None:
+    """AC documents carry <AC> after every sentence; PPL scores only the text tokens."""
+    import anllm
+    from anllm.anchors import AnchorConfig
+    from anllm.eval.perplexity import score_document
+    from anllm.testing import tiny_llama
+
+    model = tiny_llama()
+    model.config.anllm = AnchorConfig(mode="ep", anchor_token_ids=[5]).to_dict()
+    anllm.prepare_model(model, None)
+    ids = torch.randint(6, 128, (60,), generator=torch.Generator().manual_seed(3))
+    ids[[9, 20, 33, 47]] = 5
+    with torch.no_grad():
+        every = score_document(model, ids, "anchor", chunk_size=16, return_token_nll=True)
+        text_only = score_document(model, ids, "anchor", chunk_size=16, return_token_nll=True, skip_target_ids=[5])
+    assert every.tokens == 59 and text_only.tokens == 59 - 4
+    keep = ids[1:] != 5
+    torch.testing.assert_close(text_only.token_nll, every.token_nll[keep])

@@ -125,8 +125,13 @@ def score_document(
     *,
     chunk_size: int = 256,
     return_token_nll: bool = False,
+    skip_target_ids: Sequence[int] = (),
 ) -> DocScore:
-    """Negative log-likelihood of one document (``[L]`` ids) read in chunks through ``method``'s cache."""
+    """Negative log-likelihood of one document (``[L]`` ids) read in chunks through ``method``'s cache.
+
+    ``skip_target_ids`` (e.g. the ``<AC>`` id) are read but not scored as targets, so an AC model's
+    PPL is over the same text tokens as a plain model's.
+    """
     method = canonical_method(method)
     if method == "anchor+src":
         raise ValueError("anchor+src keeps the first chunk whole; it is a translation variant, not a PPL method.")
@@ -138,6 +143,7 @@ def score_document(
         raise ValueError("A document needs at least 2 tokens to score.")
     cache: Cache = make_cache(method)
     nlls: list[torch.Tensor] = []
+    all_targets: list[torch.Tensor] = []
     prev_last: torch.Tensor | None = None
     trace: list[int] = []
     peak = 0
@@ -155,11 +161,15 @@ def score_document(
             prev_last = logits[-1]
             logp = torch.log_softmax(logits[: targets.shape[0]], dim=-1)
             nlls.append(-logp.gather(-1, targets[:, None])[:, 0])
+            all_targets.append(targets)
             kept = kept_per_row(cache, am)[0]
             peak = max(peak, kept)
             trace.append(kept)
     elapsed = time.perf_counter() - t0
     token_nll = torch.cat(nlls)
+    if len(skip_target_ids):
+        scored = ~torch.isin(torch.cat(all_targets), torch.tensor(list(skip_target_ids), device=ids.device))
+        token_nll = token_nll[scored]
     return DocScore(
         nll=float(token_nll.sum()),
         tokens=int(token_nll.numel()),
@@ -193,6 +203,7 @@ def perplexity_rows(
     max_tokens: int | None = 2048,
     out_dir: Path | None = None,
     progress: bool = True,
+    skip_target_ids: Sequence[int] = (),
 ) -> list[dict[str, Any]]:
     """One row per method over all ``docs``: corpus PPL (exp of mean token NLL), C⇓, MaxKV, time, T⇑."""
     from tqdm.auto import tqdm
@@ -206,7 +217,7 @@ def perplexity_rows(
     rows: list[dict[str, Any]] = []
     per_doc: dict[str, list[dict[str, Any]]] = {}
     for method in methods:
-        scores = [score_document(model, ids, method, chunk_size=chunk_size) for _, ids in tqdm(encoded, desc=f"ppl [{method}]", disable=not progress, leave=False)]
+        scores = [score_document(model, ids, method, chunk_size=chunk_size, skip_target_ids=skip_target_ids) for _, ids in tqdm(encoded, desc=f"ppl [{method}]", disable=not progress, leave=False)]
         nll, n = sum(s.nll for s in scores), sum(s.tokens for s in scores)
         seen, kept = sum(s.seen for s in scores), sum(s.kept for s in scores)
         t = sum(s.time_s for s in scores)
@@ -295,6 +306,15 @@ def run_task(bundle: Any, cfg: Any, task: str, out_dir: Path) -> list[dict[str, 
         min_chars=int(_opt(pcfg, "min_chars", 2000)),
     )
     max_tokens = pcfg.get("max_tokens", 2048) if hasattr(pcfg, "get") else 2048
+    skip: list[int] = []
+    if bundle.anchor_mode == "ac":
+        # AC models read text the way they were trained: <AC> after every sentence (not scored).
+        from anllm.anchors import AC_TOKEN, insert_anchor_token
+
+        anchor = bundle.anchor or {}
+        token = anchor.get("anchor_token") or AC_TOKEN
+        docs = [(doc_id, insert_anchor_token(text, token)) for doc_id, text in docs]
+        skip = list(anchor.get("anchor_token_ids") or [])
     rows = perplexity_rows(
         model,
         bundle.tokenizer,
@@ -305,6 +325,7 @@ def run_task(bundle: Any, cfg: Any, task: str, out_dir: Path) -> list[dict[str, 
         max_tokens=None if max_tokens is None else int(max_tokens),
         out_dir=out_dir,
         progress=bool(_opt(cfg, "progress", True)),
+        skip_target_ids=skip,
     )
     for note in notes:
         if note not in bundle.notes:
