@@ -28,3 +28,12 @@ def smollm2_dir() -> Path:
     from anllm.models.smollm2 import smollm2_path
 
     return smollm2_path()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy CPU two threads spin against each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -25,15 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy CPU two threads spin against each other."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
