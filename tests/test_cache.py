@@ -14,29 +14,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import DynamicCache, PreTrainedTokenizerFast
+from transformers import DynamicCache
 
 import anllm
-from anllm.testing import tiny_llama
+from anllm.testing import tiny_llama, word_tokenizer
 
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 EP_WORDS = [".", "!", "?", ","] + [f"w{i}" for i in range(120)]  # 128 tokens, the tiny_llama vocab
 EP_IDS = [4, 5, 6]
 AC_WORDS = [".", ","] + [f"w{i}" for i in range(26)]
 W = 10  # a non-anchor word id, used in hand-made examples
 P = 4  # "." in EP_WORDS
-
-
-def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
-    """A whitespace word-level tokenizer: ids 0-3 are specials, then ``words`` in order."""
-    tk = Tokenizer(
-        models.WordLevel({w: i for i, w in enumerate(SPECIALS + words)}, unk_token="<unk>")
-    )
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
 
 
 def make_model(

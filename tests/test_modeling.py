@@ -15,23 +15,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import anllm
-from anllm.testing import tiny_llama
+from anllm.testing import tiny_llama, word_tokenizer
 
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
-
-
-def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
-    """A whitespace word-level tokenizer: ids 0-3 are specials, then ``words`` in order."""
-    vocab = {w: i for i, w in enumerate(SPECIALS + words)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
 
 
 EP_WORDS = [".", "!", "?", ","] + [f"w{i}" for i in range(120)]  # 128 tokens, the tiny_llama vocab

@@ -39,3 +39,19 @@ def tiny_llama(
     model = LlamaForCausalLM(config)
     model.config._attn_implementation = attn_implementation
     return model.eval()
+
+
+SPECIAL_WORDS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def word_tokenizer(words: list[str]):
+    """A whitespace word-level tokenizer whose ids tests can write by hand: 0-3 are
+    ``<pad> <s> </s> <unk>``, then ``words`` in order."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SPECIAL_WORDS + words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
