@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,21 +12,8 @@ import torch
 import anllm
 from anllm.eval import perplexity as pp
 from anllm.testing import tiny_llama
+from anllm.testing import bpe_tokenizer
 
-
-def tiny_bpe_tokenizer(texts: list[str], vocab_size: int = 400):
-    """A byte-level BPE trained in memory (pad=0, bos=1, eos=2 like ``tiny_llama``)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tk.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +23,7 @@ def docs(shared_data):
 
 @pytest.fixture(scope="module")
 def tok(docs):
-    return tiny_bpe_tokenizer([t for _, t in docs])
+    return bpe_tokenizer([t for _, t in docs])
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from anllm.eval import translation as tr
 from anllm.eval.generation import greedy_generate
 from anllm.eval.metrics import CometUnavailable, load_comet, sacrebleu_scores, score_translations
 from anllm.testing import tiny_llama
+from anllm.testing import bpe_tokenizer
 
 WMT23 = "wmt23_de_en"
 
@@ -33,26 +34,10 @@ def _corpus(shared_data: Path, n: int = 40) -> list[str]:
     return src + ref
 
 
-def tiny_bpe_tokenizer(texts: list[str], vocab_size: int = 400):
-    """A byte-level BPE trained in memory (pad=0, bos=1, eos=2 like ``tiny_llama``)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tk.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-
 
 @pytest.fixture(scope="module")
 def tok(shared_data):
-    return tiny_bpe_tokenizer(_corpus(shared_data))
+    return bpe_tokenizer(_corpus(shared_data))
 
 
 def _batch(tok, prompts):
