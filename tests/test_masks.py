@@ -5,7 +5,8 @@ key k (k <= q) iff both are real tokens of the same packed document and (same se
 anchor and q is not); a segment ends at an anchor, inclusive; padding rows/columns are all False.
 Options: the first ``num_sink_tokens`` real tokens of each document stay visible to the later tokens
 of that document; ``anchors_see_anchors`` lets anchors see earlier anchors; a kept prompt prefix
-(``keep_prefix``) is visible to every token after it. Runtime: ~5 s.
+(``keep_prefix``) is visible to every token after it; ``hide_anchors`` (the sentence-only control)
+drops the anchor clause. Runtime: ~5 s.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def reference_mask(
     num_sink_tokens: int = 0,
     anchors_see_anchors: bool = False,
     prefix_len: int = 0,
+    hide_anchors: bool = False,
 ) -> list[list[bool]]:
     """``M[q][k]`` for one row, by brute force over the rule's wording."""
     L = len(is_anchor)
@@ -51,7 +53,7 @@ def reference_mask(
             if not (real[q] and real[k] and doc[q] == doc[k]):
                 continue
             same_segment = segment_end(k) == segment_end(q)
-            via_anchor = anchor[k] and (anchors_see_anchors or not anchor[q])
+            via_anchor = anchor[k] and (anchors_see_anchors or not anchor[q]) and not hide_anchors
             via_sink = is_sink(k)
             via_prefix = k < prefix_len <= q
             M[q][k] = same_segment or via_anchor or via_sink or via_prefix
@@ -304,3 +306,39 @@ def test_long_rows_take_the_run_table_path_and_match_reference(
         for b, row in enumerate(rows):
             want = reference_mask(*row, num_sink_tokens=num_sink_tokens, anchors_see_anchors=anchors_see_anchors)
             assert got[b].tolist() == want
+
+
+@pytest.mark.parametrize("num_sink_tokens", [0, 2])
+def test_hide_anchors_is_the_sentence_only_control(num_sink_tokens: int) -> None:
+    """``hide_anchors``: every token sees its own sentence (and sinks) only, on short rows and on the
+    long-row path; a key is reachable later iff an appended token could see it."""
+    from anllm import masks
+
+    rng = random.Random(5 + num_sink_tokens)
+    options = AnsanOptions(num_sink_tokens, hide_anchors=True)
+    batches = random_batches(seed=31 + num_sink_tokens, n_batches=100)
+    long_len = rng.randint(masks._RUN_TABLE_MIN_QUERIES, 100)
+    batches += [[random_row(rng, long_len) for _ in range(2)]]
+    patterns = [p for n in (1, 2) for p in itertools.product([False, True], repeat=n)]
+    hidden = 0
+    for rows in batches:
+        is_anchor, real, doc = as_tensors(rows)
+        got = ansan_mask(is_anchor, real, doc, num_sink_tokens=num_sink_tokens, hide_anchors=True)
+        lay = layout_from_tokens(is_anchor, real, doc, options)
+        reach = reachable_later(lay, (is_anchor & real.bool()).sum(-1, keepdim=True), doc[:, -1:], options)
+        for b, (a, r, d) in enumerate(rows):
+            want = reference_mask(a, r, d, num_sink_tokens, hide_anchors=True)
+            assert got[b].tolist() == want
+            full = reference_mask(a, r, d, num_sink_tokens)
+            hidden += sum(f and not w for fr, wr in zip(full, want) for f, w in zip(fr, wr))
+            if len(a) > 16:
+                continue
+            L = len(a)
+            want_reach = [False] * L
+            for p in patterns:
+                M = reference_mask(a + list(p), r + [True] * len(p), d + [d[-1]] * len(p), num_sink_tokens,
+                                   hide_anchors=True)
+                for k in range(L):
+                    want_reach[k] = want_reach[k] or any(M[q][k] for q in range(L, L + len(p)))
+            assert reach[b].tolist() == want_reach
+    assert hidden > 50  # the control really removes earlier anchors from view

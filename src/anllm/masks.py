@@ -14,6 +14,9 @@ padding) of the same packed document, and
 * k belongs to a kept prompt prefix and q does not (``keep_prefix``, the paper's "Src Cache").
 
 ``anchors_see_anchors=True`` additionally lets anchors see earlier anchors (option, off by default).
+``hide_anchors=True`` removes the anchor clause altogether: every token sees only its own sentence
+(plus sinks/prefix). That is not a model anyone trains; it is the *sentence-only control* of the
+evaluation, whose distance to the real rule measures what the anchors carry.
 """
 
 from __future__ import annotations
@@ -36,10 +39,11 @@ __all__ = [
 
 @dataclass(frozen=True)
 class AnsanOptions:
-    """Options beyond the paper's rule; both off by default."""
+    """Options beyond the paper's rule; all off by default."""
 
     num_sink_tokens: int = 0
     anchors_see_anchors: bool = False
+    hide_anchors: bool = False  # the sentence-only control (evaluation), see the module docstring
 
     def __post_init__(self) -> None:
         if self.num_sink_tokens < 0:
@@ -85,11 +89,16 @@ class TokenLayout:
 def visible(q: TokenLayout, k: TokenLayout, options: AnsanOptions = AnsanOptions()) -> torch.Tensor:
     """True where query token ``q`` may attend key token ``k`` (fields broadcast against each other)."""
     allowed = (k.idx <= q.idx) & (k.doc == q.doc) & k.valid & q.valid
-    via_anchor = k.anchor if options.anchors_see_anchors else k.anchor & ~q.anchor
+    if options.hide_anchors:
+        via_anchor = torch.zeros_like(k.anchor)
+    else:
+        via_anchor = k.anchor if options.anchors_see_anchors else k.anchor & ~q.anchor
     return allowed & ((k.seg == q.seg) | via_anchor | k.sink | (k.prefix & ~q.prefix))
 
 
-def reachable_later(k: TokenLayout, open_seg: torch.Tensor, open_doc: torch.Tensor) -> torch.Tensor:
+def reachable_later(
+    k: TokenLayout, open_seg: torch.Tensor, open_doc: torch.Tensor, options: AnsanOptions = AnsanOptions()
+) -> torch.Tensor:
     """True for keys that some *future* token could still attend under :func:`visible`.
 
     Future tokens come after every key, lie in the row's open segment ``open_seg`` (or a later one)
@@ -97,7 +106,8 @@ def reachable_later(k: TokenLayout, open_seg: torch.Tensor, open_doc: torch.Tens
     tokens fail every clause of :func:`visible` for all of them, so dropping them is lossless.
     ``open_seg``/``open_doc`` broadcast against the key fields (e.g. ``[B, 1]``).
     """
-    return k.valid & (k.doc == open_doc) & ((k.seg == open_seg) | k.anchor | k.sink | k.prefix)
+    anchor = torch.zeros_like(k.anchor) if options.hide_anchors else k.anchor
+    return k.valid & (k.doc == open_doc) & ((k.seg == open_seg) | anchor | k.sink | k.prefix)
 
 
 def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
@@ -178,6 +188,7 @@ def ansan_mask(
     *,
     num_sink_tokens: int = 0,
     anchors_see_anchors: bool = False,
+    hide_anchors: bool = False,
 ) -> torch.Tensor:
     """The dense AnSAN mask ``[B, L, L]``: True where query i may attend key j.
 
@@ -185,7 +196,7 @@ def ansan_mask(
     ``document_ids`` (``[B, L]`` ints) separates documents packed into one row. Padding rows are
     all False (padding neither attends nor is attended).
     """
-    options = AnsanOptions(num_sink_tokens, anchors_see_anchors)
+    options = AnsanOptions(num_sink_tokens, anchors_see_anchors, hide_anchors)
     lay = layout_from_tokens(is_anchor, attention_mask, document_ids, options)
     return dense_mask(lay, lay, options)[:, 0]
 

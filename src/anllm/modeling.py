@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from dataclasses import replace
 from typing import Any, Iterator
 
 import torch
@@ -132,6 +133,21 @@ def anchor_attention(model: Any, enabled: bool) -> Iterator[None]:
         yield
     finally:
         att.enabled = before
+
+
+@contextlib.contextmanager
+def anchor_options(model: Any, **changes: Any) -> Iterator[None]:
+    """Temporarily change the rule's :class:`~anllm.masks.AnsanOptions` of an anchor-aware model
+    (e.g. ``hide_anchors=True`` for the sentence-only control). Use a fresh cache inside."""
+    att = getattr(model, "_anllm_attention", None)
+    if att is None or not att.cfg.enabled:
+        raise ValueError("This model is not anchor-aware: call anllm.prepare_model(mode='ac'|'ep') first.")
+    before = att.options
+    att.options = replace(before, **changes)
+    try:
+        yield
+    finally:
+        att.options = before
 
 
 def _first_keys(cache: Cache) -> torch.Tensor | None:
