@@ -148,6 +148,32 @@ def test_max_documents_and_holdout_split_documents(tok, tmp_path):
     assert sorted(n_a(train["input_ids"]) + n_a(hold["input_ids"])) == list(range(1, 9))
 
 
+def test_holdout_paths_and_fraction_are_never_trained_on(tok, tmp_path):
+    """Whole held-out files plus a sampled fraction of the rest: training rows and the held-out
+    documents that evaluation reads (held_out_documents) are disjoint and cover every document."""
+    from anllm.data import held_out_documents
+
+    main = write_jsonl(tmp_path / "main.jsonl", [{"text": " ".join(["a"] * (i + 1))} for i in range(10)])
+    side = write_jsonl(tmp_path / "side.jsonl", [{"text": " ".join(["b"] * (i + 1))} for i in range(3)])
+    cfg = {"kind": "jsonl", "paths": [str(tmp_path / "*.jsonl")], "packing": False, "holdout_fraction": 0.2,
+           "holdout_paths": [str(side)]}
+    train, _ = build(cfg, tok, ac_config(tok), 64, tmp_path)
+    hold, _ = build(cfg, tok, ac_config(tok), 64, tmp_path, split="holdout")
+    docs = held_out_documents(cfg)
+    key = lambda ids: (ids.count(A), ids.count(B))  # noqa: E731 - counts identify a document
+    train_keys = {key(r) for r in train["input_ids"]}
+    hold_keys = {key(r) for r in hold["input_ids"]}
+    assert all(b == 0 for _, b in train_keys)  # the held-out file never reaches training
+    assert len(train) == 8 and len(hold) == 5 and not train_keys & hold_keys
+    assert train_keys | hold_keys == {(i, 0) for i in range(1, 11)} | {(0, i) for i in range(1, 4)}
+    # Evaluation reads exactly the held-out split, with ids that say where each document came from.
+    assert {(t.split().count("a"), t.split().count("b")) for _, t in docs} == hold_keys
+    assert [d for d, _ in docs][:3] == ["side:1", "side:2", "side:3"]
+    assert all(d.startswith("main:") for d, _ in docs[3:])
+    with pytest.raises(ValueError, match="holds no documents out"):
+        held_out_documents({"kind": "jsonl", "paths": [str(main)]})
+
+
 def test_stream_processing_matches_cached_path(tok, corpus, tmp_path):
     source = datasets.Dataset.from_list(DOCS + [{"text": "   "}]).to_iterable_dataset()
     stream = process_stream(source, tok, ac_config(tok), 8)

@@ -6,6 +6,7 @@ evaluation come from :func:`build_alpaca_prompt` so they match training exactly.
 """
 
 from .build import build_train_dataset, process_stream
+from .split import held_out_documents
 from .collator import DataCollatorForAnchors
 from .demo import demo_documents
 from .processing import IGNORE_INDEX, TextProcessor, pack_documents
@@ -21,6 +22,7 @@ __all__ = [
     "build_alpaca_response",
     "build_train_dataset",
     "demo_documents",
+    "held_out_documents",
     "pack_documents",
     "process_stream",
 ]

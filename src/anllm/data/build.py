@@ -30,16 +30,17 @@ import numpy as np
 
 from ..anchors import AnchorConfig
 from . import cache as cache_mod
-from .demo import demo_documents
 from .processing import TextProcessor, check_anchor_tokenizer, pack_documents, truncate_document
 from .sft import SFTProcessor
 from .sources import SkipLogger, iter_alpaca, iter_jsonl_texts, iter_parallel, resolve_paths, resolve_remote
+from .split import SPLITS, has_holdout, holdout_settings, partition_files, split_indices
+from .split import iter_documents as split_documents
 from .stats import DataStats
 
 logger = logging.getLogger("anllm.data")
 
 KINDS = ("jsonl", "demo", "hub", "sft")
-_COMMON = {"kind", "id", "name", "base_dir", "max_documents", "holdout_fraction", "holdout_seed", "splitter",
+_COMMON = {"kind", "id", "name", "base_dir", "max_documents", "holdout_fraction", "holdout_seed", "holdout_paths", "splitter",
            "packing", "keep_remainder", "batch_size", "description"}
 KNOWN_KEYS = {
     "jsonl": _COMMON | {"paths", "text_column"},
@@ -47,7 +48,6 @@ KNOWN_KEYS = {
     "hub": _COMMON | {"config", "split", "streaming", "text_column", "shuffle_buffer", "revision", "data_files"},
     "sft": _COMMON | {"alpaca_path", "parallel_path", "max_examples"},
 }
-SPLITS = ("train", "holdout")
 
 
 def build_train_dataset(
@@ -84,18 +84,16 @@ def build_train_dataset(
             f"block_size={block_size} is larger than the model's maximum length {max_model_length} "
             f"(max_position_embeddings). Use a smaller block, e.g. the override block_size={max_model_length}."
         )
-    frac = float(cfg.get("holdout_fraction") or 0.0)
-    if not 0.0 <= frac < 1.0:
-        raise ValueError(f"holdout_fraction must be in [0, 1), got {frac}.")
-    if split == "holdout" and frac == 0.0:
-        raise ValueError("split='holdout' needs data.holdout_fraction > 0.")
+    frac, _, held_paths = holdout_settings(cfg)
+    if split == "holdout" and not has_holdout(cfg):
+        raise ValueError("split='holdout' needs data.holdout_fraction > 0 or data.holdout_paths.")
     check_anchor_tokenizer(tokenizer, anchor)
     mode = anchor.mode if anchor is not None else "none"
     num_proc = max(1, int(num_proc or 1))
 
     if kind == "hub":
-        if frac or split != "train":
-            raise ValueError("Streamed hub data cannot hold out documents; drop data.holdout_fraction "
+        if frac or held_paths or split != "train":
+            raise ValueError("Streamed hub data cannot hold out documents; drop data.holdout_fraction/holdout_paths "
                              "(evaluate on a local jsonl slice instead).")
         return _build_hub(cfg, tokenizer, anchor, block_size, seed)
 
@@ -210,36 +208,16 @@ def _gen_rows(make: Callable[[], Iterator[dict]]) -> Iterator[dict]:
 
 
 def _split_holdout(ds: Any, cfg: dict, split: str) -> Any:
-    """Deterministic document-level split: a permutation seeded by ``holdout_seed`` (default 0, not
-    the training seed, so every run holds out the same documents) puts round(f*N) documents aside."""
-    frac = float(cfg.get("holdout_fraction") or 0.0)
-    if frac == 0.0:
+    """The rows of ``split`` among documents sampled by ``holdout_fraction`` (see :mod:`.split`)."""
+    frac, seed, _ = holdout_settings(cfg)
+    if frac == 0.0 and split == "train":
         return ds
-    n = len(ds)
-    n_hold = max(1, round(frac * n))
-    if n_hold >= n:
-        raise ValueError(f"holdout_fraction={frac} leaves no training documents out of {n}.")
-    rng = np.random.default_rng(int(cfg.get("holdout_seed") or 0))
-    perm = rng.permutation(n)
-    idx = np.sort(perm[:n_hold] if split == "holdout" else perm[n_hold:])
-    return ds.select(idx.tolist())
+    return ds.select(split_indices(len(ds), frac, seed, split).tolist())
 
 
 def _read_texts(cfg: dict, files: list[Path], stats: DataStats) -> Callable[[], Iterator[dict]]:
-    skip = SkipLogger(stats)
-    max_docs = cfg.get("max_documents")
-    max_docs = int(max_docs) if max_docs is not None else None
-    if cfg["kind"] == "jsonl":
-        column = cfg.get("text_column", "text")
-        return lambda: ({"text": t} for t in iter_jsonl_texts(files, column, skip, max_docs))
-
-    def demo() -> Iterator[dict]:
-        for i, text in enumerate(demo_documents()):
-            if max_docs is not None and i >= max_docs:
-                return
-            yield {"text": text}
-
-    return demo
+    """Rows ``{"text"}`` in the order :func:`.split.held_out_documents` reads them (one reader)."""
+    return lambda: ({"text": text} for _, text in split_documents(cfg, files, stats))
 
 
 def _map_kwargs(num_proc: int, cfg: dict, desc: str) -> dict[str, Any]:
@@ -254,13 +232,24 @@ def _build_pretrain(
     from datasets import Features, Sequence, Value
 
     t = time.perf_counter()
-    raw = _from_generator(_gen_rows, Features({"text": Value("string")}), work, make=_read_texts(cfg, files, stats))
-    if raw is None:
+    files, held_files = partition_files(files, cfg, cfg.get("base_dir") or _default_base_dir())
+    text_features = Features({"text": Value("string")})
+    raw = None
+    if files or cfg["kind"] == "demo":
+        raw = _from_generator(_gen_rows, text_features, work, make=_read_texts(cfg, files, stats))
+        raw = None if raw is None else _split_holdout(raw, cfg, split)
+    if split == "holdout" and held_files:  # whole files held out (holdout_paths)
+        whole = {**cfg, "kind": "jsonl", "max_documents": None}
+        held = _from_generator(_gen_rows, text_features, work / "held", make=_read_texts(whole, held_files, stats))
+        if held is not None:
+            from datasets import concatenate_datasets
+
+            raw = held if raw is None or len(raw) == 0 else concatenate_datasets([held, raw])
+    if raw is None or len(raw) == 0:
         raise ValueError(
-            f"No usable document in the {cfg['kind']} data ({stats.num_skipped} skipped: {stats.skipped}; "
-            f"first: {stats.skipped_examples[:3]})."
+            f"No usable document in the {cfg['kind']} data ({split} split; {stats.num_skipped} skipped: "
+            f"{stats.skipped}; first: {stats.skipped_examples[:3]})."
         )
-    raw = _split_holdout(raw, cfg, split)
     _timed(stats, "read")(t)
 
     t = time.perf_counter()

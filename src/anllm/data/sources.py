@@ -133,6 +133,14 @@ def iter_jsonl_texts(
     The first valid record of each file must have the column: if it does not, the config names the
     wrong column and a ValueError lists the columns that exist.
     """
+    for _, text in iter_jsonl_documents(paths, text_column, skip, max_documents):
+        yield text
+
+
+def iter_jsonl_documents(
+    paths: Sequence[Path | str], text_column: str, skip: SkipLogger, max_documents: int | None = None
+) -> Iterator[tuple[str, str]]:
+    """``(file:line, text)`` of every usable record (see :func:`iter_jsonl_texts`)."""
     n = 0
     for path in paths:
         checked = False
@@ -153,7 +161,7 @@ def iter_jsonl_texts(
             if not text.strip():
                 skip("empty document", where)
                 continue
-            yield text
+            yield where, text
             n += 1
             if max_documents is not None and n >= max_documents:
                 return
