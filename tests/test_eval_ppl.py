@@ -140,3 +140,139 @@ def test_anchor_targets_are_read_but_not_scored() -> None:
     assert every.tokens == 59 and text_only.tokens == 59 - 4
     keep = ids[1:] != 5
     torch.testing.assert_close(text_only.token_nll, every.token_nll[keep])
+
+
+# ---- equal-cache baselines and the sentence-only control ----------------------------------------
+
+
+def _oracle_nll(model, ids, mask):
+    """Per-token NLL from an un-hooked forward fed an explicit [L, L] bool mask (the independent oracle)."""
+    with anllm.anchor_attention(model, enabled=False), torch.no_grad():
+        logits = model(input_ids=ids[None], attention_mask=mask[None, None], use_cache=False).logits[0].float()
+    return -torch.log_softmax(logits[:-1], -1).gather(-1, ids[1:, None])[:, 0]
+
+
+def test_streaming_keeps_sinks_and_recent_window_by_hand():
+    from anllm.eval.baselines import streaming_visible
+
+    # budget 4, one sink: query q sees token 0 and q-2..q.
+    got = streaming_visible(7, budget=4, num_sink_tokens=1)
+    want = [
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 0, 1, 1, 1, 0, 0],
+        [1, 0, 0, 1, 1, 1, 0],
+        [1, 0, 0, 0, 1, 1, 1],
+    ]
+    assert got.int().tolist() == want
+    assert streaming_visible(7, budget=3, num_sink_tokens=4).sum(-1).max() == 3  # sinks capped at budget // 2
+
+
+def test_knorm_keeps_the_lowest_norm_earlier_keys_by_hand():
+    from anllm.eval.baselines import knorm_visible
+
+    norms = [5.0, 1.0, 4.0, 2.0, 3.0, 0.5]
+    keys = torch.tensor(norms)[None, None, :, None]  # [B=1, H=1, L=6, D=1]: |key| = norm
+    got = knorm_visible(keys, budget=3)[0, 0].int().tolist()
+    # q sees itself + the 2 lowest-norm keys among 0..q-1
+    want = []
+    for q in range(6):
+        earlier = sorted(range(q), key=lambda j: (norms[j], j))[:2]
+        want.append([int(k == q or k in earlier) for k in range(6)])
+    assert got == want
+    assert want[5] == [0, 1, 0, 1, 0, 1]
+
+
+def test_streaming_and_sentence_methods_match_explicit_masks(model, tok, docs):
+    from anllm.eval.baselines import streaming_visible
+    from anllm.masks import AnsanOptions
+    from anllm import ansan_mask
+
+    ids = tok(docs[0][1], return_tensors="pt")["input_ids"][0][:180]
+    got = pp.score_document(model, ids, "streamingllm", budget=24, return_token_nll=True)
+    torch.testing.assert_close(got.token_nll, _oracle_nll(model, ids, streaming_visible(180, 24, 4)), atol=1e-5, rtol=1e-5)
+    assert (got.kept, got.max_kept) == (24, 24)
+    # The sentence-only control: each token sees its own sentence only (earlier anchors hidden).
+    is_anchor = torch.isin(ids, torch.tensor(anllm.get_anchor_config(model).anchor_token_ids))
+    own_sentence = ansan_mask(is_anchor[None], hide_anchors=True)[0]
+    sentence = pp.score_document(model, ids, "sentence", chunk_size=50, return_token_nll=True)
+    torch.testing.assert_close(sentence.token_nll, _oracle_nll(model, ids, own_sentence), atol=1e-5, rtol=1e-5)
+    anchor = pp.score_document(model, ids, "anchor", chunk_size=50, return_token_nll=True)
+    assert sentence.kept < anchor.kept and not torch.allclose(sentence.token_nll, anchor.token_nll)
+    # The budget: the most keys any token attends under the rule (here from the model's EP anchors).
+    assert pp.document_budget(model, tok, docs[0][1][:0], ids) == int(ansan_mask(is_anchor[None])[0].sum(-1).max())
+    assert AnsanOptions().hide_anchors is False
+
+
+def test_knorm_method_matches_a_loop_reference_attention(model, tok, docs):
+    """The per-layer K-norm masks against an attention function written with loops: for every query,
+    sort the earlier keys of each KV head by norm, keep budget-1 of them, softmax by hand."""
+    from transformers import AttentionInterface
+
+    budget = 9
+
+    def reference(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        B, H, L, D = query.shape
+        groups = H // key.shape[1]
+        out = torch.zeros_like(query)
+        for h in range(H):
+            k, v = key[0, h // groups], value[0, h // groups]
+            norms = k.norm(dim=-1).tolist()
+            for q in range(L):
+                kept = sorted(range(q), key=lambda j: (norms[j], j))[: budget - 1] + [q]
+                w = torch.softmax((query[0, h, q] @ k[kept].T) * scaling, -1)
+                out[0, h, q] = w @ v[kept]
+        return out.transpose(1, 2).contiguous(), None
+
+    ids = tok(docs[1][1], return_tensors="pt")["input_ids"][0][:40]
+    got = pp.score_document(model, ids, "knorm", budget=budget, return_token_nll=True)
+    AttentionInterface.register("test_knorm_reference", reference)
+    model.set_attn_implementation("test_knorm_reference")
+    try:
+        want = _oracle_nll(model, ids, torch.ones(40, 40, dtype=torch.bool).tril())
+    finally:
+        model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(got.token_nll, want, atol=1e-5, rtol=1e-5)
+    assert model.config._attn_implementation == "sdpa"  # restored after the baseline
+    full = pp.score_document(model, ids, "knorm", budget=40, return_token_nll=True)
+    with anllm.anchor_attention(model, enabled=False):
+        torch.testing.assert_close(full.token_nll, pp.full_sequence_token_nll(model, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_plain_model_budget_counts_sentences():
+    """Without anchors, the last token of each sentence stands in for an anchor."""
+    from anllm.testing import word_tokenizer
+
+    text = "One two three. Four five! Six seven"
+    tok = word_tokenizer(text.split())
+    ends = pp.sentence_end_tokens(tok, text, 7)
+    assert ends.tolist() == [False, False, True, False, True, False, True]  # the last sentence ends too (as AC)
+    # 'Six' attends both earlier sentence ends and itself, 'three.' its own sentence: budget 3.
+    assert pp.document_budget(tiny_llama(), tok, text, torch.arange(7)) == 3
+
+
+def test_holdout_task_scores_the_held_out_split(model, tok, tmp_path):
+    from omegaconf import OmegaConf
+
+    from anllm.eval.suites import ModelBundle
+
+    lines = [{"text": f"Document {i} starts here. " + "It goes on for a while. " * 60} for i in range(12)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in lines))
+    data = {"kind": "jsonl", "paths": [str(path)], "holdout_fraction": 0.25}
+    cfg = OmegaConf.create({"limit": 2, "modes": ["full", "anchor", "sentence", "streamingllm"],
+                            "ppl": {"data": data, "max_tokens": 64, "chunk_size": 32, "select": "spread",
+                                    "min_chars": 100}})
+    pp.check(OmegaConf.merge(cfg, {"tasks": ["holdout"]}))
+    bundle = ModelBundle(model=model, tokenizer=tok, checkpoint="tiny", anchor={"mode": "ep"})
+    rows = pp.SUITE.run_task(bundle, cfg, "holdout", tmp_path)
+    assert [r["method"] for r in rows] == ["full", "anchor", "sentence", "streamingllm"]
+    from anllm.data import held_out_documents
+
+    held = [d for d, _ in held_out_documents(data)]
+    scored = [d["doc"] for d in json.loads((tmp_path / "documents.json").read_text())["full"]]
+    assert len(held) == 3 and len(scored) == 2 and set(scored) <= set(held)
+    with pytest.raises(ValueError, match="ppl.data"):
+        pp.check(OmegaConf.create({"tasks": ["holdout"], "ppl": {}}))

@@ -1,9 +1,15 @@
 """Training-free KV-cache compression baselines, run at the anchor cache's budget.
 
-Each method compresses the full cache of a prefilled context to ``budget`` entries per row (the
-number of entries the :class:`anllm.AnchorCache` kept for the same context), after a causal
-prefill, as KV-press methods do; continuations are then scored against the compressed cache with
-their true positions (kept keys keep their original RoPE rotation).
+Two ways to run them, for two questions:
+
+* **compress once** (:func:`compress`, the QA suite): the full cache of a prefilled context is
+  compressed to ``budget`` entries per row (the number the :class:`anllm.AnchorCache` kept for the
+  same context), as KV-press methods do; continuations are then scored against it with their true
+  positions (kept keys keep their original RoPE rotation).
+* **stream** (:func:`streaming_visible`, :func:`knorm_visible`, :func:`baseline_attention`; the
+  perplexity suite and the recall probe): *every* token attends at most ``budget`` keys, as when a
+  long text is read with a bounded cache from the start. This is the equal-cache opponent of anchor
+  inference, whose tokens also attend at most the anchor cache's peak (see :func:`ansan_budget`).
 
 * ``streamingllm`` (Xiao et al., 2024): the first ``num_sink_tokens`` tokens (attention sinks) plus
   the most recent ones. Sinks are capped at half the budget so that a tiny budget still keeps the
@@ -18,7 +24,9 @@ before 0.3 predate the transformers cache API used here. Installing it would bre
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import contextvars
+from typing import Any, Callable, Iterator
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -79,3 +87,106 @@ def compress(
         v2 = v.gather(2, idx[..., None].expand(-1, -1, -1, v.shape[-1]))
         new.update(k2, v2, layer_idx)
     return new, past_mask
+
+
+# ---- streaming (every token attends at most ``budget`` keys) -------------------------------------
+
+
+def streaming_visible(length: int, budget: int, num_sink_tokens: int = 4, device: Any = None) -> torch.Tensor:
+    """``[L, L]`` bool: query q sees the first ``s = min(num_sink_tokens, budget // 2)`` tokens (attention
+    sinks) and the ``budget - s`` most recent tokens including itself (StreamingLLM with a rolling cache)."""
+    if budget < 1:
+        raise ValueError(f"budget must be >= 1, got {budget}.")
+    q = torch.arange(length, device=device)[:, None]
+    k = torch.arange(length, device=device)[None, :]
+    sinks = min(num_sink_tokens, budget // 2)
+    return (k <= q) & ((k < sinks) | (q - k < budget - sinks))
+
+
+def knorm_visible(keys: torch.Tensor, budget: int) -> torch.Tensor:
+    """``[B, H, L, L]`` bool from keys ``[B, H, L, D]`` (one layer, no cache): query q sees itself and
+    the ``budget - 1`` earlier keys of lowest L2 norm (ties: the earlier key), per KV head.
+
+    That is what a cache that evicts its highest-norm key whenever it exceeds the budget holds: a
+    key's norm never changes, so the set kept after reading q-1 tokens is the budget-1 lowest of them.
+    """
+    if budget < 1:
+        raise ValueError(f"budget must be >= 1, got {budget}.")
+    norms = keys.float().norm(dim=-1)  # [B, H, L]
+    L = norms.shape[-1]
+    idx = torch.arange(L, device=keys.device)
+    nk, nj = norms[..., :, None], norms[..., None, :]  # key k (rows) vs earlier key j (columns)
+    lower = (nj < nk) | ((nj == nk) & (idx[None, :] < idx[:, None]))  # [B, H, k, j]: j ranks before k
+    # rank of key k among keys j < q: exclusive prefix count over j, read at column q.
+    before = lower.to(torch.int32).cumsum(-1) - lower.to(torch.int32)  # [B, H, k, q]
+    kept = (before < budget - 1) & (idx[:, None] < idx[None, :])  # k < q among the budget-1 lowest
+    return kept.transpose(-1, -2) | torch.eye(L, dtype=torch.bool, device=keys.device)  # [B, H, q, k]
+
+
+_KNORM_BUDGET: contextvars.ContextVar[int | None] = contextvars.ContextVar("anllm_knorm_budget", default=None)
+KNORM_ATTENTION = "anllm_knorm"
+
+
+def _knorm_attention_forward(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """SDPA with each layer's K-norm mask ANDed onto the given mask (registered as ``anllm_knorm``)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    budget = _KNORM_BUDGET.get()
+    if budget is None:
+        raise RuntimeError("anllm_knorm attention runs only inside anllm.eval.baselines.baseline_attention().")
+    if key.shape[-2] != query.shape[-2]:
+        raise ValueError("The streaming K-norm baseline scores a whole sequence in one forward (no cache).")
+    keep = knorm_visible(key, budget)
+    keep = keep.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # KV heads -> query heads
+    mask = keep if attention_mask is None else keep & attention_mask.bool()
+    return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+
+
+@contextlib.contextmanager
+def knorm_attention(model: Any, budget: int) -> Iterator[None]:
+    """Run ``model`` with the streaming K-norm baseline (attention interface, restored afterwards)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(KNORM_ATTENTION, _knorm_attention_forward)
+    before = model.config._attn_implementation
+    token = _KNORM_BUDGET.set(int(budget))
+    model.set_attn_implementation(KNORM_ATTENTION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+        _KNORM_BUDGET.reset(token)
+
+
+STREAMING_METHODS = ("streamingllm", "knorm")
+
+
+@torch.no_grad()
+def baseline_logits(model: Any, input_ids: torch.Tensor, method: str, budget: int, num_sink_tokens: int = 4) -> torch.Tensor:
+    """Logits ``[L, V]`` of one sequence (``[L]`` ids) read with ``method``'s bounded cache, causal
+    attention (the anchor rule off): ``streamingllm`` or ``knorm`` at ``budget`` keys per token."""
+    from ..modeling import anchor_attention, is_anchor_aware
+
+    ids = input_ids.reshape(1, -1).to(next(model.parameters()).device)
+    L = ids.shape[1]
+    causal = torch.ones((L, L), dtype=torch.bool, device=ids.device).tril()
+    if method == "streamingllm":
+        mask, ctx = streaming_visible(L, budget, num_sink_tokens, ids.device), contextlib.nullcontext()
+    elif method == "knorm":
+        mask, ctx = causal, knorm_attention(model, budget)
+    else:
+        raise ValueError(f"Unknown streaming baseline {method!r}: choose from {STREAMING_METHODS}.")
+    off = anchor_attention(model, enabled=False) if is_anchor_aware(model) else contextlib.nullcontext()
+    with off, ctx:
+        return model(input_ids=ids, attention_mask=mask[None, None], use_cache=False).logits[0]
+
+
+def ansan_budget(is_anchor: torch.Tensor, options: Any = None) -> int:
+    """The most keys any token attends under the AnSAN rule for one sequence (``[L]`` bool anchors):
+    the anchor cache's peak, i.e. the cache size an equal-cache baseline gets."""
+    from ..masks import AnsanOptions, dense_mask, layout_from_tokens
+
+    options = options or AnsanOptions()
+    lay = layout_from_tokens(is_anchor.reshape(1, -1).bool(), None, None, options)
+    return int(dense_mask(lay, lay, options).sum(-1).max())

@@ -7,13 +7,28 @@ attends everything before it; with :class:`anllm.AnchorCache` only what the AnSA
 to float noise), at a fraction of the cache: the rows show PPL, C⇓ (1 − kept/seen keys/values after
 the document), MaxKV (peak keys/values held between chunks), time and T⇑ against ``full``.
 
-Methods: ``full`` (causal attention, full cache), ``ansan`` (AnSAN, full cache), ``anchor`` (AnSAN +
-AnchorCache). Documents come from ``data_dir/pretrain_text`` (RedPajama layout ``{"text", "meta"}``);
-pick held-out ones with ``ppl.where`` (e.g. ``{meta.source: nltk_inaugural}``) and ``ppl.select``.
+Methods:
+
+* ``full`` (causal attention, full cache), ``ansan`` (AnSAN, full cache), ``anchor`` (AnSAN +
+  AnchorCache);
+* ``sentence``: the *sentence-only control* — AnSAN with earlier anchors hidden, so every token sees
+  only its own sentence (and sinks). ``anchor`` minus ``sentence`` is what the anchors carry;
+* ``streamingllm`` / ``knorm``: training-free baselines at **equal cache**: causal attention where
+  every token attends at most ``budget`` keys — sinks + the most recent tokens, or the lowest-norm
+  keys per layer and head (:mod:`anllm.eval.baselines`). ``budget`` is, per document, the most keys
+  any token attends under the AnSAN rule (the anchor cache's peak); for a model without anchors the
+  last token of every sentence stands in for an anchor (the budget an AC model would get), or set
+  ``ppl.budget`` to a number.
+
+Documents come from ``data_dir/pretrain_text`` (RedPajama layout ``{"text", "meta"}``); pick held-out
+ones with ``ppl.where`` (e.g. ``{meta.source: nltk_inaugural}``) and ``ppl.select``, or read the
+held-out split of a training data config with task ``holdout`` and ``ppl.data`` (see
+:mod:`anllm.data.split`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -24,8 +39,9 @@ from typing import Any, Sequence
 import torch
 from transformers.cache_utils import Cache
 
-from ..modeling import is_anchor_aware
-from .generation import ANCHOR_METHODS, canonical_method, kept_per_row, make_cache, method_attention
+from ..modeling import anchor_options, is_anchor_aware
+from . import baselines
+from .generation import canonical_method, kept_per_row, make_cache, method_attention
 
 # task -> file under data_dir
 TASKS: dict[str, str] = {
@@ -35,7 +51,10 @@ TASKS: dict[str, str] = {
     "abc_news": "pretrain_text/abc_news_nltk.jsonl",
     "lee_news": "pretrain_text/lee_background_news.jsonl",
 }
-PPL_METHODS = ("full", "ansan", "anchor")
+HOLDOUT_TASK = "holdout"  # the held-out split of ``ppl.data`` (a training data config)
+PPL_METHODS = ("full", "ansan", "anchor", "sentence", "streamingllm", "knorm")
+DEFAULT_METHODS = ("full", "ansan", "anchor")
+NEEDS_ANCHORS = ("ansan", "anchor", "sentence")
 
 
 # ---- documents ------------------------------------------------------------------------------------
@@ -74,8 +93,8 @@ def load_documents(
     path = root / TASKS[task]
     if not path.is_file():
         raise FileNotFoundError(f"{task}: {path} not found under data_dir {root} (expected {TASKS[task]}).")
-    if select not in ("first", "last"):
-        raise ValueError(f"ppl.select must be 'first' or 'last', got {select!r}.")
+    if select not in SELECT:
+        raise ValueError(f"ppl.select must be one of {SELECT}, got {select!r}.")
     docs: list[tuple[str, str]] = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f):
@@ -97,9 +116,7 @@ def load_documents(
                 docs.append((doc_id, rec["text"]))
     if not docs:
         raise ValueError(f"{task}: no document in {path} matches ppl.where={where} with at least {min_chars} characters.")
-    if limit is not None:
-        docs = docs[-limit:] if select == "last" else docs[:limit]
-    return docs
+    return select_documents(docs, limit, select, min_chars)
 
 
 # ---- scoring ---------------------------------------------------------------------------------------
@@ -117,6 +134,16 @@ class DocScore:
     trace: list[int] = field(default_factory=list)  # kept after each chunk
 
 
+def ppl_method(name: str) -> str:
+    """Validate a perplexity method (generation aliases such as ``causal`` accepted)."""
+    if name in PPL_METHODS:
+        return name
+    m = canonical_method(name)
+    if m == "anchor+src":
+        raise ValueError("anchor+src keeps the first chunk whole; it is a translation variant, not a PPL method.")
+    return m
+
+
 @torch.no_grad()
 def score_document(
     model: Any,
@@ -126,29 +153,39 @@ def score_document(
     chunk_size: int = 256,
     return_token_nll: bool = False,
     skip_target_ids: Sequence[int] = (),
+    budget: int | None = None,
+    num_sink_tokens: int = 4,
 ) -> DocScore:
     """Negative log-likelihood of one document (``[L]`` ids) read in chunks through ``method``'s cache.
 
     ``skip_target_ids`` (e.g. the ``<AC>`` id) are read but not scored as targets, so an AC model's
-    PPL is over the same text tokens as a plain model's.
+    PPL is over the same text tokens as a plain model's. ``budget`` (keys per token) is required for
+    the equal-cache baselines, which read the document in one forward with their bounded masks.
     """
-    method = canonical_method(method)
-    if method == "anchor+src":
-        raise ValueError("anchor+src keeps the first chunk whole; it is a translation variant, not a PPL method.")
+    method = ppl_method(method)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     ids = input_ids.reshape(1, -1).to(next(model.parameters()).device)
     L = ids.shape[1]
     if L < 2:
         raise ValueError("A document needs at least 2 tokens to score.")
-    cache: Cache = make_cache(method)
+    t0 = time.perf_counter()
+    if method in baselines.STREAMING_METHODS:
+        if budget is None:
+            raise ValueError(f"Method {method!r} needs a cache budget (keys per token).")
+        logits = baselines.baseline_logits(model, ids[0], method, budget, num_sink_tokens).float()
+        kept = min(budget, L)
+        token_nll = -torch.log_softmax(logits[:-1], dim=-1).gather(-1, ids[0, 1:, None])[:, 0]
+        return _doc_score(token_nll, ids[0, 1:], skip_target_ids, L, kept, kept, time.perf_counter() - t0,
+                          return_token_nll, [kept])
+    cache: Cache = make_cache("anchor" if method == "sentence" else method)
     nlls: list[torch.Tensor] = []
     all_targets: list[torch.Tensor] = []
     prev_last: torch.Tensor | None = None
     trace: list[int] = []
     peak = 0
-    t0 = time.perf_counter()
-    with method_attention(model, method):
+    rule = anchor_options(model, hide_anchors=True) if method == "sentence" else contextlib.nullcontext()
+    with method_attention(model, "anchor" if method == "sentence" else method), rule:
         for start in range(0, L, chunk_size):
             chunk = ids[:, start : start + chunk_size]
             am = torch.ones((1, start + chunk.shape[1]), dtype=torch.long, device=ids.device)
@@ -165,21 +202,50 @@ def score_document(
             kept = kept_per_row(cache, am)[0]
             peak = max(peak, kept)
             trace.append(kept)
-    elapsed = time.perf_counter() - t0
-    token_nll = torch.cat(nlls)
+    return _doc_score(torch.cat(nlls), torch.cat(all_targets), skip_target_ids, L, trace[-1], peak,
+                      time.perf_counter() - t0, return_token_nll, trace)
+
+
+def _doc_score(token_nll: torch.Tensor, targets: torch.Tensor, skip_target_ids: Sequence[int], seen: int, kept: int,
+               peak: int, elapsed: float, return_token_nll: bool, trace: list[int]) -> DocScore:
     if len(skip_target_ids):
-        scored = ~torch.isin(torch.cat(all_targets), torch.tensor(list(skip_target_ids), device=ids.device))
+        scored = ~torch.isin(targets, torch.tensor(list(skip_target_ids), device=targets.device))
         token_nll = token_nll[scored]
     return DocScore(
         nll=float(token_nll.sum()),
         tokens=int(token_nll.numel()),
-        seen=L,
-        kept=trace[-1],
+        seen=seen,
+        kept=kept,
         max_kept=peak,
         time_s=elapsed,
         token_nll=token_nll.cpu() if return_token_nll else None,
         trace=trace,
     )
+
+
+def document_budget(model: Any, tokenizer: Any, text: str, ids: torch.Tensor) -> int:
+    """Keys per token the equal-cache baselines get for one document: the anchor cache's peak (the most
+    keys any token attends under the model's AnSAN rule); without anchors, the last token of every
+    sentence plays the anchor (what an AC model would keep for the same text)."""
+    att = getattr(model, "_anllm_attention", None)
+    if att is not None and att.cfg.enabled:
+        is_anchor = torch.isin(ids.cpu(), att.anchor_ids)
+        return baselines.ansan_budget(is_anchor, att.options)
+    return baselines.ansan_budget(sentence_end_tokens(tokenizer, text, len(ids)))
+
+
+def sentence_end_tokens(tokenizer: Any, text: str, length: int) -> torch.Tensor:
+    """``[length]`` bool: the token that ends each sentence of ``text`` (the splitter's sentences)."""
+    from ..anchors import sentence_spans
+
+    enc = tokenizer(text, return_offsets_mapping=True)
+    ends = torch.tensor([e for _, e in enc["offset_mapping"]][:length])
+    out = torch.zeros(len(ends), dtype=torch.bool)
+    for _, end in sentence_spans(text):
+        hit = torch.nonzero(ends >= end)
+        if len(hit):
+            out[int(hit[0])] = True
+    return out
 
 
 def full_sequence_token_nll(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
@@ -204,44 +270,58 @@ def perplexity_rows(
     out_dir: Path | None = None,
     progress: bool = True,
     skip_target_ids: Sequence[int] = (),
+    budget: int | None = None,
+    num_sink_tokens: int = 4,
 ) -> list[dict[str, Any]]:
-    """One row per method over all ``docs``: corpus PPL (exp of mean token NLL), C⇓, MaxKV, time, T⇑."""
+    """One row per method over all ``docs``: corpus PPL (exp of mean token NLL), C⇓, MaxKV, time, T⇑.
+
+    Baselines get ``budget`` keys per token, or (``None``) each document's :func:`document_budget`.
+    """
     from tqdm.auto import tqdm
 
+    methods = [ppl_method(m) for m in methods]
     encoded = []
     for doc_id, text in docs:
         ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
         if max_tokens is not None:
             ids = ids[:max_tokens]
-        encoded.append((doc_id, ids))
+        need = budget is None and any(m in baselines.STREAMING_METHODS for m in methods)
+        encoded.append((doc_id, ids, document_budget(model, tokenizer, text, ids) if need else budget))
     rows: list[dict[str, Any]] = []
     per_doc: dict[str, list[dict[str, Any]]] = {}
     for method in methods:
-        scores = [score_document(model, ids, method, chunk_size=chunk_size, skip_target_ids=skip_target_ids) for _, ids in tqdm(encoded, desc=f"ppl [{method}]", disable=not progress, leave=False)]
+        scores = [
+            score_document(model, ids, method, chunk_size=chunk_size, skip_target_ids=skip_target_ids, budget=b,
+                           num_sink_tokens=num_sink_tokens)
+            for _, ids, b in tqdm(encoded, desc=f"ppl [{method}]", disable=not progress, leave=False)
+        ]
         nll, n = sum(s.nll for s in scores), sum(s.tokens for s in scores)
         seen, kept = sum(s.seen for s in scores), sum(s.kept for s in scores)
         t = sum(s.time_s for s in scores)
-        rows.append(
-            {
-                "suite": "ppl",
-                "task": task,
-                "method": method,
-                "n": len(docs),
-                "ppl": math.exp(nll / n),
-                "nll": nll / n,
-                "c_red": 1.0 - kept / seen,
-                "max_kv": sum(s.max_kept for s in scores) / len(scores),
-                "kv_kept": int(kept),
-                "kv_total": int(seen),
-                "time_s": t,
-                "tokens_per_s": seen / t if t > 0 else 0.0,
-                "chunk_size": chunk_size,
-                "max_tokens": max_tokens,
-            }
-        )
+        row = {
+            "suite": "ppl",
+            "task": task,
+            "method": method,
+            "n": len(docs),
+            "ppl": math.exp(nll / n),
+            "nll": nll / n,
+            "c_red": 1.0 - kept / seen,
+            "max_kv": sum(s.max_kept for s in scores) / len(scores),
+            "kv_kept": int(kept),
+            "kv_total": int(seen),
+            "time_s": t,
+            "tokens_per_s": seen / t if t > 0 else 0.0,
+            "chunk_size": chunk_size,
+            "max_tokens": max_tokens,
+        }
+        if method in baselines.STREAMING_METHODS:
+            row["budget"] = round(sum(b for _, _, b in encoded) / len(encoded), 1)
+        rows.append(row)
         per_doc[method] = [
-            {"doc": d, "tokens": s.tokens, "nll": s.nll, "ppl": math.exp(s.nll / s.tokens), "kv_seen": s.seen, "kv_kept": s.kept, "max_kv": s.max_kept, "kv_after_chunk": s.trace}
-            for (d, _), s in zip(encoded, scores)
+            {"doc": d, "tokens": s.tokens, "nll": s.nll, "ppl": math.exp(s.nll / s.tokens), "kv_seen": s.seen,
+             "kv_kept": s.kept, "max_kv": s.max_kept, "kv_after_chunk": s.trace,
+             **({"budget": b} if method in baselines.STREAMING_METHODS else {})}
+            for (d, _, b), s in zip(encoded, scores)
         ]
     full = next((r for r in rows if r["method"] == "full"), None)
     if full is not None:
@@ -265,67 +345,106 @@ def _opt(cfg: Any, key: str, default: Any = None) -> Any:
 
 
 def resolve_methods(pcfg: Any, run_modes: Sequence[str] | None, anchor_aware: bool) -> tuple[list[str], list[str]]:
+    """Methods to run (``ppl.methods``, else the run's ``modes``) and notes on what was skipped."""
     explicit = _opt(pcfg, "methods")
-    names = explicit if explicit else (run_modes or PPL_METHODS)
+    names = explicit if explicit else (run_modes or DEFAULT_METHODS)
     names = [names] if isinstance(names, str) else list(names)
     methods = []
     for m in names:
-        c = canonical_method(m)
-        if c == "anchor+src":
-            continue
+        if m in ("anchor+src", "ansan_src", "anchor_src", "src") and not explicit:
+            continue  # a translation variant among the run's modes
+        c = ppl_method(m)
         if c not in methods:
             methods.append(c)
     notes = []
     if not anchor_aware:
-        dropped = [m for m in methods if m in ANCHOR_METHODS]
-        methods = [m for m in methods if m not in ANCHOR_METHODS] or ["full"]
+        dropped = [m for m in methods if m in NEEDS_ANCHORS]
+        methods = [m for m in methods if m not in NEEDS_ANCHORS] or ["full"]
         if dropped:
-            notes.append(f"ppl: the model has no anchor settings, so only full attention was evaluated (skipped {', '.join(dropped)}).")
+            notes.append(f"ppl: the model has no anchor settings, so anchor methods were skipped ({', '.join(dropped)}).")
     return methods, notes
+
+
+def select_documents(docs: list[tuple[str, str]], limit: int | None, select: str, min_chars: int) -> list[tuple[str, str]]:
+    """Documents of at least ``min_chars``; ``limit`` of them: the ``first``, the ``last`` or ``spread``
+    evenly over the list (mixes the sources of a held-out split)."""
+    if select not in SELECT:
+        raise ValueError(f"ppl.select must be one of {SELECT}, got {select!r}.")
+    docs = [d for d in docs if len(d[1]) >= min_chars]
+    if limit is None or limit >= len(docs):
+        return docs
+    if select == "first":
+        return docs[:limit]
+    if select == "last":
+        return docs[-limit:]
+    step = len(docs) / limit
+    return [docs[int(i * step)] for i in range(limit)]
+
+
+SELECT = ("first", "last", "spread")
+
+
+def documents_for(cfg: Any, task: str) -> list[tuple[str, str]]:
+    """The documents ``task`` scores under this run config (``ppl.*`` selects them)."""
+    pcfg = _opt(cfg, "ppl", {})
+    limit = _opt(cfg, "limit", _opt(pcfg, "num_documents", 8))
+    select = str(_opt(pcfg, "select", "last"))
+    min_chars = int(_opt(pcfg, "min_chars", 2000))
+    if task == HOLDOUT_TASK:
+        from ..data.split import held_out_documents
+
+        docs = held_out_documents(_plain(_opt(pcfg, "data")), _opt(pcfg, "data_base_dir"))
+        chosen = select_documents(docs, int(limit) if limit is not None else None, select, min_chars)
+        if not chosen:
+            raise ValueError(f"ppl.data holds out no document of at least {min_chars} characters (ppl.min_chars).")
+        return chosen
+    where = _plain(_opt(pcfg, "where"))
+    if where is not None and not isinstance(where, dict):
+        raise ValueError(f"ppl.where must be a mapping such as {{meta.source: nltk_inaugural}}, got {where!r}.")
+    return load_documents(task, _opt(cfg, "data_dir"), limit=limit, where=where, select=select, min_chars=min_chars)
+
+
+def _plain(x: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(x, resolve=True) if OmegaConf.is_config(x) else x
+
+
+def score_documents(
+    model: Any, tokenizer: Any, anchor: dict[str, Any] | None, docs: Sequence[tuple[str, str]],
+    methods: Sequence[str], *, task: str, **options: Any,
+) -> list[dict[str, Any]]:
+    """:func:`perplexity_rows` for a model with ``anchor`` settings (``bundle.anchor``): AC models read
+    text the way they were trained, ``<AC>`` after every sentence (read, not scored)."""
+    skip: list[int] = []
+    if anchor and anchor.get("mode") == "ac":
+        from anllm.anchors import AC_TOKEN, insert_anchor_token
+
+        token = anchor.get("anchor_token") or AC_TOKEN
+        docs = [(doc_id, insert_anchor_token(text, token)) for doc_id, text in docs]
+        skip = list(anchor.get("anchor_token_ids") or [])
+    return perplexity_rows(model, tokenizer, docs, methods, task=task, skip_target_ids=skip, **options)
+
+
+def row_options(cfg: Any) -> dict[str, Any]:
+    """The ``ppl.*`` settings that shape the rows (shared by evaluate.py and the training check)."""
+    pcfg = _opt(cfg, "ppl", {})
+    max_tokens = pcfg.get("max_tokens", 2048) if hasattr(pcfg, "get") else 2048
+    budget = _opt(pcfg, "budget")
+    return {
+        "chunk_size": int(_opt(pcfg, "chunk_size", 256)),
+        "max_tokens": None if max_tokens is None else int(max_tokens),
+        "budget": None if budget is None else int(budget),
+        "num_sink_tokens": int(_opt(pcfg, "num_sink_tokens", 4)),
+    }
 
 
 def run_task(bundle: Any, cfg: Any, task: str, out_dir: Path) -> list[dict[str, Any]]:
     """Suite entry point (see :mod:`anllm.eval.suites`)."""
-    pcfg = _opt(cfg, "ppl", {})
-    model = bundle.model
-    methods, notes = resolve_methods(pcfg, _opt(cfg, "modes"), is_anchor_aware(model))
-    where = _opt(pcfg, "where")
-    if where is not None:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(where):
-            where = OmegaConf.to_container(where, resolve=True)
-        if not isinstance(where, dict):
-            raise ValueError(f"ppl.where must be a mapping such as {{meta.source: nltk_inaugural}}, got {where!r}.")
-    docs = load_documents(
-        task,
-        _opt(cfg, "data_dir"),
-        limit=_opt(cfg, "limit", _opt(pcfg, "num_documents", 8)),
-        where=where,
-        select=str(_opt(pcfg, "select", "last")),
-        min_chars=int(_opt(pcfg, "min_chars", 2000)),
-    )
-    max_tokens = pcfg.get("max_tokens", 2048) if hasattr(pcfg, "get") else 2048
-    skip: list[int] = []
-    if bundle.anchor_mode == "ac":
-        # AC models read text the way they were trained: <AC> after every sentence (not scored).
-        from anllm.anchors import AC_TOKEN, insert_anchor_token
-
-        anchor = bundle.anchor or {}
-        token = anchor.get("anchor_token") or AC_TOKEN
-        docs = [(doc_id, insert_anchor_token(text, token)) for doc_id, text in docs]
-        skip = list(anchor.get("anchor_token_ids") or [])
-    rows = perplexity_rows(
-        model,
-        bundle.tokenizer,
-        docs,
-        methods,
-        task=task,
-        chunk_size=int(_opt(pcfg, "chunk_size", 256)),
-        max_tokens=None if max_tokens is None else int(max_tokens),
-        out_dir=out_dir,
-        progress=bool(_opt(cfg, "progress", True)),
-        skip_target_ids=skip,
+    methods, notes = resolve_methods(_opt(cfg, "ppl", {}), _opt(cfg, "modes"), is_anchor_aware(bundle.model))
+    rows = score_documents(
+        bundle.model, bundle.tokenizer, bundle.anchor, documents_for(cfg, task), methods, task=task,
+        out_dir=out_dir, progress=bool(_opt(cfg, "progress", True)), **row_options(cfg),
     )
     for note in notes:
         if note not in bundle.notes:
@@ -338,17 +457,27 @@ def check(cfg: Any) -> None:
     pcfg = _opt(cfg, "ppl", {})
     explicit = _opt(pcfg, "methods")
     for m in [explicit] if isinstance(explicit, str) else list(explicit or []):
-        if canonical_method(m) == "anchor+src":
-            raise ValueError("ppl.methods: anchor+src is a translation variant; use full, ansan, anchor.")
-    for key in ("chunk_size", "max_tokens", "num_documents"):
+        try:
+            ppl_method(m)
+        except ValueError as e:
+            raise ValueError(f"ppl.methods: {e} Choose from {PPL_METHODS}.") from None
+    for key in ("chunk_size", "max_tokens", "num_documents", "budget"):
         value = _opt(pcfg, key)
         if value is not None and int(value) < 1:
             raise ValueError(f"ppl.{key} must be >= 1, got {value}.")
-    if str(_opt(pcfg, "select", "last")) not in ("first", "last"):
-        raise ValueError(f"ppl.select must be 'first' or 'last', got {_opt(pcfg, 'select')!r}.")
+    if str(_opt(pcfg, "select", "last")) not in SELECT:
+        raise ValueError(f"ppl.select must be one of {SELECT}, got {_opt(pcfg, 'select')!r}.")
     requested = _opt(cfg, "tasks")
-    tasks = ["speeches"] if requested is None else [t for t in ([requested] if isinstance(requested, str) else list(requested)) if t in TASKS]
+    tasks = ["speeches"] if requested is None else [t for t in ([requested] if isinstance(requested, str) else list(requested)) if t in TASKS or t == HOLDOUT_TASK]
     for task in tasks:
+        if task == HOLDOUT_TASK:
+            data = _plain(_opt(pcfg, "data"))
+            if not isinstance(data, dict) or data.get("kind") not in ("jsonl", "demo"):
+                raise ValueError(
+                    "ppl task holdout reads the held-out split of a training data config: pass ppl.data={kind: jsonl, "
+                    "paths: [...], holdout_fraction: ...} (the run's data section, e.g. from anllm_train_config.yaml)."
+                )
+            continue
         if _opt(cfg, "data_dir") is None:
             raise FileNotFoundError("The perplexity suite reads data_dir/pretrain_text: pass data_dir=../shared/data.")
         path = Path(str(_opt(cfg, "data_dir"))).expanduser() / TASKS[task]
@@ -362,7 +491,7 @@ def _make_suite() -> Any:
     return Suite(
         check=check,
         name="ppl",
-        tasks=tuple(TASKS),
+        tasks=(*TASKS, HOLDOUT_TASK),
         default_tasks=("speeches",),
         run_task=run_task,
         describe="Perplexity of long held-out documents read in chunks: full vs anchor cache (PPL, C⇓, MaxKV, T⇑)",
