@@ -46,6 +46,7 @@ COLUMNS: dict[str, tuple[str, Any]] = {
     "tokens_per_s": ("tok/s", _f1),
     "agree": ("Agree %", _pct),
     "num_fewshot": ("Shots", str),
+    "distance": ("k", str),
     "budget": ("Budget", str),
     "n": ("N", str),
 }
@@ -57,7 +58,7 @@ QA_CAPTION = (
     "baselines = causal attention with the context cache compressed to the anchor cache's size, per example. "
     "Avg only when every task has a value."
 )
-METHOD_ORDER = ("full", "ansan", "anchor", "anchor+src", "streamingllm", "knorm")
+METHOD_ORDER = ("full", "ansan", "anchor", "anchor+src", "sentence", "streamingllm", "knorm")
 
 
 # ---- per-task files ---------------------------------------------------------------------------

@@ -75,8 +75,9 @@ SUITES: dict[str, str] = {
     "qa": "anllm.eval.qa:SUITE",
     "translation": "anllm.eval.translation:SUITE",
     "ppl": "anllm.eval.perplexity:SUITE",
+    "recall": "anllm.eval.recall:SUITE",
 }
-SUITE_ORDER = ("qa", "translation", "ppl")
+SUITE_ORDER = ("qa", "translation", "ppl", "recall")
 
 
 def register_suite(name: str, target: str) -> None:

@@ -1,0 +1,345 @@
+"""Long-range recall probe: does a fact survive k sentences of distance when the cache is bounded?
+
+An item is held-out prose, then a fact sentence binding a name to a value ("Maria's favourite colour
+is green."), then ``k`` filler sentences of held-out prose, then the cue "Maria's favourite colour
+is". The model must put the right value first among ``num_choices`` values of the same category
+(next-token likelihood; values are single tokens). Items are built once per seed; the same item is
+read at every distance k, so accuracy vs k isolates distance.
+
+Methods (names as in the perplexity suite): ``full`` (causal, everything cached), ``anchor`` (AnSAN +
+AnchorCache: the fact sentence is gone once its anchor is cached; only the anchor can carry the
+fact), ``sentence`` (control: no earlier anchors either), and the equal-cache baselines
+``streamingllm`` / ``knorm`` where every token attends at most the anchor cache's peak for that
+item (see :mod:`anllm.eval.baselines`). A window loses the fact once the fillers exceed it; anchors
+keep it only if training taught them to carry it.
+
+Prose comes from the held-out split of ``recall.data`` (a training data config, as ``ppl.data``), or
+by default from ``data_dir``'s presidential speeches, which the study's data config holds out whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..anchors import insert_anchor_token, sentence_spans
+from ..modeling import anchor_options, is_anchor_aware
+from . import baselines
+from .perplexity import NEEDS_ANCHORS, ppl_method
+
+CATEGORIES: dict[str, list[str]] = {
+    "favourite colour": ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "pink", "brown"],
+    "home city": ["Paris", "London", "Tokyo", "Berlin", "Rome", "Madrid", "Cairo", "Moscow", "Sydney", "Chicago"],
+    "pet": ["dog", "cat", "horse", "rabbit", "parrot", "turtle", "goat", "snake", "mouse", "fish"],
+    "favourite fruit": ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "pear", "plum", "melon"],
+}
+NAMES = ["Maria", "James", "Aisha", "Peter", "Sofia", "Daniel", "Elena", "Samuel", "Clara", "Victor", "Nadia",
+         "Oliver", "Hannah", "Lucas", "Irene", "Martin", "Grace", "Felix", "Laura", "Hugo", "Alice", "Thomas",
+         "Emma", "Robert", "Julia", "Simon", "Anna", "George", "Helen", "Oscar"]
+DEFAULT_METHODS = ("full", "anchor", "streamingllm")
+DEFAULT_DISTANCES = (0, 2, 5, 10, 20)
+SPEECHES = "pretrain_text/us_presidential_speeches_nltk.jsonl"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One fact to recall: prose before it, the fact, fillers (the first k are used), the cue, choices."""
+
+    name: str
+    category: str
+    answer: int  # index into choices
+    choices: tuple[str, ...]
+    before: tuple[str, ...]
+    fillers: tuple[str, ...]
+
+    @property
+    def fact(self) -> str:
+        return f"{self.cue} {self.choices[self.answer]}."
+
+    @property
+    def cue(self) -> str:
+        return f"{self.name}'s {self.category} is"
+
+    def context_sentences(self, k: int) -> list[str]:
+        """Complete sentences before the cue, at distance ``k``."""
+        return [*self.before, self.fact, *self.fillers[:k]]
+
+
+def prose_sentences(docs: Sequence[tuple[str, str]], min_chars: int = 40, max_chars: int = 200) -> list[list[str]]:
+    """Runs of consecutive, ordinary sentences (one line, a letter first, moderate length) per document."""
+    runs: list[list[str]] = []
+    for _, text in docs:
+        run: list[str] = []
+        for s, e in sentence_spans(text):
+            sent = text[s:e]
+            ok = min_chars <= len(sent) <= max_chars and "\n" not in sent and sent[0].isupper() and sent[-1] in ".!?"
+            if ok:
+                run.append(sent)
+            elif run:
+                runs.append(run)
+                run = []
+        if run:
+            runs.append(run)
+    return runs
+
+
+def build_items(
+    docs: Sequence[tuple[str, str]], tokenizer: Any, *, num_items: int, max_distance: int, num_choices: int = 4,
+    num_before: int = 3, seed: int = 0,
+) -> list[Item]:
+    """``num_items`` items from held-out ``docs``; each needs ``num_before + max_distance`` consecutive
+    prose sentences. Values that are not a single token for ``tokenizer`` are left out."""
+    single = {cat: [v for v in vals if len(tokenizer.encode(" " + v, add_special_tokens=False)) == 1]
+              for cat, vals in CATEGORIES.items()}
+    usable = {cat: vals for cat, vals in single.items() if len(vals) >= num_choices}
+    if not usable:
+        raise ValueError(f"No recall category has {num_choices} single-token values for this tokenizer; "
+                         "lower recall.num_choices.")
+    need = num_before + max_distance
+    runs = [r for r in prose_sentences(docs) if len(r) >= need]
+    if not runs:
+        raise ValueError(f"No held-out document has {need} consecutive prose sentences (recall.distances too long?).")
+    rng = random.Random(seed)
+    items = []
+    for _ in range(num_items):
+        run = rng.choice(runs)
+        start = rng.randrange(len(run) - need + 1)
+        cat = rng.choice(sorted(usable))
+        choices = tuple(rng.sample(usable[cat], num_choices))
+        items.append(Item(name=rng.choice(NAMES), category=cat, answer=rng.randrange(num_choices), choices=choices,
+                          before=tuple(run[start : start + num_before]),
+                          fillers=tuple(run[start + num_before : start + need])))
+    return items
+
+
+def context_text(item: Item, k: int, anchor_token: str | None) -> str:
+    """The text the model reads, as a string: complete sentences, then the open cue. AC models get
+    ``<AC>`` after every complete sentence (as in training), never after the unfinished cue."""
+    body = " ".join(item.context_sentences(k))
+    if anchor_token:
+        body = insert_anchor_token(body, anchor_token)
+    return f"{body} {item.cue}"
+
+
+@dataclass
+class ItemIds:
+    """An item as token ids, one piece per sentence, so that a shared prefix can be read once."""
+
+    prefix: list[int]  # special tokens the tokenizer adds, the sentences before the fact, the fact
+    fillers: list[list[int]]
+    cue: list[int]
+    sentence_ends: list[int]  # positions (in the full sequence at max distance) of each sentence's last token
+
+    def ids(self, k: int) -> torch.Tensor:
+        return torch.tensor(self.prefix + [t for f in self.fillers[:k] for t in f] + self.cue)
+
+
+def encode_item(item: Item, tokenizer: Any, ac_id: int | None) -> ItemIds:
+    """Token ids of ``item`` sentence by sentence (each after a space; ``<AC>`` after each for AC),
+    the way :func:`context_text` reads when tokenised whole."""
+    start = list(tokenizer("", add_special_tokens=True)["input_ids"])
+    pieces = []
+    sentences = [*item.before, item.fact, *item.fillers]
+    for i, sent in enumerate(sentences):
+        ids = tokenizer.encode(sent if i == 0 else " " + sent, add_special_tokens=False)
+        pieces.append(ids + ([ac_id] if ac_id is not None else []))
+    n_prefix = len(item.before) + 1
+    prefix = start + [t for p in pieces[:n_prefix] for t in p]
+    ends, pos = [], len(start)
+    for p in pieces:
+        pos += len(p)
+        ends.append(pos - 1)
+    return ItemIds(prefix, pieces[n_prefix:], tokenizer.encode(" " + item.cue, add_special_tokens=False), ends)
+
+
+def item_budget(model: Any, item: ItemIds, k: int) -> int:
+    """Keys per token for the equal-cache baselines at distance ``k``: the anchor cache's peak (plain
+    models: each sentence's last token plays the anchor, as in the perplexity suite)."""
+    ids = item.ids(k)
+    att = getattr(model, "_anllm_attention", None)
+    if att is not None and att.cfg.enabled:
+        return baselines.ansan_budget(torch.isin(ids, att.anchor_ids), att.options)
+    is_end = torch.zeros(len(ids), dtype=torch.bool)
+    body = len(ids) - len(item.cue)
+    is_end[[e for e in item.sentence_ends if e < body]] = True
+    return baselines.ansan_budget(is_end)
+
+
+def _left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, x in enumerate(seqs):
+        ids[i, L - len(x) :] = x
+        mask[i, L - len(x) :] = 1
+    return ids, mask
+
+
+def streaming_batch_mask(lengths: list[int], width: int, budgets: list[int], num_sink_tokens: int) -> torch.Tensor:
+    """``[B, 1, W, W]`` StreamingLLM masks for left-padded rows (padding queries see only themselves, so
+    no fully masked row turns into NaN)."""
+    out = torch.eye(width, dtype=torch.bool).repeat(len(lengths), 1, 1)
+    for b, (n, budget) in enumerate(zip(lengths, budgets)):
+        out[b, width - n :, width - n :] = baselines.streaming_visible(n, budget, num_sink_tokens)
+    return out[:, None]
+
+
+@torch.no_grad()
+def next_token_logits(
+    model: Any, seqs: list[torch.Tensor], method: str, budgets: list[int], pad_id: int, num_sink_tokens: int = 4,
+) -> tuple[torch.Tensor, list[int]]:
+    """``([B, V] logits for the token after each sequence, keys each row's cache held)`` under ``method``,
+    one left-padded forward (K-norm: one forward per sequence, its ranking must not see padding)."""
+    from ..cache import AnchorCache
+    from .generation import method_attention
+
+    if method == "knorm":
+        logits = [baselines.baseline_logits(model, x, method, b)[-1] for x, b in zip(seqs, budgets)]
+        return torch.stack(logits), [min(b, len(x)) for x, b in zip(seqs, budgets)]
+    device = next(model.parameters()).device
+    ids, mask = _left_pad(seqs, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    lengths = [len(x) for x in seqs]
+    if method == "streamingllm":
+        am = streaming_batch_mask(lengths, ids.shape[1], budgets, num_sink_tokens).to(device)
+        with method_attention(model, "full") if is_anchor_aware(model) else contextlib.nullcontext():
+            out = model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=False, logits_to_keep=1)
+        return out.logits[:, -1], [min(b, n) for b, n in zip(budgets, lengths)]
+    if method == "full":
+        with method_attention(model, "full") if is_anchor_aware(model) else contextlib.nullcontext():
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=1)
+        return out.logits[:, -1], lengths
+    cache = AnchorCache()
+    rule = anchor_options(model, hide_anchors=True) if method == "sentence" else contextlib.nullcontext()
+    with method_attention(model, "anchor"), rule:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
+    return out.logits[:, -1], [int(k) for k in cache.stats()["kept_per_row"]]
+
+
+def recall_rows(
+    model: Any, tokenizer: Any, anchor: dict[str, Any] | None, items: Sequence[Item], methods: Sequence[str],
+    distances: Sequence[int], *, num_sink_tokens: int = 4, batch_size: int = 8, out_dir: Path | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Accuracy per method and distance; per-item predictions in ``out_dir/predictions.jsonl``.
+
+    Items are read in left-padded batches of ``batch_size`` (a CPU forward costs a full pass over the
+    weights however short it is, so batching is most of the speed)."""
+    from tqdm.auto import tqdm
+
+    ac_id = int(anchor["anchor_token_ids"][0]) if anchor and anchor.get("mode") == "ac" else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    distances = sorted(distances)
+    encoded = [encode_item(item, tokenizer, ac_id) for item in items]
+    choice_ids = [[tokenizer.encode(" " + c, add_special_tokens=False)[0] for c in item.choices] for item in items]
+    stats = {(m, k): {"correct": 0, "kept": 0, "seen": 0, "budget": 0, "time": 0.0} for m in methods for k in distances}
+    preds = {(i, k): {"item": i, "distance": k, "answer": item.choices[item.answer]}
+             for i, item in enumerate(items) for k in distances}
+    batches = [(k, list(range(i, min(i + batch_size, len(items))))) for k in distances
+               for i in range(0, len(items), batch_size)]
+    for k, rows_ in tqdm(batches, desc="recall", disable=not progress, leave=False):
+        seqs = [encoded[i].ids(k) for i in rows_]
+        budgets = [item_budget(model, encoded[i], k) for i in rows_]
+        for m in methods:
+            t0 = time.perf_counter()
+            logits, kept = next_token_logits(model, seqs, m, budgets, pad_id, num_sink_tokens)
+            s = stats[(m, k)]
+            s["time"] += time.perf_counter() - t0
+            for j, i in enumerate(rows_):
+                pick = int(logits[j].float()[choice_ids[i]].argmax())
+                s["correct"] += int(pick == items[i].answer)
+                s["kept"] += kept[j]
+                s["seen"] += len(seqs[j])
+                s["budget"] += budgets[j]
+                preds[(i, k)].update({m: items[i].choices[pick], "tokens": len(seqs[j]), "budget": budgets[j]})
+    n = len(items)
+    rows = []
+    for m in methods:
+        for k in distances:
+            s = stats[(m, k)]
+            rows.append({"suite": "recall", "task": "recall", "method": m, "distance": k, "n": n,
+                         "acc": s["correct"] / n, "c_red": 1 - s["kept"] / s["seen"], "budget": round(s["budget"] / n, 1),
+                         "kv_kept": s["kept"], "kv_total": s["seen"], "time_s": s["time"]})
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
+            for key in sorted(preds):
+                f.write(json.dumps(preds[key]) + "\n")
+    return rows
+
+
+# ---- the suite ----------------------------------------------------------------------------------
+
+
+def options(cfg: Any) -> dict[str, Any]:
+    from omegaconf import DictConfig, OmegaConf
+
+    defaults = {"data": None, "data_base_dir": None, "num_items": 100, "distances": list(DEFAULT_DISTANCES),
+                "num_choices": 4, "num_before": 3, "seed": 0, "methods": None, "num_sink_tokens": 4, "batch_size": 8}
+    section = cfg.get("recall") or {}
+    if isinstance(section, DictConfig):
+        section = OmegaConf.to_container(section, resolve=True)
+    return {**defaults, **{k: v for k, v in section.items() if v is not None}}
+
+
+def held_out_prose(cfg: Any) -> list[tuple[str, str]]:
+    from ..data.split import held_out_documents
+
+    opts = options(cfg)
+    data = opts["data"]
+    if data is None:
+        if not cfg.get("data_dir"):
+            raise FileNotFoundError("The recall probe reads held-out prose: pass recall.data=<data config> or "
+                                    "data_dir=../shared/data (its presidential speeches).")
+        path = str(Path(str(cfg.get("data_dir"))).expanduser() / SPEECHES)
+        data = {"kind": "jsonl", "paths": [path], "holdout_paths": [path]}
+    return held_out_documents(data, opts["data_base_dir"])
+
+
+def check(cfg: Any) -> None:
+    opts = options(cfg)
+    for m in opts["methods"] or []:
+        ppl_method(m)
+    if int(opts["num_items"]) < 1 or int(opts["num_choices"]) < 2:
+        raise ValueError("recall.num_items must be >= 1 and recall.num_choices >= 2.")
+    if any(int(k) < 0 for k in opts["distances"]):
+        raise ValueError(f"recall.distances must be >= 0, got {opts['distances']}.")
+    if opts["data"] is None and not cfg.get("data_dir"):
+        raise FileNotFoundError("The recall probe reads held-out prose: pass recall.data=<data config> or "
+                                "data_dir=../shared/data.")
+
+
+def run_task(bundle: Any, cfg: Any, task: str, out_dir: Path) -> list[dict[str, Any]]:
+    opts = options(cfg)
+    methods = [ppl_method(m) for m in (opts["methods"] or DEFAULT_METHODS)]
+    if not is_anchor_aware(bundle.model):
+        skipped = [m for m in methods if m in NEEDS_ANCHORS]
+        methods = [m for m in methods if m not in NEEDS_ANCHORS]
+        if skipped:
+            bundle.notes.append(f"recall: no anchor settings, so {', '.join(skipped)} was skipped.")
+    distances = sorted({int(k) for k in opts["distances"]})
+    items = build_items(held_out_prose(cfg), bundle.tokenizer, num_items=int(opts["num_items"]),
+                        max_distance=max(distances), num_choices=int(opts["num_choices"]),
+                        num_before=int(opts["num_before"]), seed=int(opts["seed"]))
+    return recall_rows(bundle.model, bundle.tokenizer, bundle.anchor, items, methods, distances,
+                       num_sink_tokens=int(opts["num_sink_tokens"]), batch_size=int(opts["batch_size"]), out_dir=out_dir,
+                       progress=bool(cfg.get("progress", True)))
+
+
+def _make_suite() -> Any:
+    from .suites import Suite
+
+    return Suite(name="recall", tasks=("recall",), default_tasks=("recall",), run_task=run_task, check=check,
+                 describe="Long-range recall: a fact k sentences back, full vs anchor vs equal-cache baselines")
+
+
+SUITE = _make_suite()

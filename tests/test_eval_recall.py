@@ -1,0 +1,93 @@
+"""Recall probe: items from held-out prose, batched methods against one-sequence oracles, accuracy.
+Runtime: a few seconds (tiny random model, word-level tokenizer)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import anllm
+from anllm.eval import recall as rc
+from anllm.eval.baselines import streaming_visible
+from anllm.testing import tiny_llama, word_tokenizer
+
+PROSE = [f"Sentence number {i} of the prose is here." for i in range(40)]
+VALUES = [v for vals in rc.CATEGORIES.values() for v in vals]
+WORDS = sorted({w for s in PROSE for w in s.replace(".", " .").split()} | set(VALUES) | {"is", "."}
+               | {f"{n}'s" for n in rc.NAMES} | {w for c in rc.CATEGORIES for w in c.split()})
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from tokenizers import pre_tokenizers
+
+    t = word_tokenizer(WORDS)
+    t.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(".", behavior="isolated")])
+    return t
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    m = tiny_llama(vocab_size=len(tok) + 8)
+    anllm.prepare_model(m, tok, mode="ep")
+    return m
+
+
+def test_items_are_built_from_prose_with_the_fact_after_it(tok):
+    docs = [("a", " ".join(PROSE[:20])), ("b", " ".join(PROSE[20:]))]
+    items = rc.build_items(docs, tok, num_items=30, max_distance=5, num_before=3, seed=1)
+    assert items == rc.build_items(docs, tok, num_items=30, max_distance=5, num_before=3, seed=1)  # deterministic
+    for it in items:
+        assert len(it.before) == 3 and len(it.fillers) == 5 and set(it.before + it.fillers) <= set(PROSE)
+        assert it.choices[it.answer] in it.fact and len(set(it.choices)) == 4
+        text = rc.context_text(it, 2, None)
+        assert text.index(it.fact) > 0 and text.endswith(it.cue) and text.count(it.fact) == 1
+    assert len({it.answer for it in items}) > 1 and len({it.category for it in items}) > 1
+    # AC text: <AC> after every complete sentence, never after the open cue
+    ac = rc.context_text(items[0], 2, "<AC>")
+    assert ac.count("<AC>") == 3 + 1 + 2 and ac.endswith(items[0].cue)
+    with pytest.raises(ValueError, match="consecutive prose sentences"):
+        rc.build_items(docs, tok, num_items=1, max_distance=30)
+
+
+def test_batched_methods_equal_one_sequence_oracles(model, tok):
+    docs = [("a", " ".join(PROSE))]
+    items = rc.build_items(docs, tok, num_items=5, max_distance=4, seed=3)
+    enc = [rc.encode_item(it, tok, None) for it in items]
+    seqs = [e.ids(k) for e, k in zip(enc, [0, 1, 4, 2, 3])]  # ragged lengths: left padding in the batch
+    budgets = [rc.item_budget(model, e, k) for e, k in zip(enc, [0, 1, 4, 2, 3])]
+    for method in ("full", "anchor", "sentence", "streamingllm"):
+        got, kept = rc.next_token_logits(model, seqs, method, budgets, tok.pad_token_id)
+        for j, x in enumerate(seqs):
+            L = len(x)
+            if method == "full":
+                mask = torch.ones(L, L, dtype=torch.bool).tril()
+            elif method == "streamingllm":
+                mask = streaming_visible(L, budgets[j], 4)
+            else:
+                is_anchor = torch.isin(x, torch.tensor(anllm.get_anchor_config(model).anchor_token_ids))
+                mask = anllm.ansan_mask(is_anchor[None], hide_anchors=method == "sentence")[0]
+            with anllm.anchor_attention(model, enabled=False), torch.no_grad():
+                want = model(input_ids=x[None], attention_mask=mask[None, None]).logits[0, -1]
+            torch.testing.assert_close(got[j], want, atol=1e-5, rtol=1e-5)
+            assert kept[j] <= L and (method != "full" or kept[j] == L)
+    # The budget is the anchor cache's peak: the most keys any token attends under the rule.
+    is_anchor = torch.isin(seqs[2], torch.tensor(anllm.get_anchor_config(model).anchor_token_ids))
+    assert budgets[2] == int(anllm.ansan_mask(is_anchor[None])[0].sum(-1).max())
+
+
+def test_rows_count_correct_choices(model, tok, tmp_path):
+    docs = [("a", " ".join(PROSE))]
+    items = rc.build_items(docs, tok, num_items=6, max_distance=2, seed=0)
+    rows = rc.recall_rows(model, tok, {"mode": "ep"}, items, ["full", "anchor", "streamingllm"], [0, 2],
+                          batch_size=4, out_dir=tmp_path, progress=False)
+    assert {(r["method"], r["distance"]) for r in rows} == {(m, k) for m in ("full", "anchor", "streamingllm") for k in (0, 2)}
+    preds = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 12
+    for r in rows:
+        mine = [p for p in preds if p["distance"] == r["distance"]]
+        assert r["acc"] == sum(p[r["method"]] == p["answer"] for p in mine) / 6
+        assert r["n"] == 6 and 0 <= r["c_red"] < 1 and (r["method"] != "full" or r["c_red"] == 0)
