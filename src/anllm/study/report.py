@@ -1,0 +1,280 @@
+"""The study's report: ``summary.json`` (read by checks), ``README.md`` (tables, figures, conclusion), PNGs.
+
+Written from :class:`~anllm.study.runner.Results` after every stage, so a partial study already has
+a report of what it has measured. Facts that can be computed (ratios, targets met or missed, who
+wins recall at long distance) are written here; the discussion of *why* lives in a hand-written
+``conclusion.md`` next to the README, which is included when present.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .runner import Study
+
+PPL_ORDER = ("full", "anchor", "sentence", "streamingllm", "knorm")
+ARM_TITLES = {"baseline": "baseline (full attention)", "ep": "AnLLM-EP", "ac": "AnLLM-AC", "ac_sink": "AnLLM-AC + 4 sinks"}
+METHOD_TITLES = {"full": "full attention", "anchor": "anchor (AnchorCache)", "sentence": "sentence only (control)",
+                 "streamingllm": "StreamingLLM, same cache", "knorm": "K-norm, same cache"}
+RATIO_TARGET = 1.25
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def summary(study: "Study") -> dict[str, Any]:
+    r = study.results
+    arms = {}
+    for arm, c in r.arms.items():
+        arms[arm] = {"tokens": c["tokens"], "steps": c["steps"], "ppl": c["ppl"], "c_red": c.get("c_red"),
+                     "budget": c.get("budget"), "train_s": c.get("train_s"), "exp": c.get("exp"),
+                     "overrides": c.get("overrides"),
+                     "max_kv": (c["rows"][-1].get("anchor") or {}).get("max_kv")}
+    recall: dict[str, Any] = {}
+    for arm, rows in r.recall.items():
+        for row in rows:
+            m = recall.setdefault(arm, {}).setdefault(row["method"], {"k": [], "acc": [], "c_red": [], "budget": [], "n": row["n"]})
+            m["k"].append(row["distance"])
+            m["acc"].append(row["acc"])
+            m["c_red"].append(row["c_red"])
+            m["budget"].append(row["budget"])
+    qa: dict[str, Any] = {}
+    for arm, rows in r.qa.items():
+        for row in rows:
+            if row.get("method") == "error" or "acc" not in row:
+                continue
+            qa.setdefault(arm, {}).setdefault(row["task"], {})[row["method"]] = {
+                k: row.get(k) for k in ("acc", "acc_norm", "c_red", "max_kv", "n", "num_fewshot")}
+    timings = study.timings()
+    return {
+        "study": str(study.s.name),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "command": command(study),
+        "model": str(study.s.model),
+        "block_size": int(study.s.block_size),
+        "tokens_per_arm": int(study.s.tokens),
+        "data": {k: v for k, v in study.data.items() if k != "base_dir"},
+        "num_choices": int(study.s.recall.get("num_choices") or 4),
+        "qa_shots": int(study.s.qa.num_fewshot),
+        "sweep": r.sweep,
+        "chosen": r.chosen,
+        "arms": arms,
+        "recall": recall,
+        "qa": qa,
+        "timings_s": timings,
+        "wall_s": round(sum(timings.values()), 1),
+    }
+
+
+def command(study: "Study") -> str:
+    args = [a for a in sys.argv[1:]] if sys.argv and sys.argv[0].endswith("study.py") else [f"study={study.s.name}"]
+    return ".venv/bin/python study.py " + " ".join(args) if args else "make study"
+
+
+def write_report(study: "Study") -> Path:
+    out = study.report_dir
+    out.mkdir(parents=True, exist_ok=True)
+    s = summary(study)
+    (out / "summary.json").write_text(json.dumps(s, indent=1))
+    figures = plot(s, out)
+    (out / "README.md").write_text(markdown(s, figures, out), encoding="utf-8")
+    return out
+
+
+# ---- figures ----------------------------------------------------------------------------------
+
+
+def plot(s: dict[str, Any], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    styles = {"full": ("k", "-"), "anchor": ("tab:blue", "-"), "sentence": ("tab:gray", ":"),
+              "streamingllm": ("tab:orange", "--"), "knorm": ("tab:green", "-.")}
+    arms = list(s["arms"])
+    if arms:
+        fig, axes = plt.subplots(1, len(arms), figsize=(4.2 * len(arms), 3.6), sharey=True, squeeze=False)
+        for ax, arm in zip(axes[0], arms):
+            a = s["arms"][arm]
+            x = [t / 1000 for t in a["tokens"]]
+            for m in PPL_ORDER:
+                if m in a["ppl"]:
+                    color, ls = styles[m]
+                    ax.plot(x, a["ppl"][m], color=color, linestyle=ls, marker="o", ms=3, label=METHOD_TITLES[m])
+            ax.set_yscale("log")
+            ax.set_title(ARM_TITLES.get(arm, arm))
+            ax.set_xlabel("tokens trained (thousands)")
+            ax.grid(alpha=0.3, which="both")
+        axes[0][0].set_ylabel("held-out perplexity (log)")
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "learning_curves.png", dpi=110)
+        plt.close(fig)
+        made.append("learning_curves.png")
+    if s["recall"]:
+        arms = list(s["recall"])
+        fig, axes = plt.subplots(1, len(arms), figsize=(4.2 * len(arms), 3.4), sharey=True, squeeze=False)
+        for ax, arm in zip(axes[0], arms):
+            for m, d in s["recall"][arm].items():
+                color, ls = styles.get(m, ("tab:red", "-"))
+                ax.plot(d["k"], [100 * a for a in d["acc"]], color=color, linestyle=ls, marker="o", ms=3,
+                        label=METHOD_TITLES.get(m, m))
+            ax.axhline(100 / s["num_choices"], color="gray", lw=0.8, ls=":")
+            ax.set_title(ARM_TITLES.get(arm, arm))
+            ax.set_xlabel("sentences between fact and question (k)")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("recall accuracy %")
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "recall.png", dpi=110)
+        plt.close(fig)
+        made.append("recall.png")
+    return made
+
+
+# ---- markdown ---------------------------------------------------------------------------------
+
+
+def _f(x: Any, fmt: str = "{:.2f}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def _ratio(a: dict[str, Any], m: str, i: int = -1) -> float | None:
+    if m not in a["ppl"] or "full" not in a["ppl"]:
+        return None
+    return a["ppl"][m][i] / a["ppl"]["full"][i]
+
+
+def findings(s: dict[str, Any]) -> list[str]:
+    """Plain statements computed from the numbers (targets of the study issue included)."""
+    out = []
+    ac = s["arms"].get("ac")
+    if ac and len(ac["tokens"]) > 1:
+        r = _ratio(ac, "anchor")
+        verdict = "met" if r <= RATIO_TARGET else f"missed by {r - RATIO_TARGET:.2f}"
+        out.append(f"AC arm after {ac['tokens'][-1]:,} tokens: anchor/full PPL = {r:.2f} (target ≤ {RATIO_TARGET}: "
+                   f"{verdict}); at step 0 it was {_ratio(ac, 'anchor', 0):.1f}.")
+    for arm, a in s["arms"].items():
+        if "anchor" not in a["ppl"] or len(a["tokens"]) < 2:
+            continue
+        an, se, st = a["ppl"]["anchor"][-1], (a["ppl"].get("sentence") or [None])[-1], (a["ppl"].get("streamingllm") or [None])[-1]
+        parts = [f"{ARM_TITLES.get(arm, arm)}: anchor PPL {an:.2f}"]
+        if se is not None:
+            parts.append(f"{'below' if an < se else 'NOT below'} the sentence-only control ({se:.2f})")
+        if st is not None:
+            parts.append(f"{'better' if an < st else 'worse'} than StreamingLLM at the same cache ({st:.2f})")
+        out.append(", ".join(parts) + ".")
+    for arm in ("ac", "ac_sink", "ep"):
+        rec = s["recall"].get(arm)
+        if not rec or "anchor" not in rec or "streamingllm" not in rec:
+            continue
+        far = [i for i, k in enumerate(rec["anchor"]["k"]) if k >= 10]
+        if not far:
+            continue
+        an = sum(rec["anchor"]["acc"][i] for i in far) / len(far)
+        st = sum(rec["streamingllm"]["acc"][i] for i in far) / len(far)
+        out.append(f"Recall at k ≥ 10, {ARM_TITLES.get(arm, arm)}: anchor {100 * an:.1f}% vs StreamingLLM at the same cache "
+                   f"{100 * st:.1f}% ({'anchors win' if an > st else 'anchors do not win'}; chance {100 / s['num_choices']:.0f}%).")
+    return out
+
+
+def markdown(s: dict[str, Any], figures: list[str], out: Path) -> str:
+    L = [
+        "# Do anchors learn? The anchor-learning study",
+        "",
+        "Continual pretraining of the same model with four attention arms on the same data, token budget, seed and "
+        "optimiser settings, evaluated on documents that training never saw: does AnSAN training make the anchors "
+        "carry their sentences, and where does that beat training-free cache compression at the **same cache**?",
+        "",
+        f"- **Command**: `{s['command']}` (resumes where it stopped; `make study` runs the CPU study)",
+        f"- **Machine**: {s['machine']}",
+        f"- **Date**: {s['date']}; compute so far {s['wall_s'] / 3600:.2f} h (training + evaluation, measured by the study)",
+        f"- **Model**: {s['model']}; block {s['block_size']} tokens; {s['tokens_per_arm']:,} tokens per arm",
+        f"- **Data**: `{', '.join(s['data']['paths'])}` minus a fixed held-out split: "
+        f"{', '.join('`' + p + '`' for p in s['data'].get('holdout_paths') or []) or 'no whole file'} held out entirely "
+        f"plus {100 * float(s['data'].get('holdout_fraction') or 0):g}% of the other documents (`anllm.data.split`); "
+        "every evaluation below reads only held-out documents.",
+        "- **Equal cache**: StreamingLLM (4 sinks + recent window) and K-norm (lowest-norm keys per layer and head) "
+        "let every token attend at most the anchor cache's peak for that document/item (`anllm.eval.baselines`); "
+        "*sentence only* hides earlier anchors, so *sentence − anchor* is what the anchors carry.",
+        "",
+    ]
+    if s["sweep"]:
+        L += ["## Sweep (AnLLM-AC, short runs)", "",
+              "| candidate | settings | steps | tokens | PPL full | PPL anchor | anchor/full |", "|---|---|---:|---:|---:|---:|---:|"]
+        for name, r in s["sweep"].items():
+            mark = " **(chosen)**" if name == s["chosen"] else ""
+            L.append(f"| {name}{mark} | `{' '.join(r['overrides'])}` | {r['steps']} | {r['tokens']:,} | {r['ppl_full']:.2f} | "
+                     f"{r['ppl_anchor']:.2f} | {r['ppl_anchor'] / r['ppl_full']:.2f} |")
+        L.append("")
+    if s["arms"]:
+        L += ["## Learning curves (held-out perplexity)", ""]
+        if "learning_curves.png" in figures:
+            L += ["![learning curves](learning_curves.png)", ""]
+        L += ["| arm | tokens | " + " | ".join(METHOD_TITLES[m] for m in PPL_ORDER) + " | anchor/full | C⇓ % | budget |",
+              "|---|---:|" + "---:|" * (len(PPL_ORDER) + 3)]
+        for arm, a in s["arms"].items():
+            for i, t in enumerate(a["tokens"]):
+                vals = [_f(a["ppl"][m][i]) if m in a["ppl"] else "–" for m in PPL_ORDER]
+                last = i == len(a["tokens"]) - 1
+                L.append(f"| {ARM_TITLES.get(arm, arm)} | {t:,} | " + " | ".join(vals) + f" | {_f(_ratio(a, 'anchor', i))} | "
+                         f"{_f(a['c_red'] * 100 if last and a['c_red'] is not None else None, '{:.1f}')} | {_f(a['budget'] if last else None, '{:.1f}')} |")
+        L += ["", "C⇓: 1 − kept/seen keys/values of the anchor cache after each document. Budget: mean keys per "
+              "token given to the equal-cache baselines (the anchor cache's peak per document).", ""]
+    if s["recall"]:
+        L += ["## Long-range recall", "",
+              "A fact sentence in held-out prose (“Maria's favourite colour is green.”), then k filler sentences, then "
+              f"the cue “Maria's favourite colour is”; accuracy = the right value ranked first among {s['num_choices']} "
+              f"(chance {100 / s['num_choices']:.0f}%).", ""]
+        if "recall.png" in figures:
+            L += ["![recall](recall.png)", ""]
+        ks = sorted({k for arm in s["recall"].values() for m in arm.values() for k in m["k"]})
+        L += ["| arm | method | " + " | ".join(f"k={k}" for k in ks) + " | C⇓ % (k=max) |", "|---|---|" + "---:|" * (len(ks) + 1)]
+        for arm, rec in s["recall"].items():
+            for m, d in rec.items():
+                acc = dict(zip(d["k"], d["acc"]))
+                L.append(f"| {ARM_TITLES.get(arm, arm)} | {METHOD_TITLES.get(m, m)} | " + " | ".join(_f(100 * acc[k], '{:.0f}') if k in acc else "–" for k in ks)
+                         + f" | {_f(100 * d['c_red'][-1], '{:.1f}')} |")
+        L.append("")
+    if s["qa"]:
+        L += [f"## QA ({s['qa_shots']}-shot)", "", "| arm | task | method | acc | acc_norm | C⇓ % | n |", "|---|---|---|---:|---:|---:|---:|"]
+        for arm, tasks in s["qa"].items():
+            for task, methods in tasks.items():
+                for m, r in methods.items():
+                    L.append(f"| {ARM_TITLES.get(arm, arm)} | {task} | {m} | {_f(100 * r['acc'] if r['acc'] is not None else None, '{:.1f}')} | "
+                             f"{_f(100 * r['acc_norm'] if r.get('acc_norm') is not None else None, '{:.1f}')} | "
+                             f"{_f(100 * r['c_red'] if r.get('c_red') is not None else None, '{:.1f}')} | {r.get('n') or '–'} |")
+        L += ["", "StreamingLLM here is the QA suite's compress-once baseline (prefill, then keep sinks + the most recent "
+              "tokens up to the anchor cache's size), the way KV-press methods are used.", ""]
+    facts = findings(s)
+    L += ["## Findings (computed)", ""] + ([f"- {f}" for f in facts] or ["- (no finished arm yet)"]) + [""]
+    conclusion = out / "conclusion.md"
+    if conclusion.is_file():
+        L += ["## Conclusion", "", conclusion.read_text(encoding="utf-8").strip(), ""]
+    else:
+        L += ["## Conclusion", "", "(pending: the study has not finished)", ""]
+    L += ["## Timings (seconds, measured by the study)", "", "| stage | s |", "|---|---:|"]
+    L += [f"| {k} | {v:.0f} |" for k, v in s["timings_s"].items()] + [""]
+    return "\n".join(L)

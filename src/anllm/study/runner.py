@@ -1,0 +1,307 @@
+"""The anchor-learning study as stages over the ordinary train.py / evaluate.py machinery.
+
+Every stage composes the same Hydra configs the two CLIs use (``conf/train.yaml``,
+``conf/evaluate.yaml``) and calls :func:`anllm.train.run` / :func:`anllm.eval.runner.run` in this
+process, so a study run *is* a sequence of training and evaluation runs, with their resume logic:
+
+* a training run whose summary says it reached ``max_steps`` is skipped; an unfinished one resumes
+  from its newest complete checkpoint (``trainer.resume=auto``);
+* an evaluation whose per-task results are saved with the same settings is read back, not re-run.
+
+So ``python study.py`` can be killed at any point and started again. After every stage the report
+(:mod:`anllm.study.report`) is rewritten from what exists so far.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+REPO = Path(__file__).resolve().parents[3]
+CONF_DIR = REPO / "conf"
+STAGES = ("sweep", "arms", "recall", "qa")
+log = logging.getLogger("anllm.study")
+
+
+def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """A config composed exactly as the CLIs compose it (Hydra's compose API, conf/)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+@dataclass
+class Results:
+    """What the study has measured so far (the report is written from this)."""
+
+    sweep: dict[str, dict[str, Any]] = field(default_factory=dict)
+    chosen: str | None = None
+    arms: dict[str, dict[str, Any]] = field(default_factory=dict)
+    recall: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    qa: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+class Study:
+    """Runs the stages of ``cfg`` (``conf/study.yaml`` composed with a ``study=...`` option)."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.s = cfg.study
+        self.work = (REPO / str(cfg.work_dir)).resolve() if not Path(str(cfg.work_dir)).is_absolute() else Path(str(cfg.work_dir))
+        self.report_dir = Path(str(cfg.report_dir))
+        if not self.report_dir.is_absolute():
+            self.report_dir = REPO / self.report_dir
+        self.data_dir = Path(str(cfg.data_dir)).expanduser()
+        if not self.data_dir.is_absolute():
+            self.data_dir = (REPO / self.data_dir).resolve()
+        self.results = Results()
+        self.timings_file = self.work / "timings.json"
+        unknown = [st for st in cfg.stages if st not in STAGES]
+        if unknown:
+            raise ValueError(f"Unknown study stage(s) {unknown}: choose from {STAGES}.")
+
+    # ---- helpers ------------------------------------------------------------------------------
+    @property
+    def data(self) -> dict[str, Any]:
+        """The training data config (relative paths start at the repository root)."""
+        d = OmegaConf.to_container(self.s.data, resolve=True)
+        d["base_dir"] = str(REPO)
+        return d
+
+    def _timed(self, key: str, seconds: float) -> None:
+        t = json.loads(self.timings_file.read_text()) if self.timings_file.is_file() else {}
+        t[key] = t.get(key, 0.0) + seconds
+        self.timings_file.parent.mkdir(parents=True, exist_ok=True)
+        self.timings_file.write_text(json.dumps(t, indent=1))
+
+    def timings(self) -> dict[str, float]:
+        return json.loads(self.timings_file.read_text()) if self.timings_file.is_file() else {}
+
+    def steps_for(self, tokens: int, overrides: Sequence[str]) -> int:
+        accum = 1
+        for o in [*self.s.train_overrides, *overrides]:
+            if o.startswith("trainer.gradient_accumulation_steps="):
+                accum = int(o.split("=", 1)[1])
+            if o.startswith("trainer.per_device_train_batch_size="):
+                accum *= int(o.split("=", 1)[1])
+        return max(1, int(tokens) // (int(self.s.block_size) * accum))
+
+    def train_config(self, run: str, exp: str, overrides: Sequence[str], steps: int, save_steps: int) -> DictConfig:
+        ov = [
+            f"+exp={exp}", f"model={self.s.model}", "data=jsonl", f"block_size={self.s.block_size}",
+            f"output_dir={self.work / run}", f"trainer.max_steps={steps}", f"trainer.save_steps={save_steps}",
+            "trainer.save_total_limit=null", "trainer.report_to=[]", "trainer.disable_tqdm=true",
+            f"trainer.logging_steps={max(1, steps // 20)}", "trainer.warmup_steps=0",
+            f"trainer.warmup_ratio={self.s.sweep.warmup_ratio}", *self.s.train_overrides, *overrides,
+        ]
+        cfg = compose("train", ov)
+        with open_dict(cfg):
+            cfg.data = OmegaConf.merge(cfg.data, self.data)
+        return cfg
+
+    def train(self, run: str, exp: str, overrides: Sequence[str], tokens: int, checkpoints: int) -> Path:
+        """Train (or resume, or skip a finished) run; returns its output dir."""
+        from anllm.train import run as train_run
+
+        steps = self.steps_for(tokens, overrides)
+        save_steps = max(1, steps // max(1, checkpoints))
+        out = self.work / run
+        if _finished(out, steps):
+            return out
+        cfg = self.train_config(run, exp, overrides, steps, save_steps)
+        log.info("training %s: %d steps (%s)", run, steps, " ".join(overrides))
+        t0 = time.perf_counter()
+        train_run(cfg)
+        self._timed(f"train/{run}", time.perf_counter() - t0)
+        for ckpt in out.glob("checkpoint-*"):  # finished: optimizer states are never needed again
+            for name in ("optimizer.pt", "scheduler.pt"):
+                (ckpt / name).unlink(missing_ok=True)
+        return out
+
+    def step0(self, run: str, exp: str, overrides: Sequence[str]) -> Path:
+        """The starting model with this arm's anchors (untrained ``<AC>``), saved once."""
+        from anllm.train.config import plain_dict
+        from anllm.train.model import build_model_and_tokenizer
+
+        out = self.work / run / "step-0"
+        if (out / "config.json").is_file():
+            return out
+        cfg = self.train_config(run, exp, overrides, 1, 1)
+        model, tok = build_model_and_tokenizer(plain_dict(cfg))
+        tmp = out.with_name("step-0.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(out)
+        return out
+
+    def evaluate(self, checkpoint: Path, out_dir: Path, overrides: Sequence[str], updates: dict[str, Any]) -> list[dict[str, Any]]:
+        """``evaluate.py checkpoint=... <overrides>`` in this process (resumes saved tasks)."""
+        from anllm.eval.runner import register_resolvers, run
+
+        register_resolvers()
+        ov = [f"checkpoint={checkpoint}", f"output_dir={out_dir}", f"data_dir={self.data_dir}", *overrides]
+        if self.cfg.num_threads:
+            ov.append(f"num_threads={self.cfg.num_threads}")
+        cfg = compose("evaluate", ov)
+        for key, value in {"progress": False, **updates}.items():
+            OmegaConf.update(cfg, key, value, force_add=True)
+        t0 = time.perf_counter()
+        record = run(cfg)
+        if record.get("failed"):
+            raise RuntimeError(f"evaluation of {checkpoint} failed: {record['failed']} (see {out_dir}/tasks)")
+        planned = {f"{r['suite']}/{r['task']}" for r in record["rows"]}
+        if len(set(record.get("resumed") or [])) < len(planned):  # something was computed: count its time
+            self._timed(f"eval/{out_dir.relative_to(self.work)}", time.perf_counter() - t0)
+        return record["rows"]
+
+    def ppl(self, checkpoint: Path, out_dir: Path, methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+        p = self.s.ppl
+        rows = self.evaluate(
+            checkpoint, out_dir, ["suite=ppl", "tasks=[holdout]", f"limit={p.num_documents}"],
+            {"ppl.data": self.data, "ppl.methods": list(methods), "ppl.max_tokens": p.max_tokens,
+             "ppl.min_chars": p.min_chars, "ppl.select": p.select, "ppl.chunk_size": p.chunk_size},
+        )
+        return {r["method"]: r for r in rows}
+
+    # ---- stages -------------------------------------------------------------------------------
+    def run(self) -> Results:
+        from .report import write_report
+
+        if self.cfg.num_threads:
+            import torch
+
+            torch.set_num_threads(int(self.cfg.num_threads))
+        stages = list(self.cfg.stages)
+        steps = [("sweep", self.sweep), ("arms", self.arms), ("recall", self.recall), ("qa", self.qa)]
+        for name, fn in steps:
+            if name in stages:
+                fn()
+                write_report(self)
+        return self.results
+
+    def sweep(self) -> None:
+        """Short AC runs with each optimiser candidate; the lowest held-out anchor PPL wins."""
+        for name in self.s.sweep.run:
+            overrides = self.s.sweep.candidates[name]
+            run = f"sweep/{name}"
+            out = self.train(run, "anllm_ac", list(overrides), int(self.s.sweep.tokens), 1)
+            r = self.ppl(out, self.work / run / "eval", ["full", "anchor"])
+            self.results.sweep[name] = {"overrides": list(overrides), "steps": self.steps_for(self.s.sweep.tokens, overrides),
+                                        "tokens": _tokens_seen(out), "ppl_full": r["full"]["ppl"],
+                                        "ppl_anchor": r["anchor"]["ppl"]}
+            log.info("sweep %s: full %.2f anchor %.2f", name, r["full"]["ppl"], r["anchor"]["ppl"])
+        self.results.chosen = min(self.results.sweep, key=lambda n: self.results.sweep[n]["ppl_anchor"])
+
+    def chosen_overrides(self) -> list[str]:
+        if self.results.chosen is None:
+            self.sweep()
+        return list(self.s.sweep.candidates[self.results.chosen])
+
+    def arms(self) -> None:
+        """Every arm: step 0, training, held-out PPL at every saved checkpoint."""
+        from .report import write_report
+
+        hp = self.chosen_overrides()
+        for arm in self.s.arms:
+            spec = self.s.arm_specs[arm]
+            overrides = [*hp, *spec.overrides]
+            methods = list(self.s.ppl.methods)
+            points = [(0, self.step0(arm, spec.exp, overrides))]
+            out = self.train(arm, spec.exp, overrides, int(self.s.tokens), int(self.s.checkpoints))
+            points += [(step, path) for step, path in _checkpoints(out)]
+            curve: dict[str, Any] = {"steps": [], "tokens": [], "ppl": {}, "rows": []}
+            for step, path in points:
+                rows = self.ppl(path, out / "eval" / f"step-{step}", methods)
+                curve["steps"].append(step)
+                curve["tokens"].append(0 if step == 0 else _tokens_seen(path))
+                curve["rows"].append(rows)
+                for m, r in rows.items():
+                    curve["ppl"].setdefault(m, []).append(r["ppl"])
+            final = curve["rows"][-1]
+            curve.update(exp=spec.exp, overrides=overrides, final_dir=str(out),
+                         c_red=(final.get("anchor") or {}).get("c_red"), budget=_budget(final),
+                         train_s=self.timings().get(f"train/{arm}"))
+            self.results.arms[arm] = curve
+            write_report(self)
+
+    def recall(self) -> None:
+        r = self.s.recall
+        for arm in self.s.arms:
+            out = self.work / arm
+            if not _finished(out, None):
+                log.warning("recall: arm %s has not finished training; skipped", arm)
+                continue
+            rows = self.evaluate(out, out / "eval" / "recall", ["suite=recall"],
+                                 {"recall.data": self.data, "recall.num_items": r.num_items,
+                                  "recall.distances": list(r.distances), "recall.methods": list(r.methods),
+                                  "recall.batch_size": r.batch_size, **({"recall.num_choices": r.num_choices} if "num_choices" in r else {})})
+            self.results.recall[arm] = rows
+
+    def qa(self) -> None:
+        q = self.s.qa
+        for arm in q.arms:
+            spec = q.modes[arm]
+            out = self.work / arm
+            if not _finished(out, None):
+                log.warning("qa: arm %s has not finished training; skipped", arm)
+                continue
+            modes = "[" + ",".join(spec.modes) + "]"
+            tasks = "[" + ",".join(q.tasks) + "]"
+            rows = self.evaluate(out, out / "eval" / "qa", ["suite=qa", f"tasks={tasks}", f"modes={modes}",
+                                                              f"num_fewshot={q.num_fewshot}",
+                                                              f"limit={'null' if q.limit is None else q.limit}"],
+                                 {"qa.baselines": list(spec.baselines)})
+            self.results.qa[arm] = rows
+
+
+def _finished(out: Path, steps: int | None) -> bool:
+    """The run's summary exists (and, when given, it reached ``steps``)."""
+    summary = out / "anllm_train_summary.json"
+    if not summary.is_file():
+        return False
+    return steps is None or int(json.loads(summary.read_text()).get("global_step", -1)) >= steps
+
+
+def _checkpoints(out: Path) -> list[tuple[int, Path]]:
+    from anllm.train.checkpoints import checkpoint_dirs, is_complete
+
+    return [(step, p) for step, p in checkpoint_dirs(out) if is_complete(p)]
+
+
+def _tokens_seen(path: Path) -> int:
+    """Tokens trained at a checkpoint (its completion marker) or at the end of a run (its summary)."""
+    from anllm.train.checkpoints import MARKER
+
+    for name, key in ((MARKER, "num_input_tokens_seen"), ("anllm_train_summary.json", "num_input_tokens_seen")):
+        f = path / name
+        if f.is_file():
+            return int(json.loads(f.read_text()).get(key) or 0)
+    return 0
+
+
+def _budget(rows: dict[str, dict[str, Any]]) -> float | None:
+    for m in ("streamingllm", "knorm"):
+        if m in rows and rows[m].get("budget") is not None:
+            return rows[m]["budget"]
+    return None
+
+
+def main(argv: Sequence[str]) -> Results:
+    """``python study.py [overrides]``: compose conf/study.yaml and run it."""
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cfg = compose("study", argv)
+    return Study(cfg).run()

@@ -1,0 +1,79 @@
+"""The anchor-learning study end to end at toy scale (tiny model, 2 arms, 2 checkpoints, seconds):
+report + summary written with every key, a second run skips finished work, evaluation reads only
+held-out documents. Runtime: ~30 s."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from anllm.study import Study, compose
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def study_run(tmp_path_factory, shared_data):
+    tmp = tmp_path_factory.mktemp("study")
+    docs = tmp / "docs.jsonl"
+    docs.write_text("\n".join(json.dumps({"text": " ".join(
+        f"Sentence number {i} of document {d} is here and it is plain." for i in range(40))}) for d in range(8)))
+    overrides = ["study=tiny", f"study.data.paths=[{docs}]", f"work_dir={tmp / 'work'}",
+                 f"report_dir={tmp / 'report'}", f"data_dir={shared_data}"]
+    results = Study(compose("study", overrides)).run()
+    return tmp, overrides, results
+
+
+def test_report_and_summary_have_every_key(study_run):
+    tmp, _, _ = study_run
+    s = json.loads((tmp / "report" / "summary.json").read_text())
+    assert set(s["arms"]) == {"baseline", "ac"}
+    for name, arm in s["arms"].items():
+        assert arm["tokens"][0] == 0 and arm["tokens"] == sorted(arm["tokens"]) and len(arm["tokens"]) == 3
+        methods = {"full", "streamingllm", "knorm"} | ({"anchor", "sentence"} if name == "ac" else set())
+        assert set(arm["ppl"]) == methods
+        assert all(len(v) == len(arm["tokens"]) for v in arm["ppl"].values())
+    assert 0 < s["arms"]["ac"]["c_red"] < 1 and s["arms"]["ac"]["budget"] > 0
+    assert set(s["recall"]["ac"]) == {"full", "anchor", "streamingllm"} and set(s["recall"]["baseline"]) == {"full", "streamingllm"}
+    assert s["recall"]["ac"]["anchor"]["k"] == [0, 2]
+    assert set(s["qa"]["ac"]["arc_easy"]) == {"anchor", "streamingllm"} and set(s["qa"]["baseline"]["arc_easy"]) == {"full"}
+    assert s["chosen"] in s["sweep"] and set(s["sweep"]) == {"a", "b"}
+    readme = (tmp / "report" / "README.md").read_text()
+    for needle in ("learning_curves.png", "recall.png", "Sweep", "Long-range recall", "QA (0-shot)", s["command"]):
+        assert needle in readme
+    assert (tmp / "report" / "learning_curves.png").stat().st_size > 1000
+
+
+def test_second_run_skips_finished_work(study_run, monkeypatch):
+    tmp, overrides, first = study_run
+    import anllm.train
+
+    def no_training(cfg):  # noqa: ARG001
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(anllm.train, "run", no_training)
+    before = json.loads((tmp / "work" / "timings.json").read_text())
+    again = Study(compose("study", overrides)).run()
+    assert json.loads((tmp / "work" / "timings.json").read_text()) == before  # nothing recomputed
+    assert again.arms["ac"]["ppl"] == first.arms["ac"]["ppl"] and again.chosen == first.chosen
+
+
+def test_evaluation_reads_only_held_out_documents(study_run):
+    from anllm.data import held_out_documents
+
+    tmp, _, _ = study_run
+    train_cfg = (tmp / "work" / "ac" / "anllm_train_config.yaml").read_text()
+    assert "holdout_fraction: 0.25" in train_cfg
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(OmegaConf.load(tmp / "work" / "ac" / "anllm_train_config.yaml").data)
+    held = {d for d, _ in held_out_documents(data)}
+    scored = json.loads((tmp / "work" / "ac" / "eval" / "step-4" / "tasks" / "ppl" / "holdout" / "documents.json").read_text())
+    assert scored["full"] and {d["doc"] for d in scored["full"]} <= held
+
+
+def test_bad_stage_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="Unknown study stage"):
+        Study(compose("study", ["study=tiny", "study.data.paths=[x.jsonl]", "stages=[sweep,train]",
+                                f"work_dir={tmp_path}"]))
