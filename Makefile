@@ -10,14 +10,24 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 .PHONY: install test bench model study clean-venv
 
-# From nothing: a fresh venv, the CPU torch taken from local disk, then the package with dev extras.
-# DeepSpeed's setup.py imports torch, so it is built against the torch already installed, without
-# build isolation (which would otherwise download a multi-GB CUDA torch).
+# Which torch: TORCH_SPEC (the version) from TORCH_INDEX (empty = pip's configured index). On this
+# project's CPU machines pip finds torch 2.13.0's CPU build on local disk; on a CUDA machine the same
+# spec from PyPI is the CUDA build, and TORCH_INDEX=https://download.pytorch.org/whl/cu126 picks a
+# CUDA version explicitly. DS_BUILD_OPS=0 compiles DeepSpeed's ops just in time, at first use (needs
+# a compiler, and nvcc for GPU ops, on the node that first uses them); DS_BUILD_OPS=1 prebuilds them now.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+DS_BUILD_OPS ?= 0
+TORCH_FROM := $(if $(TORCH_INDEX), --index-url $(TORCH_INDEX),)
+
+# From nothing: a fresh venv, torch (see above), then the package with dev extras. DeepSpeed's
+# setup.py imports torch, so it is built against the torch already installed, without build
+# isolation (which would otherwise download a second, multi-GB torch).
 install:
 	python3 -m venv $(VENV)
-	$(PIP) install -q "torch==2.13.0" $(QUIET)
+	$(PIP) install -q "$(TORCH_SPEC)"$(TORCH_FROM) $(QUIET)
 	$(PIP) install -q "setuptools<81" wheel $(QUIET)
-	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation "deepspeed>=0.15" $(QUIET)
+	DS_BUILD_OPS=$(DS_BUILD_OPS) $(PIP) install -q --no-build-isolation "deepspeed>=0.15" $(QUIET)
 	$(PIP) install -q -e ".[dev]" $(QUIET)
 	$(PIP) check
 	$(PY) -c "import anllm, torch, transformers; print('anllm', anllm.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

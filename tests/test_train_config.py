@@ -59,7 +59,10 @@ def test_exp_sets_the_method_and_the_paper_schedule():
 def test_default_scale_is_a_short_cpu_run_and_command_line_wins():
     cfg = compose_cfg("+exp=anllm_ac")
     assert cfg.scale_name == "demo" and cfg.block_size <= 512 and 0 < cfg.trainer.max_steps <= 100
-    assert cfg.trainer.learning_rate == 2e-5 and cfg.trainer.seed == 34  # the method's settings stay
+    assert cfg.trainer.seed == 34 and cfg.anchor.mode == "ac"  # the method's settings stay
+    # demo teaches the anchors in minutes (lr 2e-4, cosine) and checks held-out PPL; paper keeps 2e-5
+    assert cfg.trainer.learning_rate == 2e-4 and cfg.heldout.enabled == "auto" and cfg.data.holdout_fraction > 0
+    assert compose_cfg("+exp=anllm_ac", "scale=paper").trainer.learning_rate == 2e-5
     cfg = compose_cfg("+exp=anllm_ac", "model=tiny", "data=demo", "trainer.max_steps=7", "output_dir=/tmp/x")
     assert cfg.trainer.max_steps == 7 and cfg.output_dir == "/tmp/x" and cfg.model.source == "tiny"
     validate(cfg)

@@ -18,6 +18,7 @@ _ENDERS = ".!?:"
 _ITEM = re.compile(r"^\s*(?:[*\-•]|\d+\.|\[\d+\])\s+")
 _CLOSERS = "\"')]”’"
 MIN_DOC_CHARS = 200
+_MIN_DEDUP_CHARS = 40  # shorter paragraphs (headings) may repeat
 
 
 def _is_prose(paragraph: str) -> bool:
@@ -58,7 +59,12 @@ def clean_topic(text: str) -> str:
 
 
 def demo_documents() -> Iterator[str]:
-    """The reference's topics (sorted by name) as cleaned documents of at least 200 characters."""
+    """The reference's topics (sorted by name) as cleaned documents of at least 200 characters.
+
+    Many topics repeat whole paragraphs of others (``attribute-access`` and ``customization`` share
+    dozens), so a paragraph already used by an earlier topic is dropped: otherwise a held-out
+    document would be partly trained on.
+    """
     try:
         from pydoc_data.topics import topics
     except ImportError as e:  # pragma: no cover - stripped-down Python builds
@@ -66,7 +72,14 @@ def demo_documents() -> Iterator[str]:
             "This Python has no pydoc_data (the help() texts), so the demo corpus is unavailable; "
             "use data=jsonl with your own files."
         ) from e
+    seen: set[str] = set()
     for name in sorted(topics):
-        doc = clean_topic(topics[name])
+        kept = []
+        for para in clean_topic(topics[name]).split("\n\n"):
+            if len(para) >= _MIN_DEDUP_CHARS and para in seen:
+                continue
+            seen.add(para)
+            kept.append(para)
+        doc = "\n\n".join(kept)
         if len(doc) >= MIN_DOC_CHARS:
             yield doc

@@ -20,7 +20,7 @@ CONF_DIR = REPO_ROOT / "conf"
 ANLLM_TRAINER_KEYS = ("resume", "save_total_limit")
 TOP_LEVEL_KEYS = (
     "exp_name", "scale_name", "output_dir", "cache_dir", "block_size", "anchor", "preprocessing",
-    "metrics", "wandb", "trainer", "model", "data", "deepspeed",
+    "metrics", "wandb", "trainer", "model", "data", "deepspeed", "heldout",
 )
 ANCHOR_KEYS = ("mode", "token", "ep_punctuation", "num_sink_tokens", "anchors_see_anchors")
 MODEL_SOURCES = ("smollm2", "tiny", "pretrained")
@@ -100,6 +100,9 @@ def validate(cfg: DictConfig | Mapping, *, check_files: bool = True) -> None:
     _check_data(cfg, check_files)
     _check_trainer(cfg)
     _check_deepspeed(cfg)
+    from .heldout import validate as validate_heldout
+
+    validate_heldout(plain_dict(cfg))
     if not cfg.get("output_dir"):
         raise ConfigError("output_dir is empty: set output_dir=<directory for checkpoints and the final model>.")
 

@@ -24,6 +24,7 @@ from .checkpoints import (
     latest_complete_checkpoint,
     quarantine_incomplete,
 )
+from . import heldout
 from .config import ConfigError, plain_dict, resolve_bf16, validate
 from .distributed import barrier, env_from_submitit, is_main_process
 
@@ -98,10 +99,23 @@ def _run_locked(c: dict[str, Any], callbacks: Sequence[Any], output_dir: Path, a
         block_size=c["block_size"],
         peak_tflops=(c.get("metrics") or {}).get("peak_tflops"),
     )
+    check, skipped = heldout.settings(c, args.world_size)
+    start = docs = None
+    if check is None:
+        logger.info(skipped)
+    elif trainer.is_world_process_zero():
+        docs = heldout.documents(c, check)
+        start = heldout.start_numbers(model, tok, c, check, docs)  # before training: the starting model
     if resume_path:
         logger.info("Resuming from %s", resume_path)
     out = trainer.train(resume_from_checkpoint=str(resume_path) if resume_path else None)
     trainer.save_model(str(output_dir))  # weights (ZeRO-3: gathered), config with anchor settings, tokenizer
+    check_result = None
+    if check is not None and trainer.is_world_process_zero():
+        end = heldout.measure(model, tok, docs, check)
+        check_result = {"start": start, "trained": end, "settings": check,
+                        "evaluate_equivalent": heldout.ppl_config(c, check)}
+        print(heldout.table(start, end), flush=True)
     result = TrainResult(
         output_dir=output_dir,
         global_step=int(trainer.state.global_step),
@@ -112,7 +126,7 @@ def _run_locked(c: dict[str, Any], callbacks: Sequence[Any], output_dir: Path, a
         data_stats=stats,
     )
     if trainer.is_world_process_zero():
-        _write_summary(result, trainer, stats)
+        _write_summary(result, trainer, stats, check_result)
     barrier()
     return result
 
@@ -216,7 +230,7 @@ def _setup_reporting(c: dict[str, Any], output_dir: Path) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _write_summary(result: TrainResult, trainer: Any, stats: Any) -> None:
+def _write_summary(result: TrainResult, trainer: Any, stats: Any, check: dict[str, Any] | None = None) -> None:
     metrics = dict(result.metrics)
     runtime = metrics.get("train_runtime")
     tokens = int(trainer.state.num_input_tokens_seen)
@@ -227,6 +241,7 @@ def _write_summary(result: TrainResult, trainer: Any, stats: Any) -> None:
         "num_input_tokens_seen": tokens,
         "metrics": metrics,
         "data": stats.to_dict() if hasattr(stats, "to_dict") else None,
+        "heldout": check,
     }
     if runtime:
         summary["tokens_per_second_overall"] = tokens / runtime if not result.resumed_from else None
