@@ -535,3 +535,68 @@ def test_beam_search_is_refused_not_silently_wrong() -> None:
         step(model, cache, torch.full((3, 1), W), am)
     with anllm.anchor_attention(model, enabled=False):  # plain causal beam search is untouched
         assert model.generate(ids, **kwargs).shape == (3, ids.shape[1] + 4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["ep", "ac"])
+def test_chunked_prefill_in_generate_equals_one_shot(mode: str) -> None:
+    """generate(prefill_chunk_size=N) reads the prompt in chunks through the model's hooks: the same
+    tokens and logits as a one-shot AnSAN prefill, with left padding, for chunks of 1 token, chunks
+    that split sentences, and chunks longer than the prompt; AnchorCache and a tracked DynamicCache."""
+    model, anchors = make_model(mode, 2.5 if mode == "ep" else 2.0)
+    vocab = model.config.vocab_size
+    ids, am = left_padded_prompts(seed=3, L=14, high=vocab - 1 if mode == "ac" else 128, anchor=anchors[0])
+    ref = generate(model, ids, am, anllm.AnchorCache(), 10)
+    assert bool(torch.isin(ids, torch.tensor(anchors)).any())
+    for chunk, make_cache in itertools.product([1, 4, 64], [anllm.AnchorCache, DynamicCache]):
+        cache = make_cache()
+        got = model.generate(ids, attention_mask=am, past_key_values=cache, do_sample=False, max_new_tokens=10,
+                             output_logits=True, return_dict_in_generate=True, prefill_chunk_size=chunk)
+        assert torch.equal(got.sequences, ref.sequences), (chunk, make_cache)
+        for a, b in zip(got.logits, ref.logits):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        if isinstance(cache, anllm.AnchorCache):
+            assert cache.stats()["kept"] < cache.stats()["seen"]
+
+
+@torch.no_grad()
+def test_paths_that_skip_the_hooks_fail_loudly() -> None:
+    model, _ = make_model("ep", 2.5)
+    ids, am = left_padded_prompts(seed=3)
+    with pytest.raises(RuntimeError, match="not anchor-aware"):  # the decoder's forward, hooks skipped
+        model.model.forward(input_ids=ids, attention_mask=am, past_key_values=anllm.AnchorCache(), use_cache=True)
+    cache = DynamicCache()
+    step(model, cache, ids, am)
+    model.model.forward(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)  # grows it behind our back
+    with pytest.raises(ValueError, match="skipped its hooks"):
+        step(model, cache, ids[:, :1], torch.cat([am, torch.ones(3, 2, dtype=torch.long)], 1))
+    with pytest.raises((ValueError, NotImplementedError), match="reordered|crop"):  # assisted decoding crops
+        model.generate(ids[:1], attention_mask=am[:1], past_key_values=anllm.AnchorCache(), do_sample=False,
+                       max_new_tokens=6, prompt_lookup_num_tokens=2)
+
+
+@torch.no_grad()
+def test_decode_steps_that_see_everything_pass_no_mask() -> None:
+    """A non-anchor decode token sees every kept slot: no 4D mask (SDPA's fast path), same logits."""
+    model, _ = make_model("ep")
+    seen = []
+    model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True)
+    ids = torch.tensor([[W, W + 1, P, W + 2, W + 3, P, W + 4]] * 2)
+    am = torch.ones(2, 7, dtype=torch.long)
+
+    def run(fast: bool, token: int) -> torch.Tensor:
+        model._anllm_attention.fast_decode = fast
+        cache = anllm.AnchorCache()
+        step(model, cache, ids, am)
+        seen.clear()
+        return step(model, cache, torch.full((2, 1), token), torch.ones(2, 8, dtype=torch.long))
+
+    fast = run(True, W + 5)
+    assert seen == [None]  # the whole step ran without a mask
+    masked = run(False, W + 5)
+    assert seen[0] is not None and bool(seen[0].all())
+    torch.testing.assert_close(fast, masked, atol=1e-6, rtol=0)
+    run(True, P)  # an anchor token sees only its own sentence: it needs the mask
+    assert seen[0] is not None and not bool(seen[0].all())
+    model._anllm_attention.fast_decode = True

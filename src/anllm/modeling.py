@@ -155,6 +155,27 @@ def _first_keys(cache: Cache) -> torch.Tensor | None:
     return getattr(layers[0], "keys", None) if layers else None
 
 
+def decoder_of(model: Any) -> Any:
+    """The module that runs the decoder layers (``model.model`` for ``LlamaForCausalLM``)."""
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, torch.nn.Module) else model
+
+
+def _fix_chunked_positions(kwargs: dict, attention_mask: Any) -> None:
+    """Left-padded rows in transformers' chunked prefill get ``position_ids = cache_position``, i.e.
+    positions shifted by their padding, while the decode steps after it count real tokens (as an
+    unchunked prefill does). Give the chunks the positions an unchunked prefill would have."""
+    pos, cache_position = kwargs.get("position_ids"), kwargs.get("cache_position")
+    if not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and isinstance(pos, torch.Tensor)
+            and isinstance(cache_position, torch.Tensor)):
+        return
+    q = cache_position.shape[-1]
+    if attention_mask.shape[1] != int(cache_position[-1]) + 1 or bool(attention_mask.all()):
+        return  # not a chunk of a padded prefill
+    if pos.shape[-1] == q and bool((pos == cache_position).all()):
+        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -q:]
+
+
 def is_anchor_aware(model: Any) -> bool:
     att = getattr(model, "_anllm_attention", None)
     return att is not None and att.enabled and att.cfg.enabled
@@ -174,9 +195,13 @@ class AnchorAttention:
         # before the next forward means the cache was changed behind our back (beam search reorders
         # rows, assisted decoding crops), so the tracked anchor layout no longer matches it.
         self._last_keys: "weakref.WeakKeyDictionary[Cache, Any]" = weakref.WeakKeyDictionary()
+        # On the decoder stack (``model.model`` for Llama & co.), not on the LM wrapper: generate's
+        # chunked prefill calls the wrapper's ``.forward`` directly, which skips the wrapper's hooks,
+        # but the wrapper always *calls* the decoder, whose hooks therefore run on every path.
+        target = decoder_of(model)
         self._handles = [
-            model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
-            model.register_forward_hook(self._post_forward, with_kwargs=True),
+            target.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
+            target.register_forward_hook(self._post_forward, with_kwargs=True),
         ]
 
     def remove(self) -> None:
@@ -216,6 +241,8 @@ class AnchorAttention:
                 cache = kwargs["past_key_values"] = DynamicCache(config=module.config)
         if cache is not None and document_ids is not None:
             raise ValueError("document_ids (packed rows) are for training/scoring without a cache.")
+        if cache is not None:
+            _fix_chunked_positions(kwargs, attention_mask)
         if isinstance(cache, AnchorCache):
             qlay, klay = cache.begin_step(is_anchor, valid, self.options)
             if cache.position_mode == "compact":
@@ -232,8 +259,9 @@ class AnchorAttention:
             elif cache in self._last_keys and self._last_keys[cache]() is not _first_keys(cache):
                 raise ValueError(
                     "The cache was reordered or cropped outside the anchor-aware model (beam search, "
-                    "assisted decoding, batch_select_indices), so its anchor layout is lost. Use greedy "
-                    "or sampling decoding (AnchorCache.batch_repeat_interleave to score continuations)."
+                    "assisted decoding, batch_select_indices, or a forward that skipped its hooks), so its "
+                    "anchor layout is lost. Use greedy or sampling decoding (AnchorCache.batch_repeat_interleave "
+                    "to score continuations)."
                 )
             qlay, klay = tracker.extend(is_anchor, valid)
             tracker.layout = klay
@@ -242,6 +270,15 @@ class AnchorAttention:
             qlay = klay = layout_from_tokens(is_anchor, valid, document_ids, self.options)
         kwargs["attention_mask"] = self.build_mask(module.config, qlay, klay)
         return args, kwargs
+
+    fast_decode = True  # class default; tests switch it off to compare
+
+    def _needs_no_mask(self, config: Any, q: TokenLayout, k: TokenLayout) -> bool:
+        """A decode step whose new token may see every cached slot (not an anchor, no padding, no empty
+        slots): SDPA's unmasked path computes exactly that, and on CPU it is several times faster
+        than the same attention with a 4D mask."""
+        impl = getattr(config, "_attn_implementation", None)
+        return self.fast_decode and impl == "sdpa" and q.shape[1] == 1 and k.shape[1] > 1
 
     def _post_forward(self, module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
         cache = kwargs.get("past_key_values")
@@ -259,7 +296,10 @@ class AnchorAttention:
         """The 4D mask for this model's attention backend, from the one rule in :mod:`anllm.masks`."""
         impl = getattr(config, "_attn_implementation", None) or "eager"
         if impl == "sdpa":
-            return dense_mask(q, k, self.options)
+            mask = dense_mask(q, k, self.options)
+            if self._needs_no_mask(config, q, k) and bool(mask.all()):
+                return None  # transformers then lets SDPA attend every key, unmasked
+            return mask
         model = self.model_ref()
         dtype = model.dtype if model is not None else torch.float32
         if impl == "eager":
