@@ -166,10 +166,13 @@ def test_anchor_scores_equal_ansan_and_full_matches_plain_forward():
     ctx = [1, 10, 11, 5, 12, 13, 14, 5, 20, 21]
     conts = [[30, 31, 5, 32], [40], [41, 42]]
     reqs = [(("c", i), ctx, c) for i, c in enumerate(conts)] + [(("d", 0), [7, 8, 5, 9], [3, 4])]
-    scorer = MultiModeScorer(model, ["full", "ansan", "anchor"], batch_size=2, warmup=False)
+    scorer = MultiModeScorer(model, ["full", "ansan", "anchor", "stock"], batch_size=2, warmup=False,
+                             prefill_chunk_size=3)  # contexts read into the anchor cache 3 tokens at a time
     scorer.score(reqs)
     for key, c, cont in reqs:
         assert scorer.result("anchor", key).logprob == pytest.approx(scorer.result("ansan", key).logprob, abs=1e-4)
+        # lm-eval's per-request forward (the paper's speed baseline) gives the full-cache scores
+        assert scorer.result("stock", key).logprob == pytest.approx(scorer.result("full", key).logprob, abs=1e-4)
         with torch.no_grad(), anllm.anchor_attention(model, enabled=False):
             ids = torch.tensor([c + cont])
             logp = torch.log_softmax(model(ids).logits.float(), -1)[0]

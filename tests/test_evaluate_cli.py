@@ -70,7 +70,8 @@ def test_failed_task_keeps_the_others_and_rerun_resumes(shared_data, checkpoint,
             "modes=[full,anchor]", "qa.baselines=[]", "limit=2"]
     first = run(_cfg(args))
     assert first["failed"] == ["qa/boolq"]
-    assert {r["method"] for r in first["rows"] if r["task"] == "arc_easy"} == {"full", "anchor"}
+    # stock = lm-eval's per-request forward, timed beside the others for T⇑ stock (qa.stock, on by default)
+    assert {r["method"] for r in first["rows"] if r["task"] == "arc_easy"} == {"full", "anchor", "stock"}
     err = next(r for r in first["rows"] if r["task"] == "boolq")
     assert err["method"] == "error" and "qa/boolq/validation.jsonl" in err["error"]
     saved = json.loads((out / "tasks" / "qa" / "arc_easy.json").read_text())
@@ -86,9 +87,9 @@ def test_failed_task_keeps_the_others_and_rerun_resumes(shared_data, checkpoint,
     assert (out / "tasks" / "qa" / "arc_easy.json").stat().st_mtime_ns == mtime
     arc = [r for r in second["rows"] if r["task"] == "arc_easy"]
     assert arc == saved["rows"]
-    assert {r["method"] for r in second["rows"] if r["task"] == "boolq"} == {"full", "anchor"}
+    assert {r["method"] for r in second["rows"] if r["task"] == "boolq"} == {"full", "anchor", "stock"}
     table = second["markdown"]
-    assert "| Method | ARC-e | BoolQ | Avg | C⇓ % | T⇑ |" in table
+    assert "| Method | ARC-e | BoolQ | Avg | C⇓ % | T⇑ | T⇑ stock |" in table
 
     third = run(_cfg(args[:-1] + ["limit=1", "tasks=[arc_easy]"]))  # other settings: no stale reuse
     assert third["resumed"] == [] and all(r["n"] == 1 for r in third["rows"])

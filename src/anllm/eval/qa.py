@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 def qa_options(cfg: DictConfig) -> dict[str, Any]:
     """The ``qa`` section with defaults (so the suite also runs from a bare config in tests)."""
-    defaults = {"source": "auto", "baselines": [], "num_sink_tokens": 4, "insert_anchors": True}
+    defaults = {"source": "auto", "baselines": [], "num_sink_tokens": 4, "insert_anchors": True, "stock": False,
+                "prefill_chunk_size": None}
     section = cfg.get("qa") or {}
     if isinstance(section, DictConfig):
         section = OmegaConf.to_container(section, resolve=True)
@@ -108,6 +109,8 @@ def run_task(bundle: ModelBundle, cfg: DictConfig, task: str, out_dir: Path) -> 
     info = get_task(task)
     source = resolve_source(opts["source"], cfg.get("data_dir"))
     modes, notes = resolve_modes(bundle, list(cfg.get("modes") or ["full"]), list(opts["baselines"] or []))
+    if opts["stock"] and "stock" not in modes:
+        modes.append("stock")  # lm-eval's per-request forward, timed side by side (T⇑ stock)
     for n in notes:
         if n not in bundle.notes:
             bundle.notes.append(n)
@@ -120,7 +123,7 @@ def run_task(bundle: ModelBundle, cfg: DictConfig, task: str, out_dir: Path) -> 
         spec = task_spec(task, source, cfg.get("data_dir"), k, out_dir / "lm_eval_tasks")
         scorer = MultiModeScorer(
             bundle.model, modes, pad_token_id=_pad_id(bundle.tokenizer), batch_size=int(cfg.get("batch_size") or 1),
-            num_sink_tokens=int(opts["num_sink_tokens"]),
+            num_sink_tokens=int(opts["num_sink_tokens"]), prefill_chunk_size=opts["prefill_chunk_size"],
         )
         manager = TaskManager(include_defaults=False)
         per_mode: dict[str, dict[str, Any]] = {}
@@ -136,6 +139,13 @@ def run_task(bundle: ModelBundle, cfg: DictConfig, task: str, out_dir: Path) -> 
             per_mode[mode] = {"metrics": res["results"][task], "samples": res["samples"][task]}
         rows += _rows(task, info, k, source, modes, scorer, per_mode, out_dir, limit)
     return rows
+
+
+def _speedup(scorer: MultiModeScorer, baseline: str, mode: str) -> float | None:
+    """time(baseline) / time(mode), measured side by side by the scorer (None if either is missing)."""
+    if baseline not in scorer.seconds or not scorer.seconds.get(mode):
+        return None
+    return scorer.seconds[baseline] / scorer.seconds[mode]
 
 
 def _pad_id(tok: Any) -> int:
@@ -197,7 +207,8 @@ def _rows(
             "acc_norm": metrics.get("acc_norm,none"),
             **cache,
             "time_s": scorer.seconds[mode],
-            "t_up": scorer.seconds["full"] / scorer.seconds[mode] if "full" in scorer.seconds and scorer.seconds[mode] else None,
+            "t_up": _speedup(scorer, "full", mode),
+            "t_up_stock": _speedup(scorer, "stock", mode),
             "agree": agree,
             "agree_ref": ref if agree is not None else None,
         }

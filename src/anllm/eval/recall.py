@@ -3,7 +3,7 @@
 An item is held-out prose, then a fact sentence binding a name to a value ("Maria's favourite colour
 is green."), then ``k`` filler sentences of held-out prose, then the cue "Maria's favourite colour
 is". The model must put the right value first among ``num_choices`` values of the same category
-(next-token likelihood; values are single tokens). Items are built once per seed; the same item is
+(likelihood of the value's first token; an item's values start with different tokens). Items are built once per seed; the same item is
 read at every distance k, so accuracy vs k isolates distance.
 
 Methods (names as in the perplexity suite): ``full`` (causal, everything cached), ``anchor`` (AnSAN +
@@ -95,13 +95,14 @@ def build_items(
     num_before: int = 3, seed: int = 0,
 ) -> list[Item]:
     """``num_items`` items from held-out ``docs``; each needs ``num_before + max_distance`` consecutive
-    prose sentences. Values that are not a single token for ``tokenizer`` are left out."""
-    single = {cat: [v for v in vals if len(tokenizer.encode(" " + v, add_special_tokens=False)) == 1]
-              for cat, vals in CATEGORIES.items()}
-    usable = {cat: vals for cat, vals in single.items() if len(vals) >= num_choices}
+    prose sentences. The choices of an item start with different tokens (the first token is scored;
+    with a real vocabulary every value is one token anyway)."""
+    first = {v: tokenizer.encode(" " + v, add_special_tokens=False)[0] for vals in CATEGORIES.values() for v in vals}
+    by_first = {cat: {first[v]: v for v in reversed(vals)} for cat, vals in CATEGORIES.items()}
+    usable = {cat: sorted(vs.values()) for cat, vs in by_first.items() if len(vs) >= num_choices}
     if not usable:
-        raise ValueError(f"No recall category has {num_choices} single-token values for this tokenizer; "
-                         "lower recall.num_choices.")
+        raise ValueError(f"No recall category has {num_choices} values with different first tokens for this "
+                         "tokenizer; lower recall.num_choices.")
     need = num_before + max_distance
     runs = [r for r in prose_sentences(docs) if len(r) >= need]
     if not runs:

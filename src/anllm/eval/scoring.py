@@ -13,6 +13,11 @@ and the continuations to score after it (the choices of a multiple-choice item).
 * baselines (``streamingllm``, ``knorm``) — causal attention; the context's full cache is
   compressed to the number of entries the ``anchor`` cache kept for that same group (equal budget),
   then the continuations are scored against it (see :mod:`anllm.eval.baselines`).
+* ``stock`` — causal attention, every ``context + continuation`` in its own full forward, the
+  context recomputed for each choice: what lm-eval's stock ``HFLM`` does, and the paper's speed
+  baseline. Same scores as ``full``; it is there to time the two baselines side by side.
+
+Contexts are read into anchor caches in chunks (:func:`anllm.eval.generation.prefill`).
 
 Timing: every batch of groups is run in every mode back to back (modes alternate batch by batch, so
 machine load hits them alike), after one untimed warm-up batch, with ``torch.cuda.synchronize`` on
@@ -33,9 +38,10 @@ from transformers.cache_utils import DynamicCache
 from ..cache import AnchorCache
 from ..modeling import anchor_attention, is_anchor_aware
 from . import baselines
+from .generation import prefill
 
 CACHE_MODES = ("full", "anchor")
-MODES = ("full", "ansan", "anchor")
+MODES = ("full", "ansan", "anchor", "stock")
 BASELINES = tuple(baselines.METHODS)
 
 
@@ -86,6 +92,7 @@ class MultiModeScorer:
         batch_size: int = 1,
         num_sink_tokens: int = 4,
         warmup: bool = True,
+        prefill_chunk_size: int | None = None,
     ):
         unknown = [m for m in modes if m not in MODES + BASELINES]
         if unknown:
@@ -103,6 +110,7 @@ class MultiModeScorer:
         self.pad_token_id = pad_token_id
         self.batch_size = max(1, int(batch_size))
         self.num_sink_tokens = num_sink_tokens
+        self.prefill_chunk_size = prefill_chunk_size
         self.memo: dict[str, dict[Hashable, Scored]] = {m: {} for m in self.modes}
         self.seconds: dict[str, float] = {m: 0.0 for m in self.modes}
         self._warm = not warmup
@@ -146,6 +154,9 @@ class MultiModeScorer:
         with torch.inference_mode():
             if mode == "ansan":
                 return self._full_sequence(batch)
+            if mode == "stock":
+                with anchor_attention(self.model, enabled=False):
+                    return self._full_sequence(batch)
             if mode == "full":
                 with anchor_attention(self.model, enabled=False):
                     return self._shared_prefix(batch, DynamicCache())
@@ -190,7 +201,8 @@ class MultiModeScorer:
         return ids.to(self.device), mask.to(self.device)
 
     def _full_sequence(self, batch: list[Group]) -> list[list[Scored]]:
-        """AnSAN over each whole ``context + continuation`` (the model's hook builds the mask)."""
+        """One forward over each whole ``context + continuation`` (AnSAN from the model's hook, or
+        causal with the rule switched off: lm-eval's stock per-request scoring)."""
         rows, spans = [], []
         for g in batch:
             for cont in g.conts:
@@ -225,10 +237,7 @@ class MultiModeScorer:
         tail = 1 if compress is not None else 0
         ctx_ids, ctx_mask = self._pad([g.ctx[: len(g.ctx) - tail] for g in batch], left=True)
         pos = (ctx_mask.cumsum(-1) - 1).clamp_min(0)
-        out = self.model(
-            input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=pos, past_key_values=cache,
-            use_cache=True, logits_to_keep=1,
-        )
+        out = prefill(self.model, ctx_ids, ctx_mask, pos, cache, self.prefill_chunk_size, logits_to_keep=1)
         cache = out.past_key_values
         first_logp = torch.log_softmax(out.logits[:, -1].float(), -1)  # predicts each continuation's 1st token
         ctx_len = torch.tensor([len(g.ctx) - tail for g in batch], device=self.device)

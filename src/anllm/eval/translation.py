@@ -195,6 +195,7 @@ def translate(
     prompt_format: str = "alpaca",
     record_trace: bool = True,
     progress: bool = True,
+    prefill_chunk_size: int | None = None,
 ) -> TranslationRun:
     """Greedy-translate ``sources`` with ``method`` (batched, left-padded, longest prompts first)."""
     from tqdm.auto import tqdm
@@ -239,6 +240,7 @@ def translate(
             eos_token_ids=eos,
             pad_token_id=pad_id,
             record_trace=record_trace and b == 0,
+            prefill_chunk_size=prefill_chunk_size,
         )
         total_time += out.time_s
         if b == 0:
@@ -374,6 +376,7 @@ def evaluate_translation(
     prompt_format: str = "alpaca",
     plots: bool = True,
     progress: bool = True,
+    prefill_chunk_size: int | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Run one translation task; returns (rows, notes). Writes hypotheses/per-segment files/plots
     to ``out_dir`` when given."""
@@ -413,6 +416,7 @@ def evaluate_translation(
                 splitter=splitter,
                 prompt_format=prompt_format,
                 progress=progress,
+                prefill_chunk_size=prefill_chunk_size,
             )
             runs.append(run)
             row = metrics_row(method, run.hypotheses)
@@ -495,6 +499,7 @@ def run_task(bundle: Any, cfg: Any, task: str, out_dir: Path) -> list[dict[str, 
         prompt_format=str(_opt(tcfg, "prompt_format", "alpaca")),
         plots=bool(_opt(tcfg, "plots", True)),
         progress=bool(_opt(cfg, "progress", True)),
+        prefill_chunk_size=_opt(tcfg, "prefill_chunk_size"),
     )
     notes = notes + run_notes
     bundle_notes = getattr(bundle, "notes", None)

@@ -263,7 +263,7 @@ class Study:
             rows = self.evaluate(out, out / "eval" / "qa", ["suite=qa", f"tasks={tasks}", f"modes={modes}",
                                                               f"num_fewshot={q.num_fewshot}",
                                                               f"limit={'null' if q.limit is None else q.limit}"],
-                                 {"qa.baselines": list(spec.baselines)})
+                                 {"qa.baselines": list(spec.baselines), "qa.stock": False})
             self.results.qa[arm] = rows
 
 
