@@ -158,3 +158,15 @@ def prose(min_chars: int, title: str = "Pride and Prejudice", first_chunk: int =
                 if sum(map(len, parts)) >= min_chars:
                     return "\n\n".join(parts)
     raise SystemExit(f"Not enough text in {title!r} for {min_chars} characters.")
+
+
+def load_smollm2(attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """SmolLM2-135M as a plain HF model (eval mode) + tokenizer that takes prompts of any length."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from anllm.models.smollm2 import smollm2_path
+
+    path = smollm2_path()
+    tok = AutoTokenizer.from_pretrained(path, model_max_length=1_000_000)  # benchmarks slice prompts themselves
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation, dtype=dtype)
+    return model.eval(), tok
