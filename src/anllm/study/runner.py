@@ -104,7 +104,8 @@ class Study:
             f"output_dir={self.work / run}", f"trainer.max_steps={steps}", f"trainer.save_steps={save_steps}",
             "trainer.save_total_limit=null", "trainer.report_to=[]", "trainer.disable_tqdm=true",
             f"trainer.logging_steps={max(1, steps // 20)}", "trainer.warmup_steps=0",
-            f"trainer.warmup_ratio={self.s.sweep.warmup_ratio}", *self.s.train_overrides, *overrides,
+            f"trainer.warmup_ratio={self.s.sweep.warmup_ratio}", "heldout.enabled=false",  # the study evaluates itself
+            *self.s.train_overrides, *overrides,
         ]
         cfg = compose("train", ov)
         with open_dict(cfg):
