@@ -278,11 +278,23 @@ def test_sft_ep_inserts_nothing_and_long_prompts_are_skipped(tmp_path):
 
 
 def test_prompt_builder_matches_training_prompt():
-    p = build_alpaca_prompt("Translate the following sentences from German to English.", "Ich bin hier. Du auch.",
-                            anchor_token="<AC>")
+    from anllm.anchors import Marking
+
+    ins = "Translate the following sentences from German to English."
+    p = build_alpaca_prompt(ins, "Ich bin hier. Du auch.", Marking("<AC>"))
     assert p.endswith("### Input:\nIch bin hier.<AC> Du auch.<AC>\n\n### Response:\n")
     assert p.count("<AC>") == 5
     assert "<AC>" not in build_alpaca_prompt("Say hi. Be nice.")
+    # The authors' SFT template: one <AC> after the preamble, the instruction and the input; the source's
+    # sentences joined by " <AC> " (their pretraining marking); "### Response:" ends the prompt.
+    paper = Marking("<AC>", "punkt", after_last=False, join=" <AC> ")
+    p = build_alpaca_prompt(ins, "Ich bin hier. Du auch.", paper, template="paper")
+    assert p == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
+        "response that appropriately completes the request. <AC>\n\n### Instruction:\n" + ins + " <AC>\n\n"
+        "### Input:\nIch bin hier. <AC> Du auch. <AC>\n\n### Response:"
+    )
+    assert build_alpaca_prompt(ins, "Ich bin hier.", None, template="paper").endswith("### Input:\nIch bin hier.\n\n### Response:")
 
 
 # --- collator --------------------------------------------------------------------------------------

@@ -54,11 +54,13 @@ def test_items_are_built_from_prose_with_the_fact_after_it(tok):
 
 
 def test_batched_methods_equal_one_sequence_oracles(model, tok):
+    from anllm.eval.perplexity import document_budget
+
     docs = [("a", " ".join(PROSE))]
     items = rc.build_items(docs, tok, num_items=5, max_distance=4, seed=3)
-    enc = [rc.encode_item(it, tok, None) for it in items]
-    seqs = [e.ids(k) for e, k in zip(enc, [0, 1, 4, 2, 3])]  # ragged lengths: left padding in the batch
-    budgets = [rc.item_budget(model, e, k) for e, k in zip(enc, [0, 1, 4, 2, 3])]
+    texts = [rc.context_text(it, k, None) for it, k in zip(items, [0, 1, 4, 2, 3])]
+    seqs = [torch.tensor(tok(t)["input_ids"]) for t in texts]  # ragged lengths: left padding in the batch
+    budgets = [document_budget(model, tok, t, x) for t, x in zip(texts, seqs)]
     for method in ("full", "anchor", "sentence", "streamingllm"):
         got, kept = rc.next_token_logits(model, seqs, method, budgets, tok.pad_token_id)
         for j, x in enumerate(seqs):

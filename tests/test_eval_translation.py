@@ -392,3 +392,37 @@ def test_chat_prompt_format(ep_model, tok, sources):
         tr.translate(ep_model, tok, sources[:1], "anchor", max_new_tokens=2, prompt_format="chat", progress=False)
     with pytest.raises(ValueError, match="prompt_format"):
         tr.translate(ep_model, tok, sources[:1], "anchor", max_new_tokens=2, prompt_format="vicuna", progress=False)
+
+
+def test_translation_reports_both_cache_reductions(ep_model, tok, sources):
+    """C⇓ at the end of each segment and C⇓ at the peak (largest cache held at any point, prefill
+    chunks included): the authors' MaxKV-based definition."""
+    run = tr.translate(ep_model, tok, sources[:2], "anchor", max_new_tokens=6, progress=False, prefill_chunk_size=16)
+    m = run.cache_metrics()
+    assert m["c_red_peak"] == pytest.approx(1 - sum(run.max_kept) / sum(run.seen))
+    assert m["c_red"] == pytest.approx(1 - sum(run.kept) / sum(run.seen))
+    assert all(p >= k for p, k in zip(run.max_kept, run.kept)) and m["c_red_peak"] <= m["c_red"]
+    # the prefill's chunks count toward the peak: read in one chunk, the peak can only be lower or equal
+    one = tr.translate(ep_model, tok, sources[:2], "anchor", max_new_tokens=6, progress=False, prefill_chunk_size=4096)
+    assert one.hypotheses == run.hypotheses  # chunked prefill is lossless
+    assert sum(run.max_kept) >= sum(one.max_kept)
+
+
+def test_paper_decoding_samples_with_the_authors_settings(ep_model, tok, sources):
+    """decoding=paper: temperature 0.1, top-k 40, top-p 0.1 through transformers' warpers, seeded."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    proc = tr.sampling_processor("paper")
+    kinds = [type(p) for p in proc]
+    assert kinds == [TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper]
+    assert (proc[0].temperature, proc[1].top_k, proc[2].top_p) == (0.1, 40, 0.1)
+    assert tr.sampling_processor("greedy") is None
+    a = tr.translate(ep_model, tok, sources[:2], "anchor", max_new_tokens=5, progress=False, decoding="paper", seed=3)
+    b = tr.translate(ep_model, tok, sources[:2], "anchor", max_new_tokens=5, progress=False, decoding="paper", seed=3)
+    assert a.hypotheses == b.hypotheses  # seeded
+    # top-p 0.1 keeps only the most likely token unless it has < 10% probability: a flat distribution is sampled
+    flat = torch.zeros(1, 50)
+    picks = {int(torch.multinomial(torch.softmax(proc(None, flat), -1), 1)) for _ in range(30)}
+    assert len(picks) > 1
+    with pytest.raises(ValueError, match="decoding"):
+        tr.sampling_processor("beam")

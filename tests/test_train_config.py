@@ -187,11 +187,12 @@ def test_paper_sbatch_scripts_compose_and_validate(run_name, tmp_path):
     overrides = _train_overrides_of(SLURM_DIR / f"{run_name}.sbatch", tmp_path, {})
     cfg = compose_cfg(*overrides)
     validate(cfg, check_files=False)
-    assert cfg.scale_name == "paper"
+    assert cfg.scale_name == "paper" and cfg.protocol.name == "paper"  # the authors' protocol, item by item
     assert cfg.output_dir == f"outputs/paper/{run_name}"
     if run_name.startswith(("anllm", "baseline")):
         assert cfg.deepspeed.zero_optimization.offload_param.device == "cpu"
-        assert cfg.data.id == "redpajama_sample" and cfg.trainer.max_steps == 1200
+        # one epoch of ~850k documents, one per row, 512 rows per step
+        assert cfg.data.id == "redpajama_sample" and cfg.trainer.max_steps == 1661 and cfg.data.packing is False
         assert cfg.trainer.gradient_accumulation_steps == 16 and cfg.trainer.per_device_train_batch_size == 1
     else:
         assert cfg.data.id == "alpaca_newstest" and cfg.model.path.startswith("outputs/paper/")
@@ -201,6 +202,7 @@ def test_paper_sbatch_scripts_compose_and_validate(run_name, tmp_path):
         cfg = compose_cfg(*overrides)
         validate(cfg, check_files=False)
         assert cfg.data.id == "jsonl" and list(cfg.data.paths) == ["/data/rpj/*.jsonl"] and cfg.trainer.max_steps == -1
+        assert cfg.trainer.num_train_epochs == 1 and cfg.data.packing is False
 
 
 def test_submitit_tasks_get_the_torch_distributed_environment(monkeypatch):

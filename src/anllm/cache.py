@@ -34,9 +34,10 @@ class LayoutTracker:
     model hook tracks the layout so that decode steps still get the AnSAN mask.
     """
 
-    def __init__(self, options: AnsanOptions, keep_prefix: bool = False):
+    def __init__(self, options: AnsanOptions, keep_prefix: bool = False, keep_mask: torch.Tensor | None = None):
         self.options = options
         self.keep_prefix = keep_prefix
+        self.keep_mask = keep_mask  # [B, P] over the prompt's columns: True = kept for what follows
         self.layout: TokenLayout | None = None  # [B, W] kept slots
         self.num_steps = 0
         self.batch_size: int | None = None
@@ -61,9 +62,14 @@ class LayoutTracker:
             valid,
             None,
             self.options,
-            prefix=self.keep_prefix and self.num_steps == 0,
+            prefix=self.keep_prefix and self.num_steps == 0 and self.keep_mask is None,
             **starts,
         )
+        if self.keep_mask is not None:  # a declared prompt (possibly read in chunks), kept where the mask says
+            P = self.keep_mask.shape[1]
+            in_prompt = new.idx < P
+            kept = self.keep_mask.to(new.idx.device).gather(1, new.idx.clamp(max=P - 1)) & in_prompt
+            new = new.with_(prefix=kept, prompt=in_prompt)
         self.seen_idx = new.idx[:, -1] + 1
         self.open_seg = new.seg[:, -1] + new.anchor[:, -1].long()
         self.valid_seen = (0 if self.layout is None else self.valid_seen) + new.valid.long().sum(-1)
@@ -71,7 +77,7 @@ class LayoutTracker:
         return new, keys
 
     def reset(self) -> None:
-        self.__init__(self.options, self.keep_prefix)
+        self.__init__(self.options, self.keep_prefix, self.keep_mask)
 
 
 class AnchorLayer(CacheLayerMixin):
@@ -183,8 +189,9 @@ class AnchorCache(Cache):
     """Lossless anchor-pruned KV cache (see module docstring).
 
     Args:
-        keep_prefix: keep every key/value of the first forward (the prompt/source), as in the paper's
-            "Src Cache" variant; tokens generated later may attend all of it.
+        keep_prefix: keep the prompt's keys/values for every token generated after it, as in the
+            paper's "Src Cache" variant. The prompt is the first forward, or what :meth:`keep_prompt`
+            declares (a prompt read in chunks; or only a span of it, e.g. the source).
         position_mode: ``"true"`` (default) keeps the positions a full forward would use (RoPE as in
             training; lossless). ``"compact"`` numbers new tokens by the pruned cache length, like the
             authors' code, for comparison only (not lossless).
@@ -205,6 +212,18 @@ class AnchorCache(Cache):
         self.max_kept: torch.Tensor | None = None
         self.max_kept_total = 0
         self._seen_before = 0
+        self.keep_mask: torch.Tensor | None = None
+
+    def keep_prompt(self, mask: torch.Tensor) -> "AnchorCache":
+        """Declare the prompt before reading it: ``mask`` is ``[B, P]`` over the (left-padded) prompt's
+        columns, True where a token's keys/values stay visible to everything generated after the
+        prompt (all True: the whole prompt; a span: e.g. only the source, as the authors' Src Cache).
+        Inside the prompt the plain rule applies, however many forwards read it."""
+        if self.tracker is not None:
+            raise RuntimeError("keep_prompt() must be called before the cache's first forward.")
+        self.keep_prefix = True
+        self.keep_mask = mask.bool()
+        return self
 
     # ---- called by the anchor-aware model's forward hooks -------------------------------------
     def begin_step(
@@ -212,7 +231,7 @@ class AnchorCache(Cache):
     ) -> tuple[TokenLayout, TokenLayout]:
         """Register the new tokens; returns ``(query_layout, key_layout)`` for the mask."""
         if self.tracker is None:
-            self.tracker = LayoutTracker(options, self.keep_prefix)
+            self.tracker = LayoutTracker(options, self.keep_prefix, self.keep_mask)
         elif self.tracker.options != options:
             raise ValueError("This AnchorCache was filled by a model with different anchor options.")
         if self._plan is not None:
@@ -298,7 +317,9 @@ class AnchorCache(Cache):
         return width + cache_position.shape[0], 0
 
     def reset(self) -> None:
+        keep_mask = self.keep_mask
         self.__init__(self.keep_prefix, self.position_mode)
+        self.keep_mask = keep_mask
 
     def crop(self, max_length: int) -> None:
         raise NotImplementedError("AnchorCache cannot be cropped (pruned tokens are gone).")
@@ -319,6 +340,8 @@ class AnchorCache(Cache):
             t.layout = t.layout.map(lambda x: x[indices])
             t.seen_idx, t.open_seg, t.valid_seen = t.seen_idx[indices], t.open_seg[indices], t.valid_seen[indices]
             t.batch_size = int(indices.numel())
+            if t.keep_mask is not None:
+                t.keep_mask = t.keep_mask[indices.to(t.keep_mask.device)]
         for name in ("num_seen", "num_kept", "max_kept"):
             v = getattr(self, name)
             if v is not None:

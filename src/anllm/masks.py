@@ -11,7 +11,8 @@ padding) of the same packed document, and
 * k is an anchor and q is not (non-anchors see every earlier anchor; anchors see only their own
   sentence), or
 * k is one of the first ``num_sink_tokens`` tokens of the document (option, StreamingLLM-style), or
-* k belongs to a kept prompt prefix and q does not (``keep_prefix``, the paper's "Src Cache").
+* k belongs to a kept part of the prompt and q comes after the prompt (``keep_prefix``: the
+  paper's "Src Cache"; the kept part is the whole prompt or a span of it, e.g. the source).
 
 ``anchors_see_anchors=True`` additionally lets anchors see earlier anchors (option, off by default).
 ``hide_anchors=True`` removes the anchor clause altogether: every token sees only its own sentence
@@ -57,7 +58,8 @@ class TokenLayout:
     ``idx`` orders tokens in time (causality); ``seg`` is the segment id (number of anchors before
     the token in its row); ``doc`` the packed-document id; ``valid`` is False for padding and for
     empty cache slots; ``sink`` marks the first ``num_sink_tokens`` real tokens of a document;
-    ``prefix`` marks tokens of a prompt whose cache is kept whole.
+    ``prefix`` marks prompt tokens whose keys/values stay visible to every token after the prompt;
+    ``prompt`` marks the prompt's tokens (among themselves they follow the plain rule).
     """
 
     idx: torch.Tensor
@@ -67,6 +69,7 @@ class TokenLayout:
     doc: torch.Tensor
     sink: torch.Tensor
     prefix: torch.Tensor
+    prompt: torch.Tensor
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "TokenLayout":
         """Apply ``fn`` to every field (indexing, slicing, reshaping)."""
@@ -93,7 +96,7 @@ def visible(q: TokenLayout, k: TokenLayout, options: AnsanOptions = AnsanOptions
         via_anchor = torch.zeros_like(k.anchor)
     else:
         via_anchor = k.anchor if options.anchors_see_anchors else k.anchor & ~q.anchor
-    return allowed & ((k.seg == q.seg) | via_anchor | k.sink | (k.prefix & ~q.prefix))
+    return allowed & ((k.seg == q.seg) | via_anchor | k.sink | (k.prefix & ~q.prompt))
 
 
 def reachable_later(
@@ -102,7 +105,7 @@ def reachable_later(
     """True for keys that some *future* token could still attend under :func:`visible`.
 
     Future tokens come after every key, lie in the row's open segment ``open_seg`` (or a later one)
-    and document ``open_doc``, and are not part of a kept prefix. A finished segment's non-anchor
+    and document ``open_doc``, and come after the prompt. A finished segment's non-anchor
     tokens fail every clause of :func:`visible` for all of them, so dropping them is lossless.
     ``open_seg``/``open_doc`` broadcast against the key fields (e.g. ``[B, 1]``).
     """
@@ -172,6 +175,7 @@ def layout_from_tokens(
         doc=doc,
         sink=sink,
         prefix=torch.full_like(valid, prefix),
+        prompt=torch.full_like(valid, prefix),
     )
 
 
@@ -231,7 +235,7 @@ def _run_table_mask(q: TokenLayout, k: TokenLayout, options: AnsanOptions) -> to
     device = q.idx.device
     change = torch.zeros((B, Lq), dtype=torch.bool, device=device)
     change[:, 0] = True
-    for f in (q.seg, q.anchor, q.doc, q.valid, q.prefix):
+    for f in (q.seg, q.anchor, q.doc, q.valid, q.prefix, q.prompt):
         change[:, 1:] |= f[:, 1:] != f[:, :-1]
     run = change.long().cumsum(-1) - 1  # run id of each query, per row
     R = int(run[:, -1].max()) + 1

@@ -30,7 +30,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 
-from .anchors import AnchorConfig, ac_token_id, add_ac_token, ep_anchor_ids, AC_TOKEN, DEFAULT_EP_PUNCTUATION
+from .anchors import AC_TOKEN, DEFAULT_EP_PUNCTUATION, AnchorConfig, ac_token_id, add_ac_token, ep_anchor_ids, ep_token_ids
 from .cache import AnchorCache, LayoutTracker
 from .masks import AnsanOptions, TokenLayout, ansan_mask_mod, dense_mask, layout_from_tokens
 
@@ -54,12 +54,18 @@ def prepare_model(
     anchor_token: str = AC_TOKEN,
     num_sink_tokens: int = 0,
     anchors_see_anchors: bool = False,
+    ep_tokens: list[str] | None = None,
+    splitter: str = "blingfire",
+    ac_after_last: bool = True,
+    ac_join: str | None = None,
 ) -> tuple[Any, Any]:
     """Make ``model`` anchor-aware (AnLLM-AC ``"ac"``, AnLLM-EP ``"ep"`` or plain ``"none"``).
 
     ``mode=None`` re-applies the settings saved in ``model.config.anllm`` (after loading).
     AC adds ``<AC>`` to the tokenizer and initialises its embedding rows from "."; EP finds every
-    vocabulary token that ends a sentence (see :mod:`anllm.anchors`).
+    vocabulary token that ends a sentence (see :mod:`anllm.anchors`), or exactly ``ep_tokens``
+    (the authors: ``["."]``). ``splitter``/``ac_after_last``/``ac_join`` record how AC text is
+    marked, so evaluation reads text the way training wrote it.
     """
     saved = get_anchor_config(model)
     if mode is None:
@@ -77,7 +83,7 @@ def prepare_model(
         if mode == "ac":
             ids = [add_ac_token(model, tokenizer, anchor_token)]
         elif mode == "ep":
-            ids = ep_anchor_ids(tokenizer, ep_punctuation)
+            ids = ep_token_ids(tokenizer, ep_tokens) if ep_tokens else ep_anchor_ids(tokenizer, ep_punctuation)
         elif mode == "none":
             ids = []
         else:
@@ -89,7 +95,13 @@ def prepare_model(
             ep_punctuation=ep_punctuation,
             num_sink_tokens=num_sink_tokens,
             anchors_see_anchors=anchors_see_anchors,
+            ep_tokens=list(ep_tokens) if ep_tokens and mode == "ep" else None,
+            splitter=splitter,
+            ac_after_last=ac_after_last,
+            ac_join=ac_join,
         )
+        if cfg.mode == "ac":
+            cfg.marking().apply("Check. The settings.")  # an unknown splitter or a join without <AC> fails here
     setattr(model.config, CONFIG_KEY, cfg.to_dict())
     old = getattr(model, "_anllm_attention", None)
     if old is not None:

@@ -46,7 +46,7 @@ KNOWN_KEYS = {
     "jsonl": _COMMON | {"paths", "text_column"},
     "demo": _COMMON,
     "hub": _COMMON | {"config", "split", "streaming", "text_column", "shuffle_buffer", "revision", "data_files"},
-    "sft": _COMMON | {"alpaca_path", "parallel_path", "max_examples"},
+    "sft": _COMMON | {"alpaca_path", "parallel_path", "max_examples", "sft_template"},
 }
 
 
@@ -113,7 +113,7 @@ def build_train_dataset(
         "files": cache_mod.file_identity(files),
         "tokenizer": cache_mod.tokenizer_identity(tokenizer),
         "anchor": {k: v for k, v in (anchor.to_dict() if anchor else {}).items()
-                   if k in ("mode", "anchor_token", "anchor_token_ids")},
+                   if k in ("mode", "anchor_token", "anchor_token_ids", "ac_after_last", "ac_join")},
         "block_size": block_size,
         "seed": seed if kind == "sft" else None,  # only SFT shuffles
         "split": split,
@@ -253,7 +253,7 @@ def _build_pretrain(
     _timed(stats, "read")(t)
 
     t = time.perf_counter()
-    processor = TextProcessor(tokenizer, anchor, "text", cfg.get("splitter", "blingfire"))
+    processor = TextProcessor(tokenizer, anchor, "text", cfg.get("splitter"))
     tok_features = Features({"input_ids": Sequence(Value("int32")), "n_anchors": Value("int32"),
                              "n_sentences": Value("int32")})
     tokenized = raw.map(processor, remove_columns=raw.column_names, features=tok_features,
@@ -388,7 +388,7 @@ def _build_sft(
     _timed(stats, "read")(t)
 
     t = time.perf_counter()
-    processor = SFTProcessor(tokenizer, anchor, block_size, cfg.get("splitter", "blingfire"))
+    processor = SFTProcessor(tokenizer, anchor, block_size, cfg.get("splitter"), cfg.get("sft_template") or "anllm")
     out_features = Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
                              "n_tokens": Value("int32"), "n_anchors": Value("int32"), "n_sentences": Value("int32"),
                              "truncated": Value("bool"), "status": Value("string")})
@@ -453,7 +453,7 @@ def _build_hub(cfg: dict, tokenizer: Any, anchor: AnchorConfig | None, block_siz
         source = source.take(int(cfg["max_documents"]))
     ds = process_stream(source, tokenizer, anchor, block_size, text_column=text_column,
                         packing=bool(cfg.get("packing", True)), keep_remainder=bool(cfg.get("keep_remainder", False)),
-                        splitter=cfg.get("splitter", "blingfire"), batch_size=int(cfg.get("batch_size", 256)))
+                        splitter=cfg.get("splitter"), batch_size=int(cfg.get("batch_size", 256)))
     logger.info("Streaming %s: processed on the fly, nothing cached; the Trainer needs max_steps.", what)
     return ds, stats
 
@@ -466,7 +466,7 @@ def _gen_remote_texts(urls: list[str], text_column: str, stats: DataStats) -> It
 
 def process_stream(
     source: Any, tokenizer: Any, anchor: AnchorConfig | None, block_size: int, *, text_column: str = "text",
-    packing: bool = True, keep_remainder: bool = False, splitter: str = "blingfire", batch_size: int = 256,
+    packing: bool = True, keep_remainder: bool = False, splitter: str | None = None, batch_size: int = 256,
 ) -> Any:
     """The same AC insertion, tokenisation and packing as the cached path, lazily on an ``IterableDataset``."""
     from datasets import IterableDataset

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from ..anchors import AC_TOKEN, AnchorConfig, ac_token_id, insert_anchor_token
+from ..anchors import AC_TOKEN, AnchorConfig, ac_token_id
 
 IGNORE_INDEX = -100
 
@@ -52,21 +52,23 @@ class TextProcessor:
     tokenizer: Any
     anchor: AnchorConfig | None
     text_column: str = "text"
-    splitter: str = "blingfire"
+    splitter: str | None = None  # None: the anchor config's
 
     def __post_init__(self) -> None:
+        from .sft import marking_for
+
         self.eos_id = require_eos(self.tokenizer)
         self.mode = self.anchor.mode if self.anchor is not None else "none"
         self.token = (self.anchor.anchor_token or AC_TOKEN) if self.mode == "ac" else None
+        self.marking = marking_for(self.anchor, self.splitter)
         self.anchor_ids = frozenset(self.anchor.anchor_token_ids) if self.anchor is not None else frozenset()
 
     def prepare_text(self, text: str) -> tuple[str, int]:
         """(text with anchors inserted, number of sentences found; -1 when not split)."""
-        if self.token is None:
+        if self.marking is None:
             return text, -1
-        text = text.replace(self.token, "")
-        marked = insert_anchor_token(text, token=self.token, splitter=self.splitter, after_last=True)  # type: ignore[arg-type]
-        return marked, marked.count(self.token)
+        marked = self.marking.apply(text)
+        return marked, marked.count(self.marking.token)
 
     def count_anchors(self, ids: list[int]) -> int:
         if not self.anchor_ids:

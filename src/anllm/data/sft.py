@@ -1,23 +1,24 @@
 """Alpaca-format SFT examples (instruction tuning and De->En translation), with anchors for AC models.
 
-Prompts use the standard Alpaca templates. For AnLLM-AC, ``<AC>`` goes where pretraining put it:
-after every sentence (found by the same splitter, :func:`anllm.insert_anchor_token`) of
+Prompts use the standard Alpaca templates. For AnLLM-AC (``template="anllm"``), ``<AC>`` goes where
+pretraining put it: after every sentence (found by the same splitter, :class:`anllm.anchors.Marking`) of
 
 * the template's preamble ("Below is an instruction ... a task[, paired with ...].<AC> Write a
   response that appropriately completes the request.<AC>"),
 * the instruction, the input (e.g. the German source, sentence by sentence) and the response.
 
 The "### Instruction:/### Input:/### Response:" headers get none. The response's last sentence
-gets one too (the model learns to emit it), then EOS. AnLLM-EP and plain models get the templates
-unchanged. Evaluation must build prompts with :func:`build_alpaca_prompt` so they match training.
+gets one too (the model learns to emit it), then EOS. ``template="paper"`` is the authors' placement
+(see :func:`build_alpaca_prompt`). AnLLM-EP and plain models get the templates unchanged.
+Evaluation must build prompts with :func:`build_alpaca_prompt` so they match training.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from ..anchors import AC_TOKEN, AnchorConfig, insert_anchor_token
+from ..anchors import AC_TOKEN, AnchorConfig, Marking
 from .processing import IGNORE_INDEX, require_eos
 
 PREAMBLE_INPUT = (
@@ -27,6 +28,7 @@ PREAMBLE_INPUT = (
 PREAMBLE_NO_INPUT = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 PROMPT_INPUT = "{preamble}\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 PROMPT_NO_INPUT = "{preamble}\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+TEMPLATES = ("anllm", "paper")
 
 
 def anchor_token_for(anchor: AnchorConfig | None) -> str | None:
@@ -36,25 +38,43 @@ def anchor_token_for(anchor: AnchorConfig | None) -> str | None:
     return anchor.anchor_token or AC_TOKEN
 
 
-def mark_sentences(text: str, token: str | None, splitter: str = "blingfire") -> str:
-    """``token`` after every sentence of ``text`` (none when ``token`` is None)."""
-    if token is None:
-        return text
-    return insert_anchor_token(text.replace(token, ""), token=token, splitter=splitter, after_last=True)  # type: ignore[arg-type]
+def marking_for(anchor: AnchorConfig | None, splitter: str | None = None) -> Marking | None:
+    """How text is marked for ``anchor`` (None unless AC), with an optional splitter override."""
+    marking = anchor.marking() if anchor is not None else None
+    if marking is not None and splitter:
+        marking = replace(marking, splitter=splitter)
+    return marking
 
 
-def build_alpaca_prompt(
-    instruction: str, input: str = "", anchor_token: str | None = None, splitter: str = "blingfire"
-) -> str:
-    """The Alpaca prompt (``prompt_input`` when ``input`` is non-empty), anchored for AC models."""
-    fill = lambda s: mark_sentences(s.strip(), anchor_token, splitter)  # noqa: E731
-    if input.strip():
-        return PROMPT_INPUT.format(preamble=fill(PREAMBLE_INPUT), instruction=fill(instruction), input=fill(input))
-    return PROMPT_NO_INPUT.format(preamble=fill(PREAMBLE_NO_INPUT), instruction=fill(instruction))
+def mark_sentences(text: str, marking: Marking | None) -> str:
+    """``<AC>`` after every sentence of ``text`` as ``marking`` says (unchanged when None)."""
+    return text if marking is None else marking.apply(text)
 
 
-def build_alpaca_response(output: str, anchor_token: str | None = None, splitter: str = "blingfire") -> str:
-    return mark_sentences(output.strip(), anchor_token, splitter)
+def build_alpaca_prompt(instruction: str, input: str = "", marking: Marking | None = None, template: str = "anllm") -> str:
+    """The Alpaca prompt (``prompt_input`` when ``input`` is non-empty), anchored for AC models.
+
+    ``template="anllm"``: ``<AC>`` after every sentence of the preamble, instruction and input;
+    "### Response:" + newline. ``"paper"`` (the authors): one ``<AC>`` after the whole preamble, one
+    after the instruction and one after the input, whose own sentences are marked as in pretraining;
+    the prompt ends with "### Response:" as in the original Alpaca template.
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"SFT template {template!r}: choose one of {TEMPLATES}.")
+    has_input = bool(input.strip())
+    preamble = PREAMBLE_INPUT if has_input else PREAMBLE_NO_INPUT
+    text = PROMPT_INPUT if has_input else PROMPT_NO_INPUT
+    if template == "anllm":
+        fill = lambda s: mark_sentences(s.strip(), marking)  # noqa: E731
+        return text.format(preamble=fill(preamble), instruction=fill(instruction), input=fill(input))
+    close = (lambda s: f"{s} {marking.token}") if marking is not None else (lambda s: s)  # noqa: E731
+    parts = {"preamble": close(preamble), "instruction": close(instruction.strip()),
+             "input": close(mark_sentences(input.strip(), marking))}
+    return text.format(**parts).removesuffix("\n")
+
+
+def build_alpaca_response(output: str, marking: Marking | None = None) -> str:
+    return mark_sentences(output.strip(), marking)
 
 
 @dataclass
@@ -69,18 +89,20 @@ class SFTProcessor:
     tokenizer: Any
     anchor: AnchorConfig | None
     block_size: int
-    splitter: str = "blingfire"
+    splitter: str | None = None  # None: the anchor config's
+    template: str = "anllm"
 
     def __post_init__(self) -> None:
         self.eos_id = require_eos(self.tokenizer)
         self.token = anchor_token_for(self.anchor)
+        self.marking = marking_for(self.anchor, self.splitter)
         self.anchor_ids = frozenset(self.anchor.anchor_token_ids) if self.anchor is not None else frozenset()
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         prompts, responses = [], []
         for ins, inp, out in zip(batch["instruction"], batch["input"], batch["output"]):
-            prompts.append(build_alpaca_prompt(ins, inp or "", self.token, self.splitter))
-            responses.append(build_alpaca_response(out, self.token, self.splitter))
+            prompts.append(build_alpaca_prompt(ins, inp or "", self.marking, self.template))
+            responses.append(build_alpaca_response(out, self.marking))
         p_ids = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
         r_ids = self.tokenizer(responses, add_special_tokens=False)["input_ids"]
         rows: dict[str, list] = {"input_ids": [], "labels": [], "n_tokens": [], "n_anchors": [], "n_sentences": [],

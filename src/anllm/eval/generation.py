@@ -44,13 +44,14 @@ def canonical_method(name: str) -> str:
     return m
 
 
-def make_cache(method: str) -> Cache:
-    """A fresh cache for ``method`` (one per batch: a cache belongs to one batch)."""
+def make_cache(method: str, position_mode: str = "true") -> Cache:
+    """A fresh cache for ``method`` (one per batch: a cache belongs to one batch); ``position_mode``
+    is the anchor caches' (``"true"`` positions, or the authors' ``"compact"`` renumbering)."""
     method = canonical_method(method)
     if method == "anchor":
-        return AnchorCache()
+        return AnchorCache(position_mode=position_mode)  # type: ignore[arg-type]
     if method == "anchor+src":
-        return AnchorCache(keep_prefix=True)
+        return AnchorCache(keep_prefix=True, position_mode=position_mode)  # type: ignore[arg-type]
     return DynamicCache()
 
 
@@ -85,6 +86,8 @@ def prefill(
     gain nothing from chunks and read the prompt in one forward (``chunk_size`` forces chunks).
     """
     L = input_ids.shape[1]
+    if isinstance(cache, AnchorCache) and cache.keep_prefix and cache.keep_mask is None and cache.tracker is None:
+        cache.keep_prompt(torch.ones_like(attention_mask, dtype=torch.bool))  # the prompt is all these chunks
     if chunk_size is None:
         chunk_size = DEFAULT_PREFILL_CHUNK if isinstance(cache, AnchorCache) else L
     chunk_size = max(1, int(chunk_size))
@@ -132,13 +135,26 @@ def greedy_generate(
     record_trace: bool = False,
     on_step: Callable[[int, Cache], None] | None = None,
     prefill_chunk_size: int | None = None,
+    cache: Cache | None = None,
+    sampler: Any = None,
+    seed: int = 0,
 ) -> BatchGeneration:
-    """Greedy-decode a left-padded batch with ``method``'s attention and cache (see module doc)."""
+    """Decode a left-padded batch with ``method``'s attention and cache (see module doc): greedy, or
+    sampled from the logits that ``sampler`` (a transformers ``LogitsProcessorList``) returns."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     device = input_ids.device
     B = input_ids.shape[0]
-    cache = make_cache(method)
+    cache = make_cache(method) if cache is None else cache
+    gen = torch.Generator(device=device).manual_seed(seed)
+    fed = input_ids
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        if sampler is None:
+            return logits.argmax(-1)
+        probs = torch.softmax(sampler(fed, logits.float()), dim=-1)
+        return torch.multinomial(probs, 1, generator=gen)[:, 0]
+
     eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
     am = attention_mask.long()
     trace: list[list[int]] = []
@@ -151,6 +167,8 @@ def greedy_generate(
         nonlocal peak
         kept = kept_per_row(cache, am)
         peak = torch.maximum(peak, torch.tensor(kept))
+        if isinstance(cache, AnchorCache) and cache.max_kept is not None:  # peaks between prefill chunks too
+            peak = torch.maximum(peak, cache.max_kept.cpu())
         if record_trace:
             trace.append(kept)
         if on_step is not None:
@@ -166,7 +184,7 @@ def greedy_generate(
         after_forward(0)
         next_pos = am.sum(-1)
         for step in range(1, max_new_tokens + 1):
-            nxt = torch.where(done, torch.full_like(lengths, pad_token_id), logits.argmax(-1))
+            nxt = torch.where(done, torch.full_like(lengths, pad_token_id), choose(logits))
             out_tokens.append(nxt)
             lengths += (~done).long()
             done = done | torch.isin(nxt, eos)
@@ -176,6 +194,7 @@ def greedy_generate(
             # exactly as when that row is decoded alone.
             live = ~done
             am = torch.cat([am, live.long()[:, None]], dim=-1)
+            fed = torch.cat([fed, nxt[:, None]], dim=-1)
             logits = model(
                 input_ids=nxt[:, None],
                 attention_mask=am,

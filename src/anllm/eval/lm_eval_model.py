@@ -25,22 +25,37 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
 
-from ..anchors import insert_anchor_token, sentence_spans
+from ..anchors import Marking, sentence_spans
 from ..modeling import from_pretrained, get_anchor_config
 from .scoring import MultiModeScorer
 
 _QUERY = re.compile(r"(?m)^Question:")
 
 
-def anchor_qa_context(context: str, token: str, fewshot_delimiter: str = "\n\n", splitter: str = "blingfire") -> str:
-    """Insert the AC ``token`` into an lm-eval context (demonstrations + the item's own text).
+AC_LAYOUTS = ("sentence", "demonstration")
 
-    Each demonstration gets ``token`` after each of its sentences (so also after the demonstration);
-    in the item, every sentence before the query gets one, the query itself none.
+
+def anchor_qa_context(
+    context: str, token: str | Marking, fewshot_delimiter: str = "\n\n", splitter: str = "blingfire",
+    layout: str = "sentence",
+) -> str:
+    """Insert the AC anchor into an lm-eval context (demonstrations + the item's own text).
+
+    ``layout="sentence"`` (ours): each demonstration gets an anchor after each of its sentences (so
+    also after the demonstration); in the item, every sentence before the query gets one, the query
+    itself none. ``layout="demonstration"`` (the authors' harness): one anchor after each
+    demonstration, none inside demonstrations or the item. ``token`` is the anchor token, or a
+    :class:`~anllm.anchors.Marking` (how the model's training text was marked).
     """
+    marking = token if isinstance(token, Marking) else Marking(token, splitter)  # type: ignore[arg-type]
+    if layout not in AC_LAYOUTS:
+        raise ValueError(f"qa.ac_layout={layout!r}: choose one of {AC_LAYOUTS}.")
     parts = context.split(fewshot_delimiter)
     demos, item = parts[:-1], parts[-1]
-    out = [insert_anchor_token(d, token, splitter=splitter) if d.strip() else d for d in demos]
+    if layout == "demonstration":
+        return fewshot_delimiter.join([f"{d} {marking.token}" if d.strip() else d for d in demos] + [item])
+    splitter = marking.splitter
+    out = [marking.apply(d) if d.strip() else d for d in demos]
     starts = [m.start() for m in _QUERY.finditer(item)]
     if starts:
         q = starts[-1]
@@ -48,7 +63,7 @@ def anchor_qa_context(context: str, token: str, fewshot_delimiter: str = "\n\n",
         spans = sentence_spans(item, splitter=splitter)
         q = spans[-1][0] if spans else 0
     head = item[:q]
-    out.append((insert_anchor_token(head, token, splitter=splitter) if head.strip() else head) + item[q:])
+    out.append((marking.apply(head) if head.strip() else head) + item[q:])
     return fewshot_delimiter.join(out)
 
 
@@ -66,6 +81,7 @@ class AnchorLM(HFLM):
         insert_anchors: bool = True,
         fewshot_delimiter: str = "\n\n",
         num_sink_tokens: int = 4,
+        ac_layout: str = "sentence",
         **kwargs: Any,
     ) -> None:
         if isinstance(pretrained, str):  # model_args string: load with the saved anchor settings re-applied
@@ -83,7 +99,9 @@ class AnchorLM(HFLM):
             raise ValueError(f"mode {mode!r} is not one of the scorer's modes {scorer.modes}")
         self.scorer = scorer
         cfg = get_anchor_config(self.model)
-        self.ac_token = cfg.anchor_token if (cfg is not None and cfg.mode == "ac" and insert_anchors) else None
+        self.marking = cfg.marking() if (cfg is not None and insert_anchors) else None
+        self.ac_token = self.marking.token if self.marking is not None else None
+        self.ac_layout = ac_layout
         self.fewshot_delimiter = fewshot_delimiter
 
     def _pad_id(self) -> int:
@@ -95,9 +113,9 @@ class AnchorLM(HFLM):
 
     def prepare_context(self, context: str) -> str:
         """The context as the model sees it (with ``<AC>`` for AC models)."""
-        if self.ac_token is None or not context:
+        if self.marking is None or not context:
             return context
-        return anchor_qa_context(context, self.ac_token, self.fewshot_delimiter)
+        return anchor_qa_context(context, self.marking, self.fewshot_delimiter, layout=self.ac_layout)
 
     def encode_request(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """Token ids of ``(context, continuation)`` exactly as HFLM builds them, context left-truncated

@@ -39,6 +39,7 @@ from typing import Any, Sequence
 import torch
 from transformers.cache_utils import Cache
 
+from ..anchors import marking_of
 from ..modeling import anchor_options, is_anchor_aware
 from . import baselines
 from .generation import canonical_method, kept_per_row, make_cache, method_attention
@@ -155,6 +156,7 @@ def score_document(
     skip_target_ids: Sequence[int] = (),
     budget: int | None = None,
     num_sink_tokens: int = 4,
+    position_mode: str = "true",
 ) -> DocScore:
     """Negative log-likelihood of one document (``[L]`` ids) read in chunks through ``method``'s cache.
 
@@ -178,7 +180,7 @@ def score_document(
         token_nll = -torch.log_softmax(logits[:-1], dim=-1).gather(-1, ids[0, 1:, None])[:, 0]
         return _doc_score(token_nll, ids[0, 1:], skip_target_ids, L, kept, kept, time.perf_counter() - t0,
                           return_token_nll, [kept])
-    cache: Cache = make_cache("anchor" if method == "sentence" else method)
+    cache: Cache = make_cache("anchor" if method == "sentence" else method, position_mode)
     nlls: list[torch.Tensor] = []
     all_targets: list[torch.Tensor] = []
     prev_last: torch.Tensor | None = None
@@ -272,6 +274,7 @@ def perplexity_rows(
     skip_target_ids: Sequence[int] = (),
     budget: int | None = None,
     num_sink_tokens: int = 4,
+    position_mode: str = "true",
 ) -> list[dict[str, Any]]:
     """One row per method over all ``docs``: corpus PPL (exp of mean token NLL), C⇓, MaxKV, time, T⇑.
 
@@ -292,7 +295,7 @@ def perplexity_rows(
     for method in methods:
         scores = [
             score_document(model, ids, method, chunk_size=chunk_size, skip_target_ids=skip_target_ids, budget=b,
-                           num_sink_tokens=num_sink_tokens)
+                           num_sink_tokens=num_sink_tokens, position_mode=position_mode)
             for _, ids, b in tqdm(encoded, desc=f"ppl [{method}]", disable=not progress, leave=False)
         ]
         nll, n = sum(s.nll for s in scores), sum(s.tokens for s in scores)
@@ -417,12 +420,10 @@ def score_documents(
     """:func:`perplexity_rows` for a model with ``anchor`` settings (``bundle.anchor``): AC models read
     text the way they were trained, ``<AC>`` after every sentence (read, not scored)."""
     skip: list[int] = []
-    if anchor and anchor.get("mode") == "ac":
-        from anllm.anchors import AC_TOKEN, insert_anchor_token
-
-        token = anchor.get("anchor_token") or AC_TOKEN
-        docs = [(doc_id, insert_anchor_token(text, token)) for doc_id, text in docs]
-        skip = list(anchor.get("anchor_token_ids") or [])
+    marking = marking_of(anchor)
+    if marking is not None:
+        docs = [(doc_id, marking.apply(text)) for doc_id, text in docs]
+        skip = list(anchor.get("anchor_token_ids") or [])  # type: ignore[union-attr]
     return perplexity_rows(model, tokenizer, docs, methods, task=task, skip_target_ids=skip, **options)
 
 
@@ -436,6 +437,7 @@ def row_options(cfg: Any) -> dict[str, Any]:
         "max_tokens": None if max_tokens is None else int(max_tokens),
         "budget": None if budget is None else int(budget),
         "num_sink_tokens": int(_opt(pcfg, "num_sink_tokens", 4)),
+        "position_mode": str(_opt(cfg, "position_mode", "true")),
     }
 
 

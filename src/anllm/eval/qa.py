@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 def qa_options(cfg: DictConfig) -> dict[str, Any]:
     """The ``qa`` section with defaults (so the suite also runs from a bare config in tests)."""
     defaults = {"source": "auto", "baselines": [], "num_sink_tokens": 4, "insert_anchors": True, "stock": False,
-                "prefill_chunk_size": None}
+                "prefill_chunk_size": None, "ac_layout": "sentence"}
     section = cfg.get("qa") or {}
     if isinstance(section, DictConfig):
         section = OmegaConf.to_container(section, resolve=True)
@@ -124,6 +124,7 @@ def run_task(bundle: ModelBundle, cfg: DictConfig, task: str, out_dir: Path) -> 
         scorer = MultiModeScorer(
             bundle.model, modes, pad_token_id=_pad_id(bundle.tokenizer), batch_size=int(cfg.get("batch_size") or 1),
             num_sink_tokens=int(opts["num_sink_tokens"]), prefill_chunk_size=opts["prefill_chunk_size"],
+            position_mode=str(cfg.get("position_mode") or "true"),
         )
         manager = TaskManager(include_defaults=False)
         per_mode: dict[str, dict[str, Any]] = {}
@@ -131,6 +132,7 @@ def run_task(bundle: ModelBundle, cfg: DictConfig, task: str, out_dir: Path) -> 
             lm = AnchorLM(
                 pretrained=bundle.model, tokenizer=bundle.tokenizer, mode=mode, scorer=scorer,
                 batch_size=int(cfg.get("batch_size") or 1), insert_anchors=bool(opts["insert_anchors"]),
+                ac_layout=str(opts["ac_layout"]),
             )
             res = simple_evaluate(
                 model=lm, tasks=[spec], num_fewshot=k, limit=limit, log_samples=True, task_manager=manager,

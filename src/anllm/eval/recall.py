@@ -23,16 +23,16 @@ import contextlib
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from ..anchors import insert_anchor_token, sentence_spans
+from ..anchors import Marking, marking_of, sentence_spans
 from ..modeling import anchor_options, is_anchor_aware
 from . import baselines
-from .perplexity import NEEDS_ANCHORS, ppl_method
+from .perplexity import NEEDS_ANCHORS, document_budget, ppl_method
 
 CATEGORIES: dict[str, list[str]] = {
     "favourite colour": ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "pink", "brown"],
@@ -120,57 +120,15 @@ def build_items(
     return items
 
 
-def context_text(item: Item, k: int, anchor_token: str | None) -> str:
-    """The text the model reads, as a string: complete sentences, then the open cue. AC models get
-    ``<AC>`` after every complete sentence (as in training), never after the unfinished cue."""
+def context_text(item: Item, k: int, marking: Marking | str | None) -> str:
+    """The text the model reads: complete sentences, then the open cue. AC models get ``<AC>`` after
+    every complete sentence, marked as in training (``marking``), never after the unfinished cue."""
     body = " ".join(item.context_sentences(k))
-    if anchor_token:
-        body = insert_anchor_token(body, anchor_token)
+    if isinstance(marking, str):
+        marking = Marking(marking)
+    if marking is not None:
+        body = replace(marking, after_last=True).apply(body)  # the cue, not the fillers, is the open sentence
     return f"{body} {item.cue}"
-
-
-@dataclass
-class ItemIds:
-    """An item as token ids, one piece per sentence, so that a shared prefix can be read once."""
-
-    prefix: list[int]  # special tokens the tokenizer adds, the sentences before the fact, the fact
-    fillers: list[list[int]]
-    cue: list[int]
-    sentence_ends: list[int]  # positions (in the full sequence at max distance) of each sentence's last token
-
-    def ids(self, k: int) -> torch.Tensor:
-        return torch.tensor(self.prefix + [t for f in self.fillers[:k] for t in f] + self.cue)
-
-
-def encode_item(item: Item, tokenizer: Any, ac_id: int | None) -> ItemIds:
-    """Token ids of ``item`` sentence by sentence (each after a space; ``<AC>`` after each for AC),
-    the way :func:`context_text` reads when tokenised whole."""
-    start = list(tokenizer("", add_special_tokens=True)["input_ids"])
-    pieces = []
-    sentences = [*item.before, item.fact, *item.fillers]
-    for i, sent in enumerate(sentences):
-        ids = tokenizer.encode(sent if i == 0 else " " + sent, add_special_tokens=False)
-        pieces.append(ids + ([ac_id] if ac_id is not None else []))
-    n_prefix = len(item.before) + 1
-    prefix = start + [t for p in pieces[:n_prefix] for t in p]
-    ends, pos = [], len(start)
-    for p in pieces:
-        pos += len(p)
-        ends.append(pos - 1)
-    return ItemIds(prefix, pieces[n_prefix:], tokenizer.encode(" " + item.cue, add_special_tokens=False), ends)
-
-
-def item_budget(model: Any, item: ItemIds, k: int) -> int:
-    """Keys per token for the equal-cache baselines at distance ``k``: the anchor cache's peak (plain
-    models: each sentence's last token plays the anchor, as in the perplexity suite)."""
-    ids = item.ids(k)
-    att = getattr(model, "_anllm_attention", None)
-    if att is not None and att.cfg.enabled:
-        return baselines.ansan_budget(torch.isin(ids, att.anchor_ids), att.options)
-    is_end = torch.zeros(len(ids), dtype=torch.bool)
-    body = len(ids) - len(item.cue)
-    is_end[[e for e in item.sentence_ends if e < body]] = True
-    return baselines.ansan_budget(is_end)
 
 
 def _left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,6 +153,7 @@ def streaming_batch_mask(lengths: list[int], width: int, budgets: list[int], num
 @torch.no_grad()
 def next_token_logits(
     model: Any, seqs: list[torch.Tensor], method: str, budgets: list[int], pad_id: int, num_sink_tokens: int = 4,
+    position_mode: str = "true",
 ) -> tuple[torch.Tensor, list[int]]:
     """``([B, V] logits for the token after each sequence, keys each row's cache held)`` under ``method``,
     one left-padded forward (K-norm: one forward per sequence, its ranking must not see padding)."""
@@ -218,7 +177,7 @@ def next_token_logits(
         with method_attention(model, "full") if is_anchor_aware(model) else contextlib.nullcontext():
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=1)
         return out.logits[:, -1], lengths
-    cache = AnchorCache()
+    cache = AnchorCache(position_mode=position_mode)  # type: ignore[arg-type]
     rule = anchor_options(model, hide_anchors=True) if method == "sentence" else contextlib.nullcontext()
     with method_attention(model, "anchor"), rule:
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
@@ -229,7 +188,7 @@ def next_token_logits(
 def recall_rows(
     model: Any, tokenizer: Any, anchor: dict[str, Any] | None, items: Sequence[Item], methods: Sequence[str],
     distances: Sequence[int], *, num_sink_tokens: int = 4, batch_size: int = 8, out_dir: Path | None = None,
-    progress: bool = True,
+    progress: bool = True, position_mode: str = "true",
 ) -> list[dict[str, Any]]:
     """Accuracy per method and distance; per-item predictions in ``out_dir/predictions.jsonl``.
 
@@ -237,10 +196,12 @@ def recall_rows(
     weights however short it is, so batching is most of the speed)."""
     from tqdm.auto import tqdm
 
-    ac_id = int(anchor["anchor_token_ids"][0]) if anchor and anchor.get("mode") == "ac" else None
+    marking = marking_of(anchor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     distances = sorted(distances)
-    encoded = [encode_item(item, tokenizer, ac_id) for item in items]
+    texts = {(i, k): context_text(item, k, marking) for i, item in enumerate(items) for k in distances}
+    ids = {key: torch.tensor(tokenizer(t)["input_ids"]) for key, t in texts.items()}
+    budgets_of = {key: document_budget(model, tokenizer, texts[key], ids[key]) for key in texts}
     choice_ids = [[tokenizer.encode(" " + c, add_special_tokens=False)[0] for c in item.choices] for item in items]
     stats = {(m, k): {"correct": 0, "kept": 0, "seen": 0, "budget": 0, "time": 0.0} for m in methods for k in distances}
     preds = {(i, k): {"item": i, "distance": k, "answer": item.choices[item.answer]}
@@ -248,11 +209,11 @@ def recall_rows(
     batches = [(k, list(range(i, min(i + batch_size, len(items))))) for k in distances
                for i in range(0, len(items), batch_size)]
     for k, rows_ in tqdm(batches, desc="recall", disable=not progress, leave=False):
-        seqs = [encoded[i].ids(k) for i in rows_]
-        budgets = [item_budget(model, encoded[i], k) for i in rows_]
+        seqs = [ids[(i, k)] for i in rows_]
+        budgets = [budgets_of[(i, k)] for i in rows_]
         for m in methods:
             t0 = time.perf_counter()
-            logits, kept = next_token_logits(model, seqs, m, budgets, pad_id, num_sink_tokens)
+            logits, kept = next_token_logits(model, seqs, m, budgets, pad_id, num_sink_tokens, position_mode)
             s = stats[(m, k)]
             s["time"] += time.perf_counter() - t0
             for j, i in enumerate(rows_):
@@ -333,7 +294,7 @@ def run_task(bundle: Any, cfg: Any, task: str, out_dir: Path) -> list[dict[str, 
                         num_before=int(opts["num_before"]), seed=int(opts["seed"]))
     return recall_rows(bundle.model, bundle.tokenizer, bundle.anchor, items, methods, distances,
                        num_sink_tokens=int(opts["num_sink_tokens"]), batch_size=int(opts["batch_size"]), out_dir=out_dir,
-                       progress=bool(cfg.get("progress", True)))
+                       progress=bool(cfg.get("progress", True)), position_mode=str(cfg.get("position_mode") or "true"))
 
 
 def _make_suite() -> Any:

@@ -38,6 +38,7 @@ COLUMNS: dict[str, tuple[str, Any]] = {
     "ppl": ("PPL", _f2),
     "nll": ("NLL", lambda x: f"{x:.3f}"),
     "c_red": ("C⇓ %", _pct),
+    "c_red_peak": ("C⇓ peak %", _pct),
     "max_kv": ("MaxKV", _f1),
     "kv_kept": ("KV kept", str),
     "kv_total": ("KV total", str),
@@ -61,6 +62,20 @@ QA_CAPTION = (
     "baselines = causal attention with the context cache compressed to the anchor cache's size, per example. "
     "Avg only when every task has a value."
 )
+CAPTIONS = {
+    "translation": (
+        "C⇓: 1 − kept/seen keys/values at the end of each segment. C⇓ peak: 1 − MaxKV/seen, MaxKV = the largest "
+        "cache held at any point of the segment (prefill chunks included): the paper's MaxKV-based definition. "
+        "anchor = the source cache dropped; anchor+src = the prompt (or, with translation.src_cache=source, the "
+        "source span) kept."
+    ),
+    "ppl": (
+        "C⇓: 1 − kept/seen keys/values after each document; MaxKV: peak kept between chunks. sentence = AnSAN with "
+        "earlier anchors hidden (control); streamingllm/knorm: every token attends at most Budget keys (the anchor "
+        "cache's peak per document)."
+    ),
+    "recall": "Accuracy: the fact's value ranked first among the choices, k sentences after the fact.",
+}
 METHOD_ORDER = ("full", "stock", "ansan", "anchor", "anchor+src", "sentence", "streamingllm", "knorm")
 
 
@@ -193,7 +208,7 @@ def long_table(suite: str, rows: list[dict[str, Any]]) -> Table | None:
         for r in sorted(sub, key=lambda r: (r["task"], _method_key(r["method"])))
     ]
     headers = ["Task", "Method"] + [COLUMNS[k][0] for k in keys] + ["Note"]
-    return Table(suite, f"{suite}", headers, body, ["task", "method"] + keys + ["note"])
+    return Table(suite, f"{suite}", headers, body, ["task", "method"] + keys + ["note"], caption=CAPTIONS.get(suite, ""))
 
 
 def build_tables(rows: list[dict[str, Any]], suites: list[str]) -> list[Table]:

@@ -29,7 +29,8 @@ FINGERPRINT_KEYS = ("checkpoint", "anchors", "num_fewshot", "limit", "modes", "d
 def register_resolvers() -> None:
     """``${basename:path}`` for default output directories (stable per checkpoint, so re-runs resume)."""
     if not OmegaConf.has_resolver("basename"):
-        OmegaConf.register_new_resolver("basename", lambda p: Path(str(p)).expanduser().resolve().name or "model")
+        OmegaConf.register_new_resolver(
+            "basename", lambda p: "external-systems" if p is None else (Path(str(p)).expanduser().resolve().name or "model"))
 
 
 def plan_tasks(cfg: DictConfig) -> tuple[list[tuple[Suite, str]], list[str]]:
@@ -65,7 +66,14 @@ def plan_tasks(cfg: DictConfig) -> tuple[list[tuple[Suite, str]], list[str]]:
 def check_paths(cfg: DictConfig) -> None:
     """Fail fast on a missing checkpoint or data_dir, naming the fix; make data_dir absolute."""
     if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.get("checkpoint"):
-        raise ValueError("checkpoint=DIR is required (a Hugging Face causal-LM directory).")
+        if not scores_files_only(cfg):
+            raise ValueError("checkpoint=DIR is required (a Hugging Face causal-LM directory); only "
+                             "`suite=translation translation.hypotheses=[FILE,...]` runs without one.")
+        OmegaConf.update(cfg, "checkpoint", None, force_add=True)
+        data_dir = cfg.get("data_dir")
+        if data_dir:
+            OmegaConf.update(cfg, "data_dir", str(Path(str(data_dir)).expanduser().resolve()), force_add=True)
+        return
     ckpt = str(cfg.checkpoint)
     if not Path(ckpt).expanduser().is_dir() and (
         os.environ.get("HF_HUB_OFFLINE") == "1" or ckpt.startswith((".", "/", "~"))
@@ -82,10 +90,17 @@ def check_paths(cfg: DictConfig) -> None:
         OmegaConf.update(cfg, "data_dir", str(path.resolve()), force_add=True)
 
 
+def scores_files_only(cfg: DictConfig) -> bool:
+    """Only external translation outputs are scored: no model is needed."""
+    t = cfg.get("translation") or {}
+    return cfg.get("suite") == "translation" and bool(t.get("hypotheses")) and not t.get("generate")
+
+
 def _settings(cfg: DictConfig, suite: str) -> dict[str, Any]:
     s = {k: OmegaConf.to_container(cfg[k]) if OmegaConf.is_config(cfg.get(k)) else cfg.get(k) for k in FINGERPRINT_KEYS}
-    ckpt = Path(str(s["checkpoint"])).expanduser()
-    s["checkpoint"] = str(ckpt.resolve()) if ckpt.exists() else str(s["checkpoint"])
+    if s["checkpoint"] is not None:
+        ckpt = Path(str(s["checkpoint"])).expanduser()
+        s["checkpoint"] = str(ckpt.resolve()) if ckpt.exists() else str(s["checkpoint"])
     section = cfg.get(suite)
     s[suite] = OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else section
     return s
@@ -145,6 +160,8 @@ def load_bundle(cfg: DictConfig) -> ModelBundle:
 def describe(bundle: ModelBundle | None, cfg: DictConfig) -> str:
     if bundle is None:
         return f"{cfg.checkpoint} (all tasks resumed from saved results; model not loaded)"
+    if bundle.model is None:
+        return "no model: external outputs scored with the suite's metrics"
     m = bundle.model
     n = sum(p.numel() for p in m.parameters())
     anchors = "none (full attention)" if not bundle.has_anchors else f"{bundle.anchor_mode.upper()} ({bundle.anchor_source})"
@@ -167,7 +184,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     todo = [(s, t) for s, t in plan if (s.name, t) not in saved]
     if saved:
         log.info("resuming %d saved task(s): %s", len(saved), ", ".join(f"{s}/{t}" for s, t in saved))
-    bundle = load_bundle(cfg) if todo else None
+    if todo and cfg.get("checkpoint") is None:  # external outputs only (translation.hypotheses)
+        bundle = ModelBundle(model=None, tokenizer=None, checkpoint="(no model: external outputs)",
+                             notes=["no checkpoint: only the given translation outputs were scored"])
+    else:
+        bundle = load_bundle(cfg) if todo else None
     records: dict[tuple[str, str], dict[str, Any]] = dict(saved)
     for suite, task in tqdm(todo, desc="tasks", unit="task", disable=not todo):
         assert bundle is not None
@@ -188,7 +209,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         notes += rec.get("notes", [])
     rows = [r for s, t in plan for r in records[(s.name, t)]["rows"]]
     info = {
-        "checkpoint": str(cfg.checkpoint),
+        "checkpoint": None if cfg.get("checkpoint") is None else str(cfg.checkpoint),
         "model_desc": describe(bundle, cfg),
         "anchor": None if bundle is None else bundle.anchor,
         "anchor_source": None if bundle is None else bundle.anchor_source,

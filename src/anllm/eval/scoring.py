@@ -93,6 +93,7 @@ class MultiModeScorer:
         num_sink_tokens: int = 4,
         warmup: bool = True,
         prefill_chunk_size: int | None = None,
+        position_mode: str = "true",
     ):
         unknown = [m for m in modes if m not in MODES + BASELINES]
         if unknown:
@@ -111,6 +112,7 @@ class MultiModeScorer:
         self.batch_size = max(1, int(batch_size))
         self.num_sink_tokens = num_sink_tokens
         self.prefill_chunk_size = prefill_chunk_size
+        self.position_mode = position_mode
         self.memo: dict[str, dict[Hashable, Scored]] = {m: {} for m in self.modes}
         self.seconds: dict[str, float] = {m: 0.0 for m in self.modes}
         self._warm = not warmup
@@ -161,7 +163,7 @@ class MultiModeScorer:
                 with anchor_attention(self.model, enabled=False):
                     return self._shared_prefix(batch, DynamicCache())
             if mode == "anchor":
-                res = self._shared_prefix(batch, AnchorCache())
+                res = self._shared_prefix(batch, AnchorCache(position_mode=self.position_mode))  # type: ignore[arg-type]
                 for i, g in enumerate(batch):
                     budgets[i] = res[i][0].kv_kept - (len(g.conts[0]) - 1)
                 return res

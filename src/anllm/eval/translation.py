@@ -28,11 +28,11 @@ from typing import Any, Sequence
 
 import torch
 
-from ..anchors import AC_TOKEN
-from ..data.sft import build_alpaca_prompt, mark_sentences
+from ..anchors import AC_TOKEN, Marking
+from ..data.sft import build_alpaca_prompt, mark_sentences, marking_for
 from ..data.sources import TRANSLATION_INSTRUCTION
 from ..modeling import get_anchor_config, is_anchor_aware
-from .generation import ANCHOR_METHODS, canonical_method, eos_ids_of, greedy_generate
+from .generation import ANCHOR_METHODS, canonical_method, eos_ids_of, greedy_generate, make_cache
 from .metrics import DEFAULT_COMET_MODEL, CometUnavailable, load_comet, score_translations
 
 log = logging.getLogger(__name__)
@@ -105,11 +105,14 @@ def build_prompt(
     anchor_token: str | None = None,
     instruction: str = INSTRUCTION_DE_EN,
     splitter: str = "blingfire",
+    marking: Marking | None = None,
+    template: str = "anllm",
 ) -> str:
     """The Alpaca ``prompt_input`` prompt exactly as SFT builds it (:func:`anllm.data.sft.build_alpaca_prompt`);
-    with ``anchor_token`` (AC models) the anchor follows every sentence of the preamble, the
-    instruction and the source."""
-    return build_alpaca_prompt(instruction, source, anchor_token, splitter)
+    for AC models (``marking``, or just ``anchor_token``) anchors go where the SFT ``template`` put them."""
+    if marking is None and anchor_token is not None:
+        marking = Marking(anchor_token, splitter)  # type: ignore[arg-type]
+    return build_alpaca_prompt(instruction, source, marking, template)
 
 
 PROMPT_FORMATS = ("alpaca", "chat")
@@ -122,12 +125,15 @@ def build_chat_prompt(
     anchor_token: str | None = None,
     instruction: str = INSTRUCTION_DE_EN,
     splitter: str = "blingfire",
+    marking: Marking | None = None,
 ) -> str:
     """The request as one user turn of the tokenizer's chat template (for chat-tuned base models,
     e.g. SmolLM2-Instruct, that were never trained on the Alpaca template)."""
+    if marking is None and anchor_token is not None:
+        marking = Marking(anchor_token, splitter)  # type: ignore[arg-type]
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("translation.prompt_format=chat needs a tokenizer with a chat template; use prompt_format=alpaca.")
-    content = f"{mark_sentences(instruction, anchor_token, splitter)}\n\n{mark_sentences(source, anchor_token, splitter)}"
+    content = f"{mark_sentences(instruction, marking)}\n\n{mark_sentences(source, marking)}"
     return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
 
 
@@ -138,6 +144,40 @@ def clean_output(text: str, anchor_token: str | None = None) -> str:
         text = text.replace(anchor_token, "")
     text = text.split("###", 1)[0]
     return " ".join(text.split())
+
+
+SRC_CACHE = ("prompt", "source")
+
+
+def source_span(prompt: str, source: str, marking: Marking | None) -> tuple[int, int]:
+    """Character span of the (marked) source inside ``prompt`` (the last occurrence: the input section)."""
+    marked = mark_sentences(source.strip(), marking)
+    start = prompt.rfind(marked)
+    if start < 0:
+        raise ValueError("The source text is not found verbatim in the prompt; cannot keep its span (src_cache=source).")
+    return start, start + len(marked)
+
+
+def token_mask(tokenizer: Any, prompt: str, span: tuple[int, int], length: int, add_special_tokens: bool) -> torch.Tensor:
+    """``[length]`` bool: the prompt tokens that overlap the character span."""
+    enc = tokenizer(prompt, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"][:length]
+    s, e = span
+    return torch.tensor([a < e and b > s and b > a for a, b in offsets], dtype=torch.bool)
+
+
+def sampling_processor(decoding: str) -> Any:
+    """None for greedy decoding; the authors' sampling (temperature 0.1, top-k 40, top-p 0.1) as
+    transformers' own logits warpers for ``decoding="paper"``."""
+    if decoding == "greedy":
+        return None
+    if decoding != "paper":
+        raise ValueError(f"translation.decoding={decoding!r}: choose greedy or paper.")
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+    )
+
+    return LogitsProcessorList([TemperatureLogitsWarper(0.1), TopKLogitsWarper(40), TopPLogitsWarper(0.1)])
 
 
 def prompt_anchor_token(model: Any) -> str | None:
@@ -191,25 +231,39 @@ def translate(
     batch_size: int = 4,
     max_new_tokens: int = 512,
     instruction: str = INSTRUCTION_DE_EN,
-    splitter: str = "blingfire",
+    splitter: str | None = None,
     prompt_format: str = "alpaca",
     record_trace: bool = True,
     progress: bool = True,
     prefill_chunk_size: int | None = None,
+    template: str = "anllm",
+    src_cache: str = "prompt",
+    position_mode: str = "true",
+    decoding: str = "greedy",
+    seed: int = 0,
 ) -> TranslationRun:
-    """Greedy-translate ``sources`` with ``method`` (batched, left-padded, longest prompts first)."""
+    """Translate ``sources`` with ``method`` (batched, left-padded, longest prompts first).
+
+    ``template``: the SFT prompt template (anllm | paper); ``src_cache``: what ``anchor+src`` keeps
+    (the whole ``prompt``, or the ``source`` span only, as the authors); ``position_mode``: true |
+    compact positions in anchor caches; ``decoding``: greedy | paper (the authors' sampling)."""
     from tqdm.auto import tqdm
 
     method = canonical_method(method)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    anchor_token = prompt_anchor_token(model)
+    if src_cache not in SRC_CACHE:
+        raise ValueError(f"translation.src_cache={src_cache!r}: choose one of {SRC_CACHE}.")
+    marking = marking_for(get_anchor_config(model), splitter)
+    anchor_token = marking.token if marking is not None else None
     if prompt_format not in PROMPT_FORMATS:
         raise ValueError(f"translation.prompt_format={prompt_format!r}: choose one of {PROMPT_FORMATS}.")
     if prompt_format == "chat":
-        prompts = [build_chat_prompt(s, tokenizer, anchor_token=anchor_token, instruction=instruction, splitter=splitter) for s in sources]
+        prompts = [build_chat_prompt(s, tokenizer, marking=marking, instruction=instruction) for s in sources]
     else:
-        prompts = [build_prompt(s, anchor_token=anchor_token, instruction=instruction, splitter=splitter) for s in sources]
+        prompts = [build_prompt(s, marking=marking, instruction=instruction, template=template) for s in sources]
+    spans = [source_span(p, s, marking) for p, s in zip(prompts, sources)]
+    sampler = sampling_processor(decoding)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("The tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token.")
@@ -231,6 +285,13 @@ def translate(
         for r, i in enumerate(idx):
             ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
             am[r, width - len(encoded[i]) :] = 1
+        cache = make_cache(method, position_mode)
+        if method == "anchor+src" and src_cache == "source":
+            keep = torch.zeros((len(idx), width), dtype=torch.bool)
+            for r, i in enumerate(idx):
+                keep[r, width - len(encoded[i]) :] = token_mask(tokenizer, prompts[i], spans[i], len(encoded[i]),
+                                                               prompt_format != "chat")
+            cache.keep_prompt(keep.to(device))  # type: ignore[union-attr]
         out = greedy_generate(
             model,
             ids.to(device),
@@ -241,6 +302,9 @@ def translate(
             pad_token_id=pad_id,
             record_trace=record_trace and b == 0,
             prefill_chunk_size=prefill_chunk_size,
+            cache=cache,
+            sampler=sampler,
+            seed=seed + b,
         )
         total_time += out.time_s
         if b == 0:
@@ -372,11 +436,12 @@ def evaluate_translation(
     comet_model: str | None = DEFAULT_COMET_MODEL,
     comet_batch_size: int = 8,
     instruction: str = INSTRUCTION_DE_EN,
-    splitter: str = "blingfire",
+    splitter: str | None = None,
     prompt_format: str = "alpaca",
     plots: bool = True,
     progress: bool = True,
     prefill_chunk_size: int | None = None,
+    **generation: Any,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Run one translation task; returns (rows, notes). Writes hypotheses/per-segment files/plots
     to ``out_dir`` when given."""
@@ -417,10 +482,12 @@ def evaluate_translation(
                 prompt_format=prompt_format,
                 progress=progress,
                 prefill_chunk_size=prefill_chunk_size,
+                **generation,
             )
             runs.append(run)
             row = metrics_row(method, run.hypotheses)
             row.update(run.cache_metrics())
+            row.update({k: generation[k] for k in ("src_cache", "decoding", "position_mode", "template") if k in generation})
             row["max_new_tokens"] = max_new_tokens
             row["prompt_format"] = prompt_format
             truncated = sum(g >= max_new_tokens for g in run.gen_tokens)
@@ -495,11 +562,16 @@ def run_task(bundle: Any, cfg: Any, task: str, out_dir: Path) -> list[dict[str, 
         comet_model=tcfg.get("comet_model", DEFAULT_COMET_MODEL) if hasattr(tcfg, "get") else DEFAULT_COMET_MODEL,
         comet_batch_size=int(_opt(tcfg, "comet_batch_size", 8)),
         instruction=str(_opt(tcfg, "instruction", INSTRUCTION_DE_EN)),
-        splitter=str(_opt(tcfg, "splitter", "blingfire")),
+        splitter=_opt(tcfg, "splitter"),
         prompt_format=str(_opt(tcfg, "prompt_format", "alpaca")),
         plots=bool(_opt(tcfg, "plots", True)),
         progress=bool(_opt(cfg, "progress", True)),
         prefill_chunk_size=_opt(tcfg, "prefill_chunk_size"),
+        template=str(_opt(tcfg, "template", "anllm")),
+        src_cache=str(_opt(tcfg, "src_cache", "prompt")),
+        position_mode=str(_opt(cfg, "position_mode", "true")),
+        decoding=str(_opt(tcfg, "decoding", "greedy")),
+        seed=int(_opt(tcfg, "seed", 0)),
     )
     notes = notes + run_notes
     bundle_notes = getattr(bundle, "notes", None)

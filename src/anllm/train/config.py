@@ -20,9 +20,10 @@ CONF_DIR = REPO_ROOT / "conf"
 ANLLM_TRAINER_KEYS = ("resume", "save_total_limit")
 TOP_LEVEL_KEYS = (
     "exp_name", "scale_name", "output_dir", "cache_dir", "block_size", "anchor", "preprocessing",
-    "metrics", "wandb", "trainer", "model", "data", "deepspeed", "heldout",
+    "metrics", "wandb", "trainer", "model", "data", "deepspeed", "heldout", "protocol",
 )
-ANCHOR_KEYS = ("mode", "token", "ep_punctuation", "num_sink_tokens", "anchors_see_anchors")
+ANCHOR_KEYS = ("mode", "token", "ep_punctuation", "num_sink_tokens", "anchors_see_anchors", "ep_tokens",
+               "ac_after_last", "ac_join")
 MODEL_SOURCES = ("smollm2", "tiny", "pretrained")
 MODEL_KEYS = ("name", "source", "path", "context_length", "dtype", "attn_implementation", "tiny")
 DATA_KINDS = ("jsonl", "demo", "hub", "sft")
@@ -117,6 +118,13 @@ def _check_anchor(cfg: DictConfig) -> None:
         raise ConfigError(f"anchor.mode={mode!r}: choose ac, ep or none (the exp sets it).")
     if mode == "ep" and not anchor.get("ep_punctuation"):
         raise ConfigError("anchor.ep_punctuation is empty: EP needs sentence-ending characters, e.g. '.!?'.")
+    join = anchor.get("ac_join")
+    if mode == "ac" and join is not None and str(anchor.get("token")) not in str(join):
+        raise ConfigError(f"anchor.ac_join={join!r} must contain the anchor token {anchor.get('token')!r} "
+                          "(the authors' join is ' <AC> ').")
+    splitter = (cfg.get("data") or {}).get("splitter")
+    if splitter is not None and splitter not in ("blingfire", "pysbd", "punkt"):
+        raise ConfigError(f"data.splitter={splitter!r}: choose blingfire, pysbd or punkt.")
     if mode == "ac" and not anchor.get("token"):
         raise ConfigError("anchor.token is empty: AC needs the anchor token text, e.g. '<AC>'.")
     if int(anchor.get("num_sink_tokens") or 0) < 0:

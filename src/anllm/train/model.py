@@ -118,6 +118,10 @@ def build_model_and_tokenizer(cfg: Mapping[str, Any]) -> tuple[Any, Any]:
         anchor_token=token,
         num_sink_tokens=int(anchor.get("num_sink_tokens") or 0),
         anchors_see_anchors=bool(anchor.get("anchors_see_anchors")),
+        ep_tokens=list(anchor["ep_tokens"]) if anchor.get("ep_tokens") else None,
+        splitter=str(cfg["data"].get("splitter") or "blingfire"),
+        ac_after_last=bool(anchor.get("ac_after_last", True)),
+        ac_join=anchor.get("ac_join"),
     )
     acfg = anllm.get_anchor_config(model)
     if acfg is not None and acfg.enabled:
