@@ -465,7 +465,9 @@ def smollm2_tokenizer(request):
     try:
         path = request.getfixturevalue("smollm2_dir")
     except Exception as e:  # noqa: BLE001 - fixture missing or the checkpoint cannot be made here
-        pytest.skip(f"SmolLM2 checkpoint unavailable: {e}")
+        from conftest import skip_or_fail
+
+        skip_or_fail(f"SmolLM2 checkpoint unavailable: {e}")
     return _smollm2_ac_tokenizer(path)
 
 

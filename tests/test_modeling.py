@@ -137,7 +137,9 @@ def _cxx_compiler() -> str | None:
 def test_flex_attention_forward_agrees_with_sdpa() -> None:
     """flex_attention (forward only: flex has no CPU backward) gets the rule as a BlockMask."""
     if _cxx_compiler() is None:
-        pytest.skip(
+        from conftest import skip_or_fail
+
+        skip_or_fail(
             "flex_attention on CPU compiles through inductor, which needs a C++ compiler "
             "(g++/clang++): none found"
         )

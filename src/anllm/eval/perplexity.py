@@ -458,11 +458,13 @@ def check(cfg: Any) -> None:
     """Validate ``ppl.*`` and the documents before the model loads (errors name the fix)."""
     pcfg = _opt(cfg, "ppl", {})
     explicit = _opt(pcfg, "methods")
-    for m in [explicit] if isinstance(explicit, str) else list(explicit or []):
+    names = explicit if explicit else [m for m in (_opt(cfg, "modes") or []) if m not in ("anchor+src", "ansan_src", "anchor_src", "src")]
+    for m in [names] if isinstance(names, str) else list(names or []):
         try:
             ppl_method(m)
         except ValueError as e:
-            raise ValueError(f"ppl.methods: {e} Choose from {PPL_METHODS}.") from None
+            where = "ppl.methods" if explicit else "modes"
+            raise ValueError(f"{where}: {e} The perplexity suite knows {PPL_METHODS}.") from None
     for key in ("chunk_size", "max_tokens", "num_documents", "budget"):
         value = _opt(pcfg, key)
         if value is not None and int(value) < 1:

@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from ..cli import InputError
 from . import report
 from .suites import ModelBundle, Suite, load_suite, selected_suites
 
@@ -103,6 +104,8 @@ def _settings(cfg: DictConfig, suite: str) -> dict[str, Any]:
         s["checkpoint"] = str(ckpt.resolve()) if ckpt.exists() else str(s["checkpoint"])
     section = cfg.get(suite)
     s[suite] = OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else section
+    if str(cfg.get("position_mode") or "true") != "true":  # only a non-default value changes the fingerprint
+        s["position_mode"] = str(cfg.position_mode)
     return s
 
 
@@ -169,11 +172,51 @@ def describe(bundle: ModelBundle | None, cfg: DictConfig) -> str:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run the evaluation described by ``cfg`` (see conf/evaluate.yaml); returns the run record."""
-    check_paths(cfg)
-    plan, notes = plan_tasks(cfg)
+    """Run the evaluation described by ``cfg`` (see conf/evaluate.yaml); returns the run record.
+
+    Everything up to the first task (config, paths, the output directory, loading the model) is the
+    user's input: a problem there raises :class:`anllm.cli.InputError` naming it. Failures inside a
+    task are recorded with that task and the others go on."""
+    try:
+        return _run(cfg)
+    except _Preflight as e:
+        raise InputError(str(e.__cause__ or e)) from e.__cause__
+
+
+class _Preflight(Exception):
+    """Wraps an error raised before any task ran (see :func:`run`)."""
+
+
+def _preflight(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except (ValueError, OSError, ImportError, KeyError) as e:
+        raise _Preflight() from e
+
+
+def _make_output_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".anllm_write_test").touch()
+        (out / ".anllm_write_test").unlink()
+    except OSError as e:
+        raise OSError(f"output_dir={out} cannot be written ({e.strerror or e}); choose a writable directory "
+                      "with output_dir=...") from None
+
+
+def _load_model(cfg: DictConfig) -> ModelBundle:
+    try:
+        return load_bundle(cfg)
+    except OSError as e:
+        raise OSError(f"checkpoint={cfg.checkpoint} cannot be loaded as a Hugging Face model ({e}). Pass the "
+                      "directory of a complete saved model (config.json + weights + tokenizer).") from None
+
+
+def _run(cfg: DictConfig) -> dict[str, Any]:
+    _preflight(check_paths, cfg)
+    plan, notes = _preflight(plan_tasks, cfg)
     out = Path(str(cfg.output_dir)).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    _preflight(_make_output_dir, out)
     resume = bool(cfg.get("resume", True))
     saved: dict[tuple[str, str], dict[str, Any]] = {}
     for suite, task in plan:
@@ -188,7 +231,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         bundle = ModelBundle(model=None, tokenizer=None, checkpoint="(no model: external outputs)",
                              notes=["no checkpoint: only the given translation outputs were scored"])
     else:
-        bundle = load_bundle(cfg) if todo else None
+        bundle = _preflight(_load_model, cfg) if todo else None
     records: dict[tuple[str, str], dict[str, Any]] = dict(saved)
     for suite, task in tqdm(todo, desc="tasks", unit="task", disable=not todo):
         assert bundle is not None

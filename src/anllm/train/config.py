@@ -31,7 +31,10 @@ NO_ANSAN_BACKENDS = ("flash_attention_2", "flash_attention_3", "paged_attention"
 RESUME_WORDS = ("auto", "never")
 
 
-class ConfigError(ValueError):
+from ..cli import InputError
+
+
+class ConfigError(InputError):
     """A config value that cannot work; the message names the key and the fix."""
 
 

@@ -53,6 +53,14 @@ def run(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     validate(cfg)
     c = plain_dict(cfg)
     output_dir = Path(os.path.expanduser(c["output_dir"])).resolve()
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".anllm_write_test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output_dir={c['output_dir']} cannot be written ({e.strerror or e}); choose a writable "
+                          "directory with output_dir=...") from None
     env_from_submitit()
     if c["deepspeed"] and not _cuda():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed on CPU (gloo); must precede its import
