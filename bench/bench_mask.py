@@ -11,10 +11,10 @@ algorithm (same loops, dtype and fill value) in our own words.
 
 Ours: ``anllm.ansan_mask`` (vectorised rule, bool ``[B, L, L]``) and the mask the prepared model's
 forward hook builds (``[B, 1, L, L]``: bool for SDPA, additive float for eager). Every candidate is
-checked against the authors' mask before timing. Sketches of faster dense masks (``_fast_mask.py``,
-not in the engine) show what the engine could reach: a general one (every option) and one for the
-default options that avoids slow broadcasts entirely, optionally writing into a reused buffer. Reference rows show the floor of any dense mask (writing a causal bool ``[B, 1, L, L]``) and the O(L) token layout that a
-non-dense backend (flex_attention's ``mask_mod``) needs.
+checked against the authors' mask before timing. Reference rows show the floor of any dense mask
+(writing a causal bool ``[B, 1, L, L]``) and the O(L) token layout that a non-dense backend
+(flex_attention's ``mask_mod``) needs. (The engine's long-row path evaluates the rule once per run of
+identical queries, ``anllm.masks._run_table_mask``; it is what ``ansan_mask`` uses here.)
 
     .venv/bin/python bench/bench_mask.py                      # L = 1k, 4k, 8k
     .venv/bin/python bench/bench_mask.py --lengths 1024 16384 --batch 1 --repeat 9
@@ -38,7 +38,6 @@ from _common import (
     time_side_by_side,
     write_results,
 )
-from _fast_mask import onehot_segment_mask, run_table_mask
 
 import anllm
 from anllm.anchors import AnchorConfig
@@ -106,7 +105,7 @@ def make_batch(batch: int, length: int, tokens_per_anchor: int, pad_fraction: fl
 
 def hook_mask_fn(attn_implementation: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The exact code path of a prepared model's forward pre-hook (ids + 2D mask -> 4D mask), no cache."""
-    from anllm.testing import tiny_llama
+    from anllm.models.tiny import tiny_llama
 
     model = tiny_llama(attn_implementation=attn_implementation)
     model.config.anllm = AnchorConfig(mode="ep", anchor_token_ids=[ANCHOR_ID]).to_dict()
@@ -151,19 +150,6 @@ def candidates(
     )
     cands["ours: model hook, sdpa (bool 4D)"] = lambda: hook_sdpa(ids, am)
     cands["ours: model hook, eager (float 4D)"] = lambda: hook_eager(ids, am)
-
-    def sketch() -> torch.Tensor:
-        lay = layout_from_tokens(anllm.anchor_mask(ids, anchor_ids), am)
-        return run_table_mask(lay, lay)
-
-    cands["sketch: run-table mask (bench/_fast_mask.py)"] = sketch
-    buf = torch.empty((B, 1, L, L), dtype=torch.bool)
-    cands["sketch: one-hot segments (default options)"] = lambda: onehot_segment_mask(
-        anllm.anchor_mask(ids, anchor_ids), am
-    )
-    cands["sketch: one-hot segments, reused buffer"] = lambda: onehot_segment_mask(
-        anllm.anchor_mask(ids, anchor_ids), am, out=buf
-    )
     refs: dict[str, Build] = {
         "ref: causal bool 4D, fresh alloc (dense floor)": lambda: torch.ones(
             (B, 1, L, L), dtype=torch.bool

@@ -50,7 +50,7 @@ TINY_ANCHOR_ID = 5
 
 def tiny_model(vocab: int, attn: str) -> tuple[Any, Callable[[int], torch.Tensor]]:
     """Scaled-up tiny Llama (hidden 256, 4 layers) with random ids and an anchor every ~25 tokens."""
-    from anllm.testing import tiny_llama
+    from anllm.models.tiny import tiny_llama
 
     model = tiny_llama(
         vocab_size=vocab,

@@ -4,41 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-
-def tiny_llama(
-    vocab_size: int = 128,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    max_position_embeddings: int = 4096,
-    attn_implementation: str = "sdpa",
-    seed: int = 0,
-    **overrides: Any,
-):
-    """A randomly initialised Llama (GQA, RoPE) small enough for unit tests."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_position_embeddings,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-        **overrides,
-    )
-    model = LlamaForCausalLM(config)
-    model.config._attn_implementation = attn_implementation
-    return model.eval()
+from .models.tiny import tiny_llama  # noqa: F401 - re-exported: tests build tiny models from here
 
 
 SPECIAL_WORDS = ["<pad>", "<s>", "</s>", "<unk>"]

@@ -28,7 +28,7 @@ def load_base_model(model_cfg: Mapping[str, Any]) -> tuple[Any, Any]:
     impl = model_cfg.get("attn_implementation") or "sdpa"
     dtype = getattr(torch, model_cfg.get("dtype") or "float32")
     if source == "tiny":
-        from .tiny import tiny_model_and_tokenizer
+        from ..models.tiny import tiny_model_and_tokenizer
 
         model, tok = tiny_model_and_tokenizer(**dict(model_cfg.get("tiny") or {}), context_length=ctx, attn_implementation=impl)
         return model.to(dtype), tok

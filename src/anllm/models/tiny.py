@@ -1,11 +1,12 @@
 """``model=tiny``: a random tiny Llama with a real (small) tokenizer, offline and deterministic.
 
-Why build the tokenizer here: tests and smoke runs must not depend on a download or on the SmolLM2
-conversion, and a 49k-token vocabulary would dominate a 100k-parameter model. A byte-level BPE
-(the GPT-2/Llama-3 family's scheme) trained on Python's own documentation (``pydoc_data.topics``,
-shipped with CPython) has "." and the other sentence-ending marks as tokens, so EP finds anchors and
-AC can initialise ``<AC>`` from ".". Training takes about a second and gives the same vocabulary
-every time; the model is saved with it, so a checkpoint never needs the builder again.
+Used by ``train.py model=tiny`` (smoke runs, tests) and by the benchmarks. Why build the tokenizer
+here: tests and smoke runs must not depend on a download or on the SmolLM2 conversion, and a
+49k-token vocabulary would dominate a 100k-parameter model. A byte-level BPE (the GPT-2/Llama-3
+family's scheme) trained on Python's own documentation (``pydoc_data.topics``, shipped with CPython)
+has "." and the other sentence-ending marks as tokens, so EP finds anchors and AC can initialise
+``<AC>`` from ".". Training takes about a second and gives the same vocabulary every time; the model
+is saved with it, so a checkpoint never needs the builder again.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: the ids anllm.testing.tiny_llama uses
+import torch
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: the ids tiny_llama uses
 
 
 @lru_cache(maxsize=4)
@@ -56,6 +59,40 @@ def tiny_tokenizer(vocab_size: int = 1024, model_max_length: int = 8192) -> Any:
     )
 
 
+def tiny_llama(
+    vocab_size: int = 128,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    max_position_embeddings: int = 4096,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    **overrides: Any,
+):
+    """A randomly initialised Llama (GQA, RoPE) small enough for unit tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        **overrides,
+    )
+    model = LlamaForCausalLM(config)
+    model.config._attn_implementation = attn_implementation
+    return model.eval()
+
+
 def tiny_model_and_tokenizer(
     vocab_size: int = 1024,
     hidden_size: int = 64,
@@ -66,9 +103,7 @@ def tiny_model_and_tokenizer(
     context_length: int = 8192,
     attn_implementation: str = "sdpa",
 ) -> tuple[Any, Any]:
-    """Random tiny Llama (anllm.testing.tiny_llama) sized to the tiny tokenizer's vocabulary."""
-    from anllm.testing import tiny_llama
-
+    """Random tiny Llama (:func:`tiny_llama`) sized to the tiny tokenizer's vocabulary."""
     tok = tiny_tokenizer(vocab_size, context_length)
     model = tiny_llama(
         vocab_size=len(tok),
