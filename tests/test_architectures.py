@@ -96,3 +96,42 @@ def test_full_attention_baseline_respects_packed_documents() -> None:
     torch.testing.assert_close(packed[:, 8:], alone)
     assert (plain[:, 8:] - alone).abs().max() > 1e-4  # without document_ids it is plain causal
     assert not anllm.is_anchor_aware(model)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"])
+def test_generation_logits_equal_an_unhooked_model_with_the_loop_reference_mask(arch: str) -> None:
+    """An independent oracle for anchor inference: every step's logits of ``generate`` with AnchorCache
+    (batch of 3, left padding, one row stopping early at EOS) equal a forward of the *un-hooked* model
+    over the sequence so far, fed the 4D mask built by test_masks' loop reference, float32, 1e-5."""
+    from test_masks import reference_mask
+
+    model = _tiny(arch)
+    ids = _ids(3, 16, seed=4)
+    am = torch.ones_like(ids)
+    am[1, :4], am[2, :9] = 0, 0
+    ids[am == 0] = 0
+    kwargs = dict(attention_mask=am, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                  output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        probe = model.generate(ids, past_key_values=anllm.AnchorCache(), eos_token_id=None, **kwargs)
+    new = probe.sequences[:, ids.shape[1]:].tolist()
+    # an EOS id that one row emits early (first at step s) and the other rows never: it stops early
+    stop = next(((r, s, t) for r in range(3) for s, t in enumerate(new[r][:8])
+                 if t not in new[r][:s] and all(t not in new[o] for o in range(3) if o != r)), None)
+    assert stop is not None, f"no token separates a row in this draw ({arch}): change the seed"
+    r_eos, s_eos, eos = stop
+    with torch.no_grad():
+        out = model.generate(ids, past_key_values=anllm.AnchorCache(), eos_token_id=eos, **kwargs)
+    seqs, P = out.sequences, ids.shape[1]
+    assert int(seqs[r_eos, P + s_eos]) == eos and len(out.logits) == 10  # that row finished, the batch went on
+    for b in range(3):
+        steps = s_eos + 1 if b == r_eos else len(out.logits)  # a finished row's later logits are padding
+        for t in range(steps):
+            seq = seqs[b, : P + t]
+            real = torch.cat([am[b].bool(), torch.ones(t, dtype=torch.bool)])
+            mask = torch.tensor(reference_mask((seq == ANCHOR).tolist(), real.tolist(), [0] * len(seq)))
+            mask[~real, ~real] = True  # padding rows attend themselves only (no NaN); nobody attends them
+            pos = (real.long().cumsum(0) - 1).clamp_min(0)
+            with torch.no_grad(), anllm.anchor_attention(model, enabled=False):
+                ref = model(seq[None], attention_mask=mask[None, None], position_ids=pos[None]).logits[0, -1]
+            torch.testing.assert_close(out.logits[t][b], ref, atol=1e-5, rtol=1e-5)
