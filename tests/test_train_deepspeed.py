@@ -1,9 +1,18 @@
-"""DeepSpeed with 2 CPU processes on gloo, launched by torchrun: ZeRO-2 real steps with ranks that
-agree, and ZeRO-3 (weights partitioned while loading, <AC> added to gathered rows) ending where
-ZeRO-2 ends.
+"""DeepSpeed with 2 CPU processes on gloo, launched by torchrun, against one process without it.
 
-Not mocked: two OS processes, a gloo process group, DeepSpeed's engine (DS_ACCELERATOR=cpu; the
-Trainer runs with use_cpu=True). About 1.5 min.
+* ZeRO-2 and ZeRO-3 (weights partitioned while loading, <AC> added to gathered rows) on 2 ranks end
+  with the losses and weights of a single process without DeepSpeed at the same global batch and
+  seed; each rank saw different rows, and together the rows the single process saw.
+* A 2-rank ZeRO-2 run SIGKILLed after its first checkpoint resumes from the DeepSpeed checkpoint and
+  ends where the uninterrupted run ends.
+
+Not mocked: OS processes, a gloo process group, DeepSpeed's engine (DS_ACCELERATOR=cpu; the Trainer
+runs with use_cpu=True). About 3 min.
+
+Tolerances: fp32 throughout. The runs differ only in how the gradient of the 2 rows is summed (an
+all-reduce of two per-rank means vs one mean over both rows): ~1e-7 relative per step, which Adam's
+normalised update can turn into ~1e-6 absolute weight differences over 4 steps at lr 1e-3; losses
+agree to 1e-5 relative and weights to 1e-5 absolute (the weights themselves are O(1e-2)).
 """
 
 from __future__ import annotations
@@ -38,14 +47,27 @@ DRIVER = textwrap.dedent(
     from transformers import TrainerCallback
     from anllm.train import run
 
+    rank = int(os.environ.get("RANK", 0))
+    seen = []
+
     class Dump(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            # which rows each rank computes: the first ids of every row of every forward
+            model.register_forward_pre_hook(
+                lambda m, a, kw: seen.append([r[:12].tolist() for r in kw["input_ids"]]), with_kwargs=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if os.environ.get("SLOW_AFTER") and state.global_step >= int(os.environ["SLOW_AFTER"]):
+                import time
+                time.sleep(3)  # gives the test time to kill the run between checkpoints
+
         def on_train_end(self, args, state, control, model=None, **kwargs):
-            rank = int(os.environ["RANK"])
             params = {n: p.detach().float().cpu() for n, p in model.named_parameters()}
             torch.save(params, os.path.join(sys.argv[1], f"params_rank{rank}.pt"))
             losses = [h["loss"] for h in state.log_history if "loss" in h]
             json.dump({"losses": losses, "world": args.world_size, "step": state.global_step,
-                       "deepspeed": bool(args.deepspeed)}, open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w"))
+                       "deepspeed": bool(args.deepspeed), "rows": seen},
+                      open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w"))
 
     with initialize_config_dir(config_dir=sys.argv[2], version_base="1.3"):
         cfg = compose("train", overrides=sys.argv[3:])
@@ -60,22 +82,60 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(tmp_path: Path, deepspeed: str) -> Path:
-    """torchrun 2 CPU processes of the training driver; returns the run's output_dir."""
+ARGS = ["+exp=anllm_ac", "model=tiny", "data=demo", "block_size=64", "trainer.max_steps=4", "trainer.save_steps=2",
+        "trainer.learning_rate=1e-3", "trainer.report_to=none", "trainer.disable_tqdm=true", "heldout.enabled=false",
+        "trainer.lr_scheduler_type=constant_with_warmup"]
+
+
+def command(tmp_path: Path, deepspeed: str, nproc: int = 2) -> tuple[list[str], dict[str, str], Path]:
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     out = tmp_path / "out"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}", str(driver), str(tmp_path), str(CONF_DIR),
-        "+exp=anllm_ac", "model=tiny", "data=demo", f"deepspeed={deepspeed}", "block_size=64", "trainer.max_steps=4",
-        "trainer.save_steps=2", "trainer.learning_rate=1e-3", "trainer.report_to=none", "trainer.disable_tqdm=true",
-        f"output_dir={out}", f"cache_dir={tmp_path / 'cache'}",
-    ]
+    args = [str(driver), str(tmp_path), str(CONF_DIR), *ARGS, f"deepspeed={deepspeed}", f"output_dir={out}",
+            f"cache_dir={tmp_path / 'cache'}"]
+    if nproc == 1:  # one process, no DeepSpeed, the same global batch of 2 rows
+        return [sys.executable, *args, "trainer.per_device_train_batch_size=2"], env, out
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+                f"--master_port={_free_port()}"]
+    return launcher + args, env, out
+
+
+def launch(tmp_path: Path, deepspeed: str, nproc: int = 2) -> Path:
+    """Run the training driver (torchrun with ``nproc`` CPU processes); returns the run's output_dir."""
+    cmd, env, out = command(tmp_path, deepspeed, nproc)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return out
+
+
+def ranks(tmp_path: Path, n: int = 2) -> list[dict]:
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(n)]
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("single")
+    launch(tmp, "none", nproc=1)
+    return tmp
+
+
+def assert_matches_single(tmp_path: Path, single: Path) -> None:
+    """Losses per step and final weights of a 2-rank run equal the single process's (see the module doc)."""
+    from safetensors.torch import load_file
+
+    one = ranks(single, 1)[0]
+    two = ranks(tmp_path)
+    assert one["world"] == 1 and not one["deepspeed"] and all(r["world"] == 2 and r["deepspeed"] for r in two)
+    assert two[0]["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    a, b = load_file(single / "out" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    # each rank computed different rows; together, exactly the single process's batches
+    for step, rows in enumerate(one["rows"]):
+        r0, r1 = two[0]["rows"][step], two[1]["rows"][step]
+        assert len(r0) == len(r1) == 1 and r0 != r1
+        assert sorted(r0 + r1) == sorted(rows)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +145,8 @@ def zero2_run(tmp_path_factory) -> Path:
     return tmp
 
 
-def test_zero2_two_cpu_ranks_train_and_agree(zero2_run: Path):
+def test_zero2_two_cpu_ranks_train_and_agree(zero2_run: Path, single_run: Path):
+    assert_matches_single(zero2_run, single_run)
     tmp_path, out = zero2_run, zero2_run / "out"
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 and r["step"] == 4 and r["deepspeed"] for r in ranks)
@@ -107,7 +168,7 @@ def test_zero2_two_cpu_ranks_train_and_agree(zero2_run: Path):
     assert any(p.name.startswith("global_step") for p in last.iterdir())  # DeepSpeed's sharded states
 
 
-def test_zero3_partitioned_ac_model_trains_like_zero2(zero2_run: Path, tmp_path: Path):
+def test_zero3_partitioned_ac_model_trains_like_zero2(zero2_run: Path, single_run: Path, tmp_path: Path):
     """ZeRO-3 partitions the weights while loading, so <AC> is added to gathered embedding rows; the
     run must end where the ZeRO-2 run ends, and the final model is gathered into one checkpoint."""
     from safetensors.torch import load_file
@@ -118,3 +179,40 @@ def test_zero3_partitioned_ac_model_trains_like_zero2(zero2_run: Path, tmp_path:
     assert z3["losses"] == pytest.approx(z2["losses"], rel=1e-4)
     a, b = load_file(zero2_run / "out" / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    assert_matches_single(tmp_path, single_run)
+
+
+def test_killed_zero2_run_resumes_from_its_deepspeed_checkpoint(zero2_run: Path, tmp_path: Path):
+    """SIGKILL the whole 2-rank job after checkpoint-2 is complete; the same command resumes from the
+    DeepSpeed checkpoint and ends with the weights of the uninterrupted run."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    from anllm.train.checkpoints import MARKER
+
+    cmd, env, out = command(tmp_path, "zero2")
+    proc = subprocess.Popen(cmd, env=dict(env, SLOW_AFTER="2"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    t0 = time.time()
+    while not (out / "checkpoint-2" / MARKER).is_file():
+        assert proc.poll() is None and time.time() - t0 < 300, "the run ended before checkpoint-2"
+        time.sleep(0.05)
+    # like a preempted job: every process dies at once (torchrun starts its workers in their own sessions,
+    # so killing its process group alone would leave them running)
+    import psutil
+
+    tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+    for p in tree:
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(tree, timeout=30)
+    proc.wait()
+    assert not (out / "checkpoint-4").exists()
+    cmd, env, out = command(tmp_path, "zero2")  # the same job again (a fresh rendezvous port)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads((out / "anllm_train_summary.json").read_text())
+    assert summary["global_step"] == 4 and str(summary["resumed_from"]).endswith("checkpoint-2")
+    a, b = load_file(zero2_run / "out" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
