@@ -17,6 +17,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import anllm
+from anllm.cli import InputError
 from anllm.eval.runner import register_resolvers, run
 from anllm.testing import tiny_llama
 
@@ -98,11 +99,11 @@ def test_failed_task_keeps_the_others_and_rerun_resumes(shared_data, checkpoint,
 @pytest.mark.parametrize(
     "overrides,error,match",
     [
-        (["data_dir=/nonexistent/data"], FileNotFoundError, r"data_dir='/nonexistent/data' does not exist.*\.\./shared/data"),
-        (["tasks=[arc_easy,mmlu]"], ValueError, r"Unknown task 'mmlu'"),
-        (["suite=speech"], ValueError, r"Unknown suite 'speech'"),
-        (["modes=[full,fast]"], ValueError, r"Unknown mode\(s\) \['fast'\]"),
-        (["qa.baselines=[h2o]"], ValueError, r"Unknown baseline"),
+        (["data_dir=/nonexistent/data"], InputError, r"data_dir='/nonexistent/data' does not exist.*\.\./shared/data"),
+        (["tasks=[arc_easy,mmlu]"], InputError, r"Unknown task 'mmlu'"),
+        (["suite=speech"], InputError, r"Unknown suite 'speech'"),
+        (["modes=[full,fast]"], InputError, r"Unknown mode\(s\) \['fast'\]"),
+        (["qa.baselines=[h2o]"], InputError, r"Unknown baseline"),
     ],
 )
 def test_clear_errors_before_loading_the_model(checkpoint, shared_data, tmp_path, overrides, error, match):
@@ -119,8 +120,9 @@ def test_offline_without_data_dir_is_clear(checkpoint, tmp_path, monkeypatch):
 
 
 def test_missing_checkpoint_is_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="is not a directory"):
+    with pytest.raises(InputError, match="is not a directory") as info:
         run(_cfg([f"checkpoint={tmp_path}/nope", f"output_dir={tmp_path}"]))
+    assert isinstance(info.value.__cause__, FileNotFoundError)  # the underlying cause stays inspectable
 
 
 def test_cli_prints_the_table(checkpoint, shared_data, tmp_path):
