@@ -221,7 +221,6 @@ class AnchorCache(Cache):
         Inside the prompt the plain rule applies, however many forwards read it."""
         if self.tracker is not None:
             raise RuntimeError("keep_prompt() must be called before the cache's first forward.")
-        self.keep_prefix = True
         self.keep_mask = mask.bool()
         return self
 
@@ -317,9 +316,8 @@ class AnchorCache(Cache):
         return width + cache_position.shape[0], 0
 
     def reset(self) -> None:
-        keep_mask = self.keep_mask
+        """Empty the cache for a new batch (a declared prompt belonged to the old one)."""
         self.__init__(self.keep_prefix, self.position_mode)
-        self.keep_mask = keep_mask
 
     def crop(self, max_length: int) -> None:
         raise NotImplementedError("AnchorCache cannot be cropped (pruned tokens are gone).")
