@@ -105,53 +105,54 @@ def write_report(study: "Study") -> Path:
 
 
 def plot(s: dict[str, Any], out: Path) -> list[str]:
+    """One panel per arm: learning curves (PPL vs tokens) and recall (accuracy vs distance)."""
+    styles = {"full": ("k", "-"), "anchor": ("tab:blue", "-"), "sentence": ("tab:gray", ":"),
+              "streamingllm": ("tab:orange", "--"), "knorm": ("tab:green", "-.")}
+
+    def curves(ax: Any, arm: str) -> None:
+        a = s["arms"][arm]
+        for m in PPL_ORDER:
+            if m in a["ppl"]:
+                color, ls = styles[m]
+                ax.plot([t / 1000 for t in a["tokens"]], a["ppl"][m], color=color, linestyle=ls, marker="o", ms=3,
+                        label=METHOD_TITLES[m])
+        ax.set_yscale("log")
+
+    def recall(ax: Any, arm: str) -> None:
+        for m, d in s["recall"][arm].items():
+            color, ls = styles.get(m, ("tab:red", "-"))
+            ax.plot(d["k"], [100 * a for a in d["acc"]], color=color, linestyle=ls, marker="o", ms=3,
+                    label=METHOD_TITLES.get(m, m))
+        ax.axhline(100 / s["num_choices"], color="gray", lw=0.8, ls=":")
+
+    made = []
+    for name, arms, draw, xlabel, ylabel in (
+        ("learning_curves.png", list(s["arms"]), curves, "tokens trained (thousands)", "held-out perplexity (log)"),
+        ("recall.png", list(s["recall"]), recall, "sentences between fact and question (k)", "recall accuracy %"),
+    ):
+        if arms:
+            _panels(out / name, arms, draw, xlabel, ylabel)
+            made.append(name)
+    return made
+
+
+def _panels(path: Path, arms: list[str], draw: Any, xlabel: str, ylabel: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    made = []
-    styles = {"full": ("k", "-"), "anchor": ("tab:blue", "-"), "sentence": ("tab:gray", ":"),
-              "streamingllm": ("tab:orange", "--"), "knorm": ("tab:green", "-.")}
-    arms = list(s["arms"])
-    if arms:
-        fig, axes = plt.subplots(1, len(arms), figsize=(4.2 * len(arms), 3.6), sharey=True, squeeze=False)
-        for ax, arm in zip(axes[0], arms):
-            a = s["arms"][arm]
-            x = [t / 1000 for t in a["tokens"]]
-            for m in PPL_ORDER:
-                if m in a["ppl"]:
-                    color, ls = styles[m]
-                    ax.plot(x, a["ppl"][m], color=color, linestyle=ls, marker="o", ms=3, label=METHOD_TITLES[m])
-            ax.set_yscale("log")
-            ax.set_title(ARM_TITLES.get(arm, arm))
-            ax.set_xlabel("tokens trained (thousands)")
-            ax.grid(alpha=0.3, which="both")
-        axes[0][0].set_ylabel("held-out perplexity (log)")
-        axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "learning_curves.png", dpi=110)
-        plt.close(fig)
-        made.append("learning_curves.png")
-    if s["recall"]:
-        arms = list(s["recall"])
-        fig, axes = plt.subplots(1, len(arms), figsize=(4.2 * len(arms), 3.4), sharey=True, squeeze=False)
-        for ax, arm in zip(axes[0], arms):
-            for m, d in s["recall"][arm].items():
-                color, ls = styles.get(m, ("tab:red", "-"))
-                ax.plot(d["k"], [100 * a for a in d["acc"]], color=color, linestyle=ls, marker="o", ms=3,
-                        label=METHOD_TITLES.get(m, m))
-            ax.axhline(100 / s["num_choices"], color="gray", lw=0.8, ls=":")
-            ax.set_title(ARM_TITLES.get(arm, arm))
-            ax.set_xlabel("sentences between fact and question (k)")
-            ax.grid(alpha=0.3)
-        axes[0][0].set_ylabel("recall accuracy %")
-        axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "recall.png", dpi=110)
-        plt.close(fig)
-        made.append("recall.png")
-    return made
+    fig, axes = plt.subplots(1, len(arms), figsize=(4.2 * len(arms), 3.6), sharey=True, squeeze=False)
+    for ax, arm in zip(axes[0], arms):
+        draw(ax, arm)
+        ax.set_title(ARM_TITLES.get(arm, arm))
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # ---- markdown ---------------------------------------------------------------------------------

@@ -90,13 +90,10 @@ class Study:
         return json.loads(self.timings_file.read_text()) if self.timings_file.is_file() else {}
 
     def steps_for(self, tokens: int, overrides: Sequence[str]) -> int:
-        accum = 1
-        for o in [*self.s.train_overrides, *overrides]:
-            if o.startswith("trainer.gradient_accumulation_steps="):
-                accum = int(o.split("=", 1)[1])
-            if o.startswith("trainer.per_device_train_batch_size="):
-                accum *= int(o.split("=", 1)[1])
-        return max(1, int(tokens) // (int(self.s.block_size) * accum))
+        """Optimizer steps that train on ``tokens`` (rows per step = batch x accumulation; last override wins)."""
+        given = dict(o.split("=", 1) for o in [*self.s.train_overrides, *overrides] if "=" in o)
+        rows = int(given.get("trainer.per_device_train_batch_size", 1)) * int(given.get("trainer.gradient_accumulation_steps", 1))
+        return max(1, int(tokens) // (int(self.s.block_size) * rows))
 
     def train_config(self, run: str, exp: str, overrides: Sequence[str], steps: int, save_steps: int) -> DictConfig:
         ov = [
