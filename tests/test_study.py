@@ -59,6 +59,12 @@ def test_second_run_skips_finished_work(study_run, monkeypatch):
     assert again.arms["ac"]["ppl"] == first.arms["ac"]["ppl"] and again.chosen == first.chosen
 
 
+def test_recall_on_a_subset_of_arms(study_run):
+    tmp, overrides, _ = study_run
+    part = Study(compose("study", overrides + ["study.recall.arms=[ac]", "stages=[recall]"])).run()
+    assert set(part.recall) == {"ac"}
+
+
 def test_evaluation_reads_only_held_out_documents(study_run):
     from anllm.data import held_out_documents
 

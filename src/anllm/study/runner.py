@@ -237,7 +237,8 @@ class Study:
 
     def recall(self) -> None:
         r = self.s.recall
-        for arm in self.s.arms:
+        arms = r.get("arms") or self.s.arms  # a subset when the budget is short (the decisive arms first)
+        for arm in [a for a in self.s.arms if a in arms]:
             out = self.work / arm
             if not _finished(out, None):
                 log.warning("recall: arm %s has not finished training; skipped", arm)
