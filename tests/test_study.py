@@ -60,9 +60,38 @@ def test_second_run_skips_finished_work(study_run, monkeypatch):
 
 
 def test_recall_on_a_subset_of_arms(study_run):
+    import shutil
+
     tmp, overrides, _ = study_run
-    part = Study(compose("study", overrides + ["study.recall.arms=[ac]", "stages=[recall]"])).run()
-    assert set(part.recall) == {"ac"}
+    work = tmp / "subset"
+    shutil.copytree(tmp / "work", work)
+    (work / "results.json").unlink()
+    shutil.rmtree(work / "baseline" / "eval" / "recall")
+    part = Study(compose("study", overrides + [f"work_dir={work}", f"report_dir={tmp / 'report-subset'}",
+                                              "study.recall.arms=[ac]", "stages=[recall]"])).run()
+    assert set(part.recall) == {"ac"} and not (work / "baseline" / "eval" / "recall").exists()
+
+
+def test_a_resumed_study_reports_stages_it_has_not_reached_again(study_run):
+    tmp, overrides, first = study_run
+    Study(compose("study", overrides + ["stages=[sweep]"])).run()  # the report is rewritten after the sweep
+    s = json.loads((tmp / "report" / "summary.json").read_text())
+    assert s["arms"]["ac"]["ppl"] == first.arms["ac"]["ppl"] and set(s["recall"]) == set(first.recall)
+
+
+def test_configured_arms_not_yet_run_keep_the_summary_shape(study_run):
+    tmp, overrides, _ = study_run
+    import shutil
+
+    work = tmp / "pending"
+    shutil.copytree(tmp / "work", work)
+    Study(compose("study", overrides + [f"work_dir={work}", f"report_dir={tmp / 'report-pending'}",
+                                        "study.arms=[baseline,ac,ep]", "stages=[recall]"])).run()
+    s = json.loads((tmp / "report-pending" / "summary.json").read_text())
+    assert s["arms"]["ep"]["status"] == "pending" and s["arms"]["ep"]["tokens"] == []
+    assert set(s["arms"]["ep"]["ppl"]) >= {"full", "anchor", "sentence", "streamingllm"}
+    assert s["arms"]["ac"]["status"] == "done"
+    assert "Not trained yet: AnLLM-EP" in (tmp / "report-pending" / "README.md").read_text()
 
 
 def test_evaluation_reads_only_held_out_documents(study_run):

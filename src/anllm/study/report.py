@@ -45,10 +45,16 @@ def summary(study: "Study") -> dict[str, Any]:
     r = study.results
     arms = {}
     for arm, c in r.arms.items():
-        arms[arm] = {"tokens": c["tokens"], "steps": c["steps"], "ppl": c["ppl"], "c_red": c.get("c_red"),
+        arms[arm] = {"status": "done", "tokens": c["tokens"], "steps": c["steps"], "ppl": c["ppl"], "c_red": c.get("c_red"),
                      "budget": c.get("budget"), "train_s": c.get("train_s"), "exp": c.get("exp"),
                      "overrides": c.get("overrides"),
                      "max_kv": (c["rows"][-1].get("anchor") or {}).get("max_kv")}
+    for arm in study.s.arms:  # configured but not measured yet: same keys, empty curves
+        if arm not in arms:
+            anchored = study.s.arm_specs[arm].exp != "baseline"
+            methods = [m for m in study.s.ppl.methods if anchored or m not in ("anchor", "sentence")]
+            arms[arm] = {"status": "pending", "tokens": [], "steps": [], "ppl": {m: [] for m in methods}, "c_red": None,
+                         "budget": None, "train_s": None, "exp": str(study.s.arm_specs[arm].exp), "overrides": None, "max_kv": None}
     recall: dict[str, Any] = {}
     for arm, rows in r.recall.items():
         for row in rows:
@@ -127,7 +133,7 @@ def plot(s: dict[str, Any], out: Path) -> list[str]:
 
     made = []
     for name, arms, draw, xlabel, ylabel in (
-        ("learning_curves.png", list(s["arms"]), curves, "tokens trained (thousands)", "held-out perplexity (log)"),
+        ("learning_curves.png", [a for a, v in s["arms"].items() if v["tokens"]], curves, "tokens trained (thousands)", "held-out perplexity (log)"),
         ("recall.png", list(s["recall"]), recall, "sentences between fact and question (k)", "recall accuracy %"),
     ):
         if arms:
@@ -244,6 +250,9 @@ def markdown(s: dict[str, Any], figures: list[str], out: Path) -> str:
                          f"{_f(a['c_red'] * 100 if last and a['c_red'] is not None else None, '{:.1f}')} | {_f(a['budget'] if last else None, '{:.1f}')} |")
         L += ["", "C⇓: 1 − kept/seen keys/values of the anchor cache after each document. Budget: mean keys per "
               "token given to the equal-cache baselines (the anchor cache's peak per document).", ""]
+        pending = [ARM_TITLES.get(a, a) for a, v in s["arms"].items() if v["status"] == "pending"]
+        if pending:
+            L += [f"Not trained yet: {', '.join(pending)} (the study resumes with the same command).", ""]
     if s["recall"]:
         L += ["## Long-range recall", "",
               "A fact sentence in held-out prose (“Maria's favourite colour is green.”), then k filler sentences, then "

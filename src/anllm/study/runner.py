@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -66,7 +66,8 @@ class Study:
         self.data_dir = Path(str(cfg.data_dir)).expanduser()
         if not self.data_dir.is_absolute():
             self.data_dir = (REPO / self.data_dir).resolve()
-        self.results = Results()
+        self.results_file = self.work / "results.json"
+        self.results = Results(**json.loads(self.results_file.read_text())) if self.results_file.is_file() else Results()
         self.timings_file = self.work / "timings.json"
         unknown = [st for st in cfg.stages if st not in STAGES]
         if unknown:
@@ -85,6 +86,15 @@ class Study:
         t[key] = t.get(key, 0.0) + seconds
         self.timings_file.parent.mkdir(parents=True, exist_ok=True)
         self.timings_file.write_text(json.dumps(t, indent=1))
+
+    def publish(self) -> None:
+        """Save what is measured so far and rewrite the report from it. The results are reloaded on the
+        next run, so a resumed study's report never loses a stage it has not reached again yet."""
+        from .report import write_report
+
+        self.results_file.parent.mkdir(parents=True, exist_ok=True)
+        self.results_file.write_text(json.dumps(asdict(self.results), indent=1))
+        write_report(self)
 
     def timings(self) -> dict[str, float]:
         return json.loads(self.timings_file.read_text()) if self.timings_file.is_file() else {}
@@ -176,8 +186,6 @@ class Study:
 
     # ---- stages -------------------------------------------------------------------------------
     def run(self) -> Results:
-        from .report import write_report
-
         if self.cfg.num_threads:
             import torch
 
@@ -187,7 +195,7 @@ class Study:
         for name, fn in steps:
             if name in stages:
                 fn()
-                write_report(self)
+                self.publish()
         return self.results
 
     def sweep(self) -> None:
@@ -210,8 +218,6 @@ class Study:
 
     def arms(self) -> None:
         """Every arm: step 0, training, held-out PPL at every saved checkpoint."""
-        from .report import write_report
-
         hp = self.chosen_overrides()
         for arm in self.s.arms:
             spec = self.s.arm_specs[arm]
@@ -233,7 +239,7 @@ class Study:
                          c_red=(final.get("anchor") or {}).get("c_red"), budget=_budget(final),
                          train_s=self.timings().get(f"train/{arm}"))
             self.results.arms[arm] = curve
-            write_report(self)
+            self.publish()
 
     def recall(self) -> None:
         r = self.s.recall
