@@ -5,6 +5,7 @@ held-out documents. Runtime: ~30 s."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -60,8 +61,6 @@ def test_second_run_skips_finished_work(study_run, monkeypatch):
 
 
 def test_recall_on_a_subset_of_arms(study_run):
-    import shutil
-
     tmp, overrides, _ = study_run
     work = tmp / "subset"
     shutil.copytree(tmp / "work", work)
@@ -81,8 +80,6 @@ def test_a_resumed_study_reports_stages_it_has_not_reached_again(study_run):
 
 def test_configured_arms_not_yet_run_keep_the_summary_shape(study_run):
     tmp, overrides, _ = study_run
-    import shutil
-
     work = tmp / "pending"
     shutil.copytree(tmp / "work", work)
     Study(compose("study", overrides + [f"work_dir={work}", f"report_dir={tmp / 'report-pending'}",
