@@ -83,10 +83,14 @@ def test_configured_arms_not_yet_run_keep_the_summary_shape(study_run):
     work = tmp / "pending"
     shutil.copytree(tmp / "work", work)
     Study(compose("study", overrides + [f"work_dir={work}", f"report_dir={tmp / 'report-pending'}",
-                                        "study.arms=[baseline,ac,ep]", "stages=[recall]"])).run()
+                                        "study.arms=[baseline,ac,ep,plain]", "+study.arm_specs.plain={exp:baseline,overrides:[]}",
+                                        "stages=[recall]"])).run()
     s = json.loads((tmp / "report-pending" / "summary.json").read_text())
     assert s["arms"]["ep"]["status"] == "pending" and s["arms"]["ep"]["tokens"] == []
     assert set(s["arms"]["ep"]["ppl"]) >= {"full", "anchor", "sentence", "streamingllm"}
+    # an arm without anchors (decided by its config, whatever its name) has no anchor readings
+    assert s["arms"]["plain"]["status"] == "pending"
+    assert "full" in s["arms"]["plain"]["ppl"] and not {"anchor", "sentence"} & set(s["arms"]["plain"]["ppl"])
     assert s["arms"]["ac"]["status"] == "done"
     assert "Not trained yet: AnLLM-EP" in (tmp / "report-pending" / "README.md").read_text()
 

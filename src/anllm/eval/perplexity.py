@@ -58,6 +58,14 @@ DEFAULT_METHODS = ("full", "ansan", "anchor")
 NEEDS_ANCHORS = ("ansan", "anchor", "sentence")
 
 
+def runnable_methods(methods: Sequence[str], anchor_aware: bool) -> tuple[list[str], list[str]]:
+    """``(methods a model can be read with, methods skipped)``: a model without anchor settings has
+    no anchor/AnSAN/sentence reading. The one statement of that rule (PPL, recall, the study report)."""
+    if anchor_aware:
+        return list(methods), []
+    return [m for m in methods if m not in NEEDS_ANCHORS], [m for m in methods if m in NEEDS_ANCHORS]
+
+
 # ---- documents ------------------------------------------------------------------------------------
 
 
@@ -361,8 +369,8 @@ def resolve_methods(pcfg: Any, run_modes: Sequence[str] | None, anchor_aware: bo
             methods.append(c)
     notes = []
     if not anchor_aware:
-        dropped = [m for m in methods if m in NEEDS_ANCHORS]
-        methods = [m for m in methods if m not in NEEDS_ANCHORS] or ["full"]
+        methods, dropped = runnable_methods(methods, anchor_aware)
+        methods = methods or ["full"]
         if dropped:
             notes.append(f"ppl: the model has no anchor settings, so anchor methods were skipped ({', '.join(dropped)}).")
     return methods, notes

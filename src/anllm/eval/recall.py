@@ -32,7 +32,7 @@ import torch
 from ..anchors import Marking, marking_of, sentence_spans
 from ..modeling import anchor_options, is_anchor_aware
 from . import baselines
-from .perplexity import NEEDS_ANCHORS, document_budget, ppl_method
+from .perplexity import document_budget, ppl_method, runnable_methods
 
 CATEGORIES: dict[str, list[str]] = {
     "favourite colour": ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "pink", "brown"],
@@ -283,11 +283,9 @@ def check(cfg: Any) -> None:
 def run_task(bundle: Any, cfg: Any, task: str, out_dir: Path) -> list[dict[str, Any]]:
     opts = options(cfg)
     methods = [ppl_method(m) for m in (opts["methods"] or DEFAULT_METHODS)]
-    if not is_anchor_aware(bundle.model):
-        skipped = [m for m in methods if m in NEEDS_ANCHORS]
-        methods = [m for m in methods if m not in NEEDS_ANCHORS]
-        if skipped:
-            bundle.notes.append(f"recall: no anchor settings, so {', '.join(skipped)} was skipped.")
+    methods, skipped = runnable_methods(methods, is_anchor_aware(bundle.model))
+    if skipped:
+        bundle.notes.append(f"recall: no anchor settings, so {', '.join(skipped)} was skipped.")
     distances = sorted({int(k) for k in opts["distances"]})
     items = build_items(held_out_prose(cfg), bundle.tokenizer, num_items=int(opts["num_items"]),
                         max_distance=max(distances), num_choices=int(opts["num_choices"]),

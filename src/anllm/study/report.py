@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..eval.perplexity import runnable_methods
+
 if TYPE_CHECKING:  # pragma: no cover
     from .runner import Study
 
@@ -51,8 +53,7 @@ def summary(study: "Study") -> dict[str, Any]:
                      "max_kv": (c["rows"][-1].get("anchor") or {}).get("max_kv")}
     for arm in study.s.arms:  # configured but not measured yet: same keys, empty curves
         if arm not in arms:
-            anchored = study.s.arm_specs[arm].exp != "baseline"
-            methods = [m for m in study.s.ppl.methods if anchored or m not in ("anchor", "sentence")]
+            methods, _ = runnable_methods(list(study.s.ppl.methods), study.anchored(arm))
             arms[arm] = {"status": "pending", "tokens": [], "steps": [], "ppl": {m: [] for m in methods}, "c_red": None,
                          "budget": None, "train_s": None, "exp": str(study.s.arm_specs[arm].exp), "overrides": None, "max_kv": None}
     recall: dict[str, Any] = {}
@@ -177,12 +178,14 @@ def _ratio(a: dict[str, Any], m: str, i: int = -1) -> float | None:
 def findings(s: dict[str, Any]) -> list[str]:
     """Plain statements computed from the numbers (targets of the study issue included)."""
     out = []
-    ac = s["arms"].get("ac")
-    if ac and len(ac["tokens"]) > 1:
-        r = _ratio(ac, "anchor")
+    for arm in ("ac", "ac_sink"):  # the target is set for AC; the sink variant is the same model family
+        a = s["arms"].get(arm)
+        if not a or len(a["tokens"]) < 2:
+            continue
+        r = _ratio(a, "anchor")
         verdict = "met" if r <= RATIO_TARGET else f"missed by {r - RATIO_TARGET:.2f}"
-        out.append(f"AC arm after {ac['tokens'][-1]:,} tokens: anchor/full PPL = {r:.2f} (target ≤ {RATIO_TARGET}: "
-                   f"{verdict}); at step 0 it was {_ratio(ac, 'anchor', 0):.1f}.")
+        out.append(f"{ARM_TITLES[arm]} after {a['tokens'][-1]:,} tokens: anchor/full PPL = {r:.2f} (target ≤ "
+                   f"{RATIO_TARGET}: {verdict}); at step 0 it was {_ratio(a, 'anchor', 0):.1f}.")
     for arm, a in s["arms"].items():
         if "anchor" not in a["ppl"] or len(a["tokens"]) < 2:
             continue

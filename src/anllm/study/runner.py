@@ -105,6 +105,12 @@ class Study:
         rows = int(given.get("trainer.per_device_train_batch_size", 1)) * int(given.get("trainer.gradient_accumulation_steps", 1))
         return max(1, int(tokens) // (int(self.s.block_size) * rows))
 
+    def anchored(self, arm: str) -> bool:
+        """Whether ``arm`` trains with anchors (its composed config's ``anchor.mode``), before it has run."""
+        spec = self.s.arm_specs[arm]
+        cfg = compose("train", [f"+exp={spec.exp}", *self.s.train_overrides, *spec.overrides])
+        return str(cfg.anchor.mode) != "none"
+
     def train_config(self, run: str, exp: str, overrides: Sequence[str], steps: int, save_steps: int) -> DictConfig:
         ov = [
             f"+exp={exp}", f"model={self.s.model}", "data=jsonl", f"block_size={self.s.block_size}",
