@@ -113,3 +113,12 @@ def test_bad_stage_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="Unknown study stage"):
         Study(compose("study", ["study=tiny", "study.data.paths=[x.jsonl]", "stages=[sweep,train]",
                                 f"work_dir={tmp_path}"]))
+
+
+def test_recall_verdict_needs_two_standard_errors():
+    from anllm.study.report import _verdict
+
+    assert _verdict(0.27, 0.25, 200).startswith("no clear difference")  # EP's k >= 10 gap: noise at chance
+    assert _verdict(0.60, 0.30, 200) == "anchors win"
+    assert _verdict(0.30, 0.60, 200) == "anchors lose"
+    assert _verdict(0.60, 0.30, 4).startswith("no clear difference")  # the same gap over 4 items proves nothing

@@ -9,6 +9,7 @@ wins recall at long distance) are written here; the discussion of *why* lives in
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -57,7 +58,8 @@ def summary(study: "Study") -> dict[str, Any]:
             arms[arm] = {"status": "pending", "tokens": [], "steps": [], "ppl": {m: [] for m in methods}, "c_red": None,
                          "budget": None, "train_s": None, "exp": str(study.s.arm_specs[arm].exp), "overrides": None, "max_kv": None}
     recall: dict[str, Any] = {}
-    for arm, rows in r.recall.items():
+    order = [a for a in study.s.arms if a in r.recall] + [a for a in r.recall if a not in study.s.arms]
+    for arm, rows in ((a, r.recall[a]) for a in order):  # configured arm order, not the order they ran in
         for row in rows:
             m = recall.setdefault(arm, {}).setdefault(row["method"], {"k": [], "acc": [], "c_red": [], "budget": [], "n": row["n"]})
             m["k"].append(row["distance"])
@@ -175,6 +177,17 @@ def _ratio(a: dict[str, Any], m: str, i: int = -1) -> float | None:
     return a["ppl"][m][i] / a["ppl"]["full"][i]
 
 
+def _verdict(anchor: float, window: float, reads: int) -> str:
+    """Who wins, only past two standard errors of the difference (two accuracies over ``reads`` items each):
+    at 100 items a few points either way near chance is noise, and the report must not call it a win."""
+    se = math.sqrt((anchor * (1 - anchor) + window * (1 - window)) / max(reads, 1))
+    if anchor - window > 2 * se:
+        return "anchors win"
+    if window - anchor > 2 * se:
+        return "anchors lose"
+    return f"no clear difference: |Δ| ≤ 2 s.e. = {200 * se:.1f} points; anchors do not win"
+
+
 def findings(s: dict[str, Any]) -> list[str]:
     """Plain statements computed from the numbers (targets of the study issue included)."""
     out = []
@@ -205,8 +218,9 @@ def findings(s: dict[str, Any]) -> list[str]:
             continue
         an = sum(rec["anchor"]["acc"][i] for i in far) / len(far)
         st = sum(rec["streamingllm"]["acc"][i] for i in far) / len(far)
+        reads = rec["anchor"]["n"] * len(far)
         out.append(f"Recall at k ≥ 10, {ARM_TITLES.get(arm, arm)}: anchor {100 * an:.1f}% vs StreamingLLM at the same cache "
-                   f"{100 * st:.1f}% ({'anchors win' if an > st else 'anchors do not win'}; chance {100 / s['num_choices']:.0f}%).")
+                   f"{100 * st:.1f}% ({_verdict(an, st, reads)}; chance {100 / s['num_choices']:.0f}%).")
     return out
 
 
