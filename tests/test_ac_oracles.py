@@ -27,7 +27,7 @@ def ac_model():
 
 def oracle_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """Un-hooked forward over ``ids`` ([L]) with the loop-reference AnSAN mask."""
-    from test_masks import reference_mask
+    from oracles import reference_mask
 
     ac = anllm.get_anchor_config(model).anchor_token_ids
     mask = torch.tensor(reference_mask(torch.isin(ids, torch.tensor(ac)).tolist(), [True] * len(ids), [0] * len(ids)))

@@ -103,7 +103,7 @@ def test_generation_logits_equal_an_unhooked_model_with_the_loop_reference_mask(
     """An independent oracle for anchor inference: every step's logits of ``generate`` with AnchorCache
     (batch of 3, left padding, one row stopping early at EOS) equal a forward of the *un-hooked* model
     over the sequence so far, fed the 4D mask built by test_masks' loop reference, float32, 1e-5."""
-    from test_masks import reference_mask
+    from oracles import reference_mask
 
     model = _tiny(arch)
     ids = _ids(3, 16, seed=4)

@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache
 
 import anllm
+from oracles import reference_mask
 from anllm.testing import tiny_llama, word_tokenizer
 
 EP_WORDS = [".", "!", "?", ","] + [f"w{i}" for i in range(120)]  # 128 tokens, the tiny_llama vocab
@@ -84,6 +85,8 @@ CASES = {
     "ac": ("ac", 2.0, {}),
     "ep-sinks": ("ep", 2.5, {"num_sink_tokens": 2}),
     "ep-anchors-see-anchors": ("ep", 2.5, {"anchors_see_anchors": True}),
+    "ep-window": ("ep", 3.5, {"window": 3}),
+    "ac-window-sinks": ("ac", 2.0, {"window": 4, "num_sink_tokens": 2}),
 }
 
 
@@ -154,25 +157,6 @@ def test_generate_without_a_cache_argument_tracks_anchors_too() -> None:
             return_dict_in_generate=True,
         )
     assert any((a - b).abs().max() > 1e-3 for a, b in zip(implicit.logits, plain.logits))
-
-
-def reference_mask(
-    is_anchor: list[bool], real: list[bool], prefix_len: int = 0
-) -> list[list[bool]]:
-    """The AnSAN rule by brute force; with ``prefix_len`` later tokens also see the whole prompt."""
-    L = len(is_anchor)
-    anchor = [a and r for a, r in zip(is_anchor, real)]
-    seg_end = [next((j for j in range(i, L) if anchor[j]), L) for i in range(L)]
-    return [
-        [
-            k <= q
-            and real[q]
-            and real[k]
-            and (seg_end[k] == seg_end[q] or (anchor[k] and not anchor[q]) or k < prefix_len <= q)
-            for k in range(L)
-        ]
-        for q in range(L)
-    ]
 
 
 @torch.no_grad()
@@ -600,3 +584,42 @@ def test_decode_steps_that_see_everything_pass_no_mask() -> None:
     run(True, P)  # an anchor token sees only its own sentence: it needs the mask
     assert seen[0] is not None and not bool(seen[0].all())
     model._anllm_attention.fast_decode = True
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_window_generation_equals_the_loop_reference(chunk: int | None) -> None:
+    """Anchors + sinks + a local window: generation through the pruned cache (one-shot or chunked
+    prefill, ragged left-padded rows) equals one forward with the mask of tests/oracles.py, and the
+    cache keeps exactly what a later token can see: sinks + anchors + open sentence + window."""
+    window, sinks = 3, 1
+    model, anchors = make_model("ep", 3.0, window=window, num_sink_tokens=sinks)
+    ids, am = left_padded_prompts(seed=13, L=14)
+    n = 20
+    cache = anllm.AnchorCache()
+    kwargs = {} if chunk is None else {"prefill_chunk_size": chunk}
+    got = model.generate(ids, attention_mask=am, past_key_values=cache, do_sample=False, max_new_tokens=n,
+                         output_logits=True, return_dict_in_generate=True, **kwargs)
+    seq = got.sequences
+    B, L = ids.shape
+    full_am = torch.cat([am, torch.ones(B, n, dtype=torch.long)], 1)
+    is_anchor = torch.isin(seq, torch.tensor(anchors))
+    assert is_anchor[:, L:].any(-1).all()
+    mask = torch.tensor([
+        reference_mask(is_anchor[b].tolist(), full_am[b].bool().tolist(), num_sink_tokens=sinks, window=window)
+        for b in range(B)
+    ])[:, None]
+    full = model(seq, attention_mask=mask, position_ids=positions(full_am), use_cache=False).logits
+    for i, logits in enumerate(got.logits):
+        torch.testing.assert_close(logits, full[:, L - 1 + i], atol=1e-4, rtol=0)
+    # kept = the keys a further (non-anchor) token would see, itself excluded
+    fed = seq[:, :-1]
+    fed_am = full_am[:, :-1]
+    want, narrow = [], []
+    for b in range(B):
+        a = torch.isin(fed[b], torch.tensor(anchors)).tolist() + [False]
+        r = fed_am[b].bool().tolist() + [True]
+        want.append(sum(reference_mask(a, r, num_sink_tokens=sinks, window=window)[-1][:-1]))
+        narrow.append(sum(reference_mask(a, r, num_sink_tokens=sinks)[-1][:-1]))
+    assert cache.stats()["kept_per_row"] == want
+    assert sum(want) > sum(narrow)  # the window is kept on top of anchors

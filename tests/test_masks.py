@@ -1,17 +1,11 @@
-"""The AnSAN rule (anllm.masks) against a deliberately naive, loop-based reference.
-
-The reference below is written from the rule's text, not from ``masks.visible``: query q may attend
-key k (k <= q) iff both are real tokens of the same packed document and (same segment, or k is an
-anchor and q is not); a segment ends at an anchor, inclusive; padding rows/columns are all False.
-Options: the first ``num_sink_tokens`` real tokens of each document stay visible to the later tokens
-of that document; ``anchors_see_anchors`` lets anchors see earlier anchors; a kept prompt prefix
-(``keep_prefix``) is visible to every token after it; ``hide_anchors`` (the sentence-only control)
-drops the anchor clause. Runtime: ~5 s.
+"""The AnSAN rule (anllm.masks) against the deliberately naive, loop-based reference in
+tests/oracles.py, written from the rule's text, not from ``masks.visible``. Runtime: ~10 s.
 """
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 import random
 
 import pytest
@@ -19,74 +13,7 @@ import torch
 
 from anllm import ansan_mask
 from anllm.masks import AnsanOptions, TokenLayout, layout_from_tokens, reachable_later, visible
-
-Row = tuple[list[bool], list[bool], list[int]]  # (is_anchor, is_real, document id) per position
-
-
-def reference_mask(
-    is_anchor: list[bool],
-    real: list[bool],
-    doc: list[int],
-    num_sink_tokens: int = 0,
-    anchors_see_anchors: bool = False,
-    prefix_len: int = 0,
-    hide_anchors: bool = False,
-) -> list[list[bool]]:
-    """``M[q][k]`` for one row, by brute force over the rule's wording."""
-    L = len(is_anchor)
-    anchor = [is_anchor[i] and real[i] for i in range(L)]  # padding is no token, so never an anchor
-
-    def segment_end(i: int) -> int:
-        """A segment ends at the next anchor, inclusive (an unfinished segment ends at L)."""
-        for j in range(i, L):
-            if anchor[j]:
-                return j
-        return L
-
-    def is_sink(k: int) -> bool:
-        earlier_in_doc = sum(1 for j in range(k) if real[j] and doc[j] == doc[k])
-        return real[k] and earlier_in_doc < num_sink_tokens
-
-    M = [[False] * L for _ in range(L)]
-    for q in range(L):
-        for k in range(q + 1):
-            if not (real[q] and real[k] and doc[q] == doc[k]):
-                continue
-            same_segment = segment_end(k) == segment_end(q)
-            via_anchor = anchor[k] and (anchors_see_anchors or not anchor[q]) and not hide_anchors
-            via_sink = is_sink(k)
-            via_prefix = k < prefix_len <= q
-            M[q][k] = same_segment or via_anchor or via_sink or via_prefix
-    return M
-
-
-def random_row(rng: random.Random, L: int) -> Row:
-    """A row with random padding (none/left/right/all), 1-3 packed documents and anchor density."""
-    pad_kind = rng.choice(
-        ["none", "left", "right", "left", "right", "all"] if L > 1 else ["none", "all"]
-    )
-    n_pad = 0 if pad_kind == "none" else (L if pad_kind == "all" else rng.randint(1, L - 1))
-    real = [True] * L
-    if pad_kind == "left":
-        real[:n_pad] = [False] * n_pad
-    elif pad_kind in ("right", "all"):
-        real[L - n_pad :] = [False] * n_pad
-    density = rng.choice([0.0, 0.15, 0.35, 0.7, 1.0])
-    # Padding may carry an anchor id (e.g. pad == "."): it must still not count as an anchor.
-    is_anchor = [rng.random() < density for _ in range(L)]
-    # Documents: contiguous runs with distinct, increasing ids; padding gets a random id.
-    real_pos = [i for i in range(L) if real[i]]
-    n_docs = rng.randint(1, min(3, max(1, len(real_pos))))
-    cuts = sorted(rng.sample(real_pos[1:], n_docs - 1)) if n_docs > 1 and len(real_pos) > 1 else []
-    first = rng.randint(0, 5)
-    doc = []
-    for i in range(L):
-        doc.append(first + sum(1 for c in cuts if c <= i))
-    for i in range(L):
-        if not real[i]:
-            doc[i] = rng.choice([0, -1, doc[i], first + 7])
-    return is_anchor, real, doc
-
+from oracles import Row, random_row, reference_mask
 
 SPECIAL_ROWS: list[Row] = [
     # no anchor at all
@@ -342,3 +269,111 @@ def test_hide_anchors_is_the_sentence_only_control(num_sink_tokens: int) -> None
                     want_reach[k] = want_reach[k] or any(M[q][k] for q in range(L, L + len(p)))
             assert reach[b].tolist() == want_reach
     assert hidden > 50  # the control really removes earlier anchors from view
+
+
+# ---- the local window (AnsanOptions.window) ---------------------------------------------------------
+
+WINDOW_OPTIONS = [  # (window, num_sink_tokens, anchors_see_anchors, hide_anchors)
+    (1, 0, False, False), (2, 0, False, False), (3, 2, False, False), (5, 0, True, False), (2, 1, False, True),
+]
+
+
+def test_window_reference_self_check() -> None:
+    """The window clause by hand: tokens a b . c d e (anchor at 2), window 1."""
+    M = reference_mask([False, False, True, False, False, False], [True] * 6, [0] * 6, window=1)
+    expected = [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0],  # c: the anchor (also its window)
+        [0, 0, 1, 1, 1, 0],  # d: anchor + own sentence
+        [0, 0, 1, 1, 1, 1],
+    ]
+    assert M == [[bool(x) for x in r] for r in expected]
+    # the window reaches back over a finished sentence: "b" after ". " with window 2 sees "a" and "."
+    M = reference_mask([False, True, False], [True] * 3, [0] * 3, window=2)
+    assert M[2] == [True, True, True]
+    assert reference_mask([False, True, False], [True] * 3, [0] * 3)[2] == [False, True, True]
+
+
+@pytest.mark.parametrize("window,num_sink_tokens,anchors_see_anchors,hide_anchors", WINDOW_OPTIONS)
+def test_window_mask_matches_reference(window: int, num_sink_tokens: int, anchors_see_anchors: bool,
+                                       hide_anchors: bool) -> None:
+    """Short rows (direct broadcast) and long rows (the run-table path) with padding and packing."""
+    from anllm import masks
+
+    rng = random.Random(4000 + window * 7 + num_sink_tokens)
+    batches = random_batches(seed=rng.randint(0, 10**6), n_batches=150)
+    for L in (rng.randint(masks._RUN_TABLE_MIN_QUERIES, 120), rng.randint(masks._RUN_TABLE_MIN_QUERIES, 120)):
+        batches.append([random_row(rng, L) for _ in range(2)])
+    widened = 0
+    for rows in batches:
+        is_anchor, real, doc = as_tensors(rows)
+        got = ansan_mask(is_anchor, real, doc, num_sink_tokens=num_sink_tokens, anchors_see_anchors=anchors_see_anchors,
+                         hide_anchors=hide_anchors, window=window)
+        for b, (a, r, d) in enumerate(rows):
+            want = reference_mask(a, r, d, num_sink_tokens, anchors_see_anchors, hide_anchors=hide_anchors,
+                                  window=window)
+            assert got[b].tolist() == want, (rows[b], window)
+            narrow = reference_mask(a, r, d, num_sink_tokens, anchors_see_anchors, hide_anchors=hide_anchors)
+            widened += sum(w and not n for wr, nr in zip(want, narrow) for w, n in zip(wr, nr))
+    assert widened > 50  # the window really adds keys
+
+
+@pytest.mark.parametrize("window,num_sink_tokens,anchors_see_anchors,hide_anchors", WINDOW_OPTIONS)
+def test_window_reachable_later_matches_brute_force(window: int, num_sink_tokens: int, anchors_see_anchors: bool,
+                                                    hide_anchors: bool) -> None:
+    """With a window, a key is kept iff some token appended later (1-3 of them) could still see it.
+    Rows that end in padding are skipped: a cache row is never continued after padding (generation
+    pads on the left), and the window counts real tokens."""
+    rng = random.Random(600 + window)
+    options = AnsanOptions(num_sink_tokens, anchors_see_anchors, hide_anchors, window)
+    patterns = [p for n in (1, 2, 3) for p in itertools.product([False, True], repeat=n)]
+    n_window_only = 0
+    for rows in random_batches(seed=rng.randint(0, 10**6), n_batches=80):
+        L = len(rows[0][0])
+        is_anchor, real, doc = as_tensors(rows)
+        lay = layout_from_tokens(is_anchor, real, doc, options)
+        open_seg = (is_anchor & real.bool()).sum(-1, keepdim=True)
+        got = reachable_later(lay, open_seg, doc[:, -1:], options, next_idx=torch.full((len(rows), 1), L))
+        plain = reachable_later(lay, open_seg, doc[:, -1:], replace(options, window=0))
+        for b, (a, r, d) in enumerate(rows):
+            want = [False] * L
+            for p in patterns:
+                n = len(p)
+                M = reference_mask(a + list(p), r + [True] * n, d + [d[-1]] * n, num_sink_tokens, anchors_see_anchors,
+                                   hide_anchors=hide_anchors, window=window)
+                for k in range(L):
+                    want[k] = want[k] or any(M[q][k] for q in range(L, L + n))
+            if not r[-1]:
+                continue  # a cache appends after real tokens only (padding is on the left)
+            assert got[b].tolist() == want, (rows[b], window)
+            n_window_only += int((got[b] & ~plain[b]).sum())
+    assert window < 2 or n_window_only > 5  # window 1: the newest key is in the open sentence or an anchor anyway
+    with pytest.raises(ValueError, match="next_idx"):
+        reachable_later(lay, open_seg, doc[:, -1:], options)
+
+
+def test_window_layout_continued_in_pieces() -> None:
+    """A row laid out in two forwards (as a cache does) gives the same windowed mask as the whole row."""
+    rng = random.Random(17)
+    options = AnsanOptions(1, window=3)
+    for _ in range(150):
+        L = rng.randint(2, 14)
+        rows = [random_row(rng, L) for _ in range(rng.randint(1, 3))]
+        t = rng.randint(1, L - 1)
+        is_anchor, real, _ = as_tensors(rows)
+        first = layout_from_tokens(is_anchor[:, :t], real[:, :t], None, options)
+        second = layout_from_tokens(is_anchor[:, t:], real[:, t:], None, options, idx_start=t,
+                                    seg_start=(is_anchor[:, :t] & real[:, :t].bool()).sum(-1),
+                                    rank_start=real[:, :t].sum(-1))
+        lay = TokenLayout.cat([first, second])
+        got = visible(lay.map(lambda x: x[:, :, None]), lay.map(lambda x: x[:, None, :]), options)
+        for b, (a, r, _) in enumerate(rows):
+            assert got[b].tolist() == reference_mask(a, r, [0] * L, 1, window=3), (rows[b], t)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "8"])
+def test_window_must_be_a_non_negative_integer(bad: object) -> None:
+    with pytest.raises(ValueError, match="window"):
+        AnsanOptions(window=bad)  # type: ignore[arg-type]

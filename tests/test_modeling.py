@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import anllm
+from oracles import reference_mask
 from anllm.testing import tiny_llama, word_tokenizer
 
 
@@ -32,24 +33,6 @@ def ep_model(attn: str = "sdpa", **prepare_kwargs) -> torch.nn.Module:
     )
     assert model.config.anllm["anchor_token_ids"] == EP_IDS
     return model
-
-
-def reference_mask(is_anchor: list[bool], real: list[bool], doc: list[int]) -> list[list[bool]]:
-    """The AnSAN rule by brute force (tests/test_masks.py has the full, option-aware version)."""
-    L = len(is_anchor)
-    anchor = [a and r for a, r in zip(is_anchor, real)]
-    seg_end = [next((j for j in range(i, L) if anchor[j]), L) for i in range(L)]
-    return [
-        [
-            k <= q
-            and real[q]
-            and real[k]
-            and doc[q] == doc[k]
-            and (seg_end[k] == seg_end[q] or (anchor[k] and not anchor[q]))
-            for k in range(L)
-        ]
-        for q in range(L)
-    ]
 
 
 def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

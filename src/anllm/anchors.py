@@ -41,6 +41,7 @@ class AnchorConfig:
     ep_punctuation: str = DEFAULT_EP_PUNCTUATION
     num_sink_tokens: int = 0
     anchors_see_anchors: bool = False
+    window: int = 0  # every token also sees the ``window`` tokens right before it (see anllm.masks)
     ep_tokens: list[str] | None = None  # EP: exactly these vocabulary tokens (the authors: ["."])
     splitter: str = "blingfire"
     ac_after_last: bool = True

@@ -239,7 +239,8 @@ class AnchorCache(Cache):
         new, keys = self.tracker.extend(is_anchor, valid)
         self._keys_layout = keys
         B, Wq = keys.shape
-        keep = reachable_later(keys, self.tracker.open_seg[:, None], keys.doc[:, -1:], options)
+        keep = reachable_later(keys, self.tracker.open_seg[:, None], keys.doc[:, -1:], options,
+                               next_idx=self.tracker.seen_idx[:, None])
         counts = keep.sum(-1)
         new_width = int(counts.max()) if B else 0
         # Destination of each kept slot: its rank among the row's kept slots.

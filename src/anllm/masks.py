@@ -11,6 +11,7 @@ padding) of the same packed document, and
 * k is an anchor and q is not (non-anchors see every earlier anchor; anchors see only their own
   sentence), or
 * k is one of the first ``num_sink_tokens`` tokens of the document (option, StreamingLLM-style), or
+* k is one of the ``window`` tokens right before q (option, a local window as in SepLLM: q - k <= window), or
 * k belongs to a kept part of the prompt and q comes after the prompt (``keep_prefix``: the
   paper's "Src Cache"; the kept part is the whole prompt or a span of it, e.g. the source).
 
@@ -45,10 +46,13 @@ class AnsanOptions:
     num_sink_tokens: int = 0
     anchors_see_anchors: bool = False
     hide_anchors: bool = False  # the sentence-only control (evaluation), see the module docstring
+    window: int = 0  # a query also sees the ``window`` tokens right before it in its document
 
     def __post_init__(self) -> None:
-        if self.num_sink_tokens < 0:
-            raise ValueError(f"num_sink_tokens must be >= 0, got {self.num_sink_tokens}")
+        for name in ("num_sink_tokens", "window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
 
 
 @dataclass
@@ -96,21 +100,35 @@ def visible(q: TokenLayout, k: TokenLayout, options: AnsanOptions = AnsanOptions
         via_anchor = torch.zeros_like(k.anchor)
     else:
         via_anchor = k.anchor if options.anchors_see_anchors else k.anchor & ~q.anchor
-    return allowed & ((k.seg == q.seg) | via_anchor | k.sink | (k.prefix & ~q.prompt))
+    clauses = (k.seg == q.seg) | via_anchor | k.sink | (k.prefix & ~q.prompt)
+    if options.window:
+        clauses = clauses | (q.idx - k.idx <= options.window)
+    return allowed & clauses
 
 
 def reachable_later(
-    k: TokenLayout, open_seg: torch.Tensor, open_doc: torch.Tensor, options: AnsanOptions = AnsanOptions()
+    k: TokenLayout,
+    open_seg: torch.Tensor,
+    open_doc: torch.Tensor,
+    options: AnsanOptions = AnsanOptions(),
+    next_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """True for keys that some *future* token could still attend under :func:`visible`.
 
     Future tokens come after every key, lie in the row's open segment ``open_seg`` (or a later one)
-    and document ``open_doc``, and come after the prompt. A finished segment's non-anchor
-    tokens fail every clause of :func:`visible` for all of them, so dropping them is lossless.
-    ``open_seg``/``open_doc`` broadcast against the key fields (e.g. ``[B, 1]``).
+    and document ``open_doc``, and come after the prompt; the first of them has index ``next_idx``
+    (needed with a window: it sees keys with ``next_idx - idx <= window``, later tokens fewer). A
+    finished segment's non-anchor tokens outside the window fail every clause of :func:`visible`
+    for all of them, so dropping them is lossless. ``open_seg``/``open_doc``/``next_idx``
+    broadcast against the key fields (e.g. ``[B, 1]``).
     """
     anchor = torch.zeros_like(k.anchor) if options.hide_anchors else k.anchor
-    return k.valid & (k.doc == open_doc) & ((k.seg == open_seg) | anchor | k.sink | k.prefix)
+    keep = (k.seg == open_seg) | anchor | k.sink | k.prefix
+    if options.window:
+        if next_idx is None:
+            raise ValueError("reachable_later needs next_idx when the rule has a window.")
+        keep = keep | (next_idx - k.idx <= options.window)
+    return k.valid & (k.doc == open_doc) & keep
 
 
 def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
@@ -193,6 +211,7 @@ def ansan_mask(
     num_sink_tokens: int = 0,
     anchors_see_anchors: bool = False,
     hide_anchors: bool = False,
+    window: int = 0,
 ) -> torch.Tensor:
     """The dense AnSAN mask ``[B, L, L]``: True where query i may attend key j.
 
@@ -200,7 +219,7 @@ def ansan_mask(
     ``document_ids`` (``[B, L]`` ints) separates documents packed into one row. Padding rows are
     all False (padding neither attends nor is attended).
     """
-    options = AnsanOptions(num_sink_tokens, anchors_see_anchors, hide_anchors)
+    options = AnsanOptions(num_sink_tokens, anchors_see_anchors, hide_anchors, window)
     lay = layout_from_tokens(is_anchor, attention_mask, document_ids, options)
     return dense_mask(lay, lay, options)[:, 0]
 
@@ -228,7 +247,8 @@ def _run_table_mask(q: TokenLayout, k: TokenLayout, options: AnsanOptions) -> to
     is constant over runs of consecutive tokens (a sentence's non-anchor tokens, then its anchor).
     So: evaluate the rule for one representative per run with causality off, copy each query's run
     row into place (a row memcpy, much cheaper on CPU than L^2 broadcast comparisons), then apply
-    causality with ``tril_`` (key j precedes query i iff j <= i + Lk - Lq).
+    causality with ``tril_`` (key j precedes query i iff j <= i + Lk - Lq). The window clause depends
+    on the query's index, so it is ORed in afterwards from a direct (cheap) index comparison.
     """
     B, Lq = q.shape
     Lk = k.shape[1]
@@ -243,10 +263,16 @@ def _run_table_mask(q: TokenLayout, k: TokenLayout, options: AnsanOptions) -> to
     first.scatter_reduce_(1, run, torch.arange(Lq, device=device).expand(B, Lq), "amin", include_self=False)
     rep = q.map(lambda t: t.gather(1, first))
     rep = rep.with_(idx=torch.full_like(rep.idx, torch.iinfo(torch.long).max))  # causality comes last
-    table = visible(rep.map(lambda t: t[:, :, None]), k.map(lambda t: t[:, None, :]), options)  # [B, R, Lk]
+    no_window = replace(options, window=0)
+    table = visible(rep.map(lambda t: t[:, :, None]), k.map(lambda t: t[:, None, :]), no_window)  # [B, R, Lk]
     rows = (run + R * torch.arange(B, device=device)[:, None]).reshape(-1)
     out = table.reshape(B * R, Lk).index_select(0, rows).view(B, 1, Lq, Lk)
-    return out.tril_(diagonal=Lk - Lq)
+    out = out.tril_(diagonal=Lk - Lq)
+    if options.window:
+        qq, kk = q.map(lambda t: t[:, None, :, None]), k.map(lambda t: t[:, None, None, :])
+        band = (kk.idx <= qq.idx) & (qq.idx - kk.idx <= options.window)
+        out |= band & (kk.doc == qq.doc) & kk.valid & qq.valid
+    return out
 
 
 def ansan_mask_mod(q: TokenLayout, k: TokenLayout, q_offset: int, options: AnsanOptions) -> Callable:

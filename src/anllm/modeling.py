@@ -54,6 +54,7 @@ def prepare_model(
     anchor_token: str = AC_TOKEN,
     num_sink_tokens: int = 0,
     anchors_see_anchors: bool = False,
+    window: int = 0,
     ep_tokens: list[str] | None = None,
     splitter: str = "blingfire",
     ac_after_last: bool = True,
@@ -95,6 +96,7 @@ def prepare_model(
             ep_punctuation=ep_punctuation,
             num_sink_tokens=num_sink_tokens,
             anchors_see_anchors=anchors_see_anchors,
+            window=window,
             ep_tokens=list(ep_tokens) if ep_tokens and mode == "ep" else None,
             splitter=splitter,
             ac_after_last=ac_after_last,
@@ -199,7 +201,7 @@ class AnchorAttention:
     def __init__(self, model: Any, cfg: AnchorConfig):
         self.model_ref = weakref.ref(model)
         self.cfg = cfg
-        self.options = AnsanOptions(cfg.num_sink_tokens, cfg.anchors_see_anchors)
+        self.options = AnsanOptions(cfg.num_sink_tokens, cfg.anchors_see_anchors, window=cfg.window)
         self.anchor_ids = torch.tensor(cfg.anchor_token_ids, dtype=torch.long)
         self.enabled = True
         self._trackers: "weakref.WeakKeyDictionary[Cache, LayoutTracker]" = weakref.WeakKeyDictionary()

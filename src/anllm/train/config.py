@@ -22,7 +22,7 @@ TOP_LEVEL_KEYS = (
     "exp_name", "scale_name", "output_dir", "cache_dir", "block_size", "anchor", "preprocessing",
     "metrics", "wandb", "trainer", "model", "data", "deepspeed", "heldout", "protocol",
 )
-ANCHOR_KEYS = ("mode", "token", "ep_punctuation", "num_sink_tokens", "anchors_see_anchors", "ep_tokens",
+ANCHOR_KEYS = ("mode", "token", "ep_punctuation", "num_sink_tokens", "anchors_see_anchors", "window", "ep_tokens",
                "ac_after_last", "ac_join")
 MODEL_SOURCES = ("smollm2", "tiny", "pretrained")
 MODEL_KEYS = ("name", "source", "path", "context_length", "dtype", "attn_implementation", "tiny")
@@ -130,8 +130,10 @@ def _check_anchor(cfg: DictConfig) -> None:
         raise ConfigError(f"data.splitter={splitter!r}: choose blingfire, pysbd or punkt.")
     if mode == "ac" and not anchor.get("token"):
         raise ConfigError("anchor.token is empty: AC needs the anchor token text, e.g. '<AC>'.")
-    if int(anchor.get("num_sink_tokens") or 0) < 0:
-        raise ConfigError("anchor.num_sink_tokens must be >= 0.")
+    for key in ("num_sink_tokens", "window"):
+        value = anchor.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ConfigError(f"anchor.{key}={value!r} must be an integer >= 0 (0 = off).")
 
 
 def _check_model(cfg: DictConfig) -> None:

@@ -117,6 +117,7 @@ def build_model_and_tokenizer(cfg: Mapping[str, Any]) -> tuple[Any, Any]:
         ep_punctuation=anchor.get("ep_punctuation") or ".!?",
         anchor_token=token,
         num_sink_tokens=int(anchor.get("num_sink_tokens") or 0),
+        window=int(anchor.get("window") or 0),
         anchors_see_anchors=bool(anchor.get("anchors_see_anchors")),
         ep_tokens=list(anchor["ep_tokens"]) if anchor.get("ep_tokens") else None,
         splitter=str(cfg["data"].get("splitter") or "blingfire"),
