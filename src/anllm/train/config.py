@@ -17,7 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 CONF_DIR = REPO_ROOT / "conf"
 
 # trainer.* keys that anllm handles itself instead of passing them to TrainingArguments.
-ANLLM_TRAINER_KEYS = ("resume", "save_total_limit")
+ANLLM_TRAINER_KEYS = ("resume", "save_total_limit", "distill")
 TOP_LEVEL_KEYS = (
     "exp_name", "scale_name", "output_dir", "cache_dir", "block_size", "anchor", "preprocessing",
     "metrics", "wandb", "trainer", "model", "data", "deepspeed", "heldout", "protocol",
@@ -238,6 +238,9 @@ def _check_trainer(cfg: DictConfig) -> None:
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ConfigError(f"trainer.save_total_limit={limit!r} must be null (keep all) or an integer >= 1.")
     resolve_bf16(trainer.get("bf16", False))
+    from .distill import DistillConfig
+
+    DistillConfig.from_dict(trainer.get("distill"))
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
         v = trainer.get(key, 1)
         if not isinstance(v, int) or v < 1:

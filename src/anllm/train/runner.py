@@ -87,10 +87,13 @@ def _run_locked(c: dict[str, Any], callbacks: Sequence[Any], output_dir: Path, a
     from anllm import get_anchor_config
     from anllm.data import DataCollatorForAnchors, build_train_dataset
 
+    from .distill import DistillConfig, build_teacher
     from .model import build_model_and_tokenizer
     from .throughput import AnllmTrainer
 
     model, tok = build_model_and_tokenizer(c)
+    distill = DistillConfig.from_dict(c["trainer"].get("distill"))
+    teacher = build_teacher(distill, c, model, tok, args) if distill.enabled else None
     data_cfg = {k: v for k, v in c["data"].items() if k != "id"}
     with args.main_process_first(desc="building the training data"):
         ds, stats = build_train_dataset(
@@ -106,6 +109,7 @@ def _run_locked(c: dict[str, Any], callbacks: Sequence[Any], output_dir: Path, a
         callbacks=[AtomicCheckpointCallback(save_limit), *callbacks],
         block_size=c["block_size"],
         peak_tflops=(c.get("metrics") or {}).get("peak_tflops"),
+        teacher=teacher,
     )
     check, skipped = heldout.settings(c, args.world_size)
     start = docs = None
@@ -152,6 +156,7 @@ def training_arguments(c: dict[str, Any], output_dir: Path) -> tuple[Any, int | 
     t = dict(c["trainer"])
     resume = t.pop("resume", "auto")
     save_limit = t.pop("save_total_limit", None)
+    t.pop("distill", None)  # anllm's own (anllm.train.distill), not a TrainingArguments field
     if t.get("remove_unused_columns"):
         raise ConfigError(
             "trainer.remove_unused_columns=true would drop document_ids (the packed-document boundaries the "
@@ -253,5 +258,18 @@ def _write_summary(result: TrainResult, trainer: Any, stats: Any, check: dict[st
     }
     if runtime:
         summary["tokens_per_second_overall"] = tokens / runtime if not result.resumed_from else None
+    teacher = getattr(trainer, "teacher", None)
+    if teacher is not None:
+        extra = trainer.distill_seconds
+        summary["distill"] = {
+            **{k: getattr(teacher.cfg, k) for k in ("weight", "temperature", "teacher")},
+            "teacher_forward_s": round(teacher.seconds, 3), "teacher_plus_kl_s": round(extra, 3),
+            "train_runtime_s": runtime,
+            # the step time with distillation over the step time without it (this run's own split)
+            "step_cost_ratio": round(runtime / (runtime - extra), 3) if runtime and runtime > extra else None,
+        }
+        logger.info("distillation (teacher=%s, weight %.2f): teacher forward + KL took %.1f s of %.1f s of training "
+                    "(step cost x%s vs the plain step)", teacher.cfg.teacher, teacher.cfg.weight, extra, runtime or 0,
+                    summary["distill"]["step_cost_ratio"])
     (result.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
     logger.info("Saved the model, tokenizer and anchor settings to %s (load with anllm.from_pretrained).", result.output_dir)

@@ -73,13 +73,36 @@ def flops_per_token(model: Any, block_size: int) -> float:
 class AnllmTrainer(Trainer):
     """The HF Trainer plus throughput in every training log line (``log`` is a documented override point)."""
 
-    def __init__(self, *args: Any, block_size: int = 0, peak_tflops: float | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, block_size: int = 0, peak_tflops: float | None = None, teacher: Any = None,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.teacher = teacher  # anllm.train.distill.Teacher (trainer.distill.weight > 0) or None
+        self.distill_seconds = 0.0  # teacher forward + KL, the distillation's extra cost
         self._block_size = block_size
         self._peak = gpu_peak_tflops(peak_tflops)
         self._flops_per_token: float | None = None
         self._last: tuple[float, int, int] | None = None  # (time, tokens, step) of the previous log
         self.add_callback(_StartClock(self))
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """CE, or ``(1 − λ)·CE + λ·T²·KL(teacher ‖ student)`` with distillation (:mod:`anllm.train.distill`)."""
+        if self.teacher is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        from .distill import distill_kl
+
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        self.teacher.place(self.args, plugin.deepspeed_config if plugin is not None else None)
+        ce, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        t0 = time.perf_counter()
+        teacher_logits = self.teacher.logits(model, inputs)
+        kl = distill_kl(outputs.logits, teacher_logits, inputs["labels"], self.teacher.cfg.temperature, num_items_in_batch)
+        if (self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None):
+            kl = kl * self.accelerator.num_processes  # scaled as the Trainer scales the CE
+        lam = self.teacher.cfg.weight
+        loss = (1.0 - lam) * ce + lam * kl
+        self.distill_seconds += time.perf_counter() - t0
+        return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
