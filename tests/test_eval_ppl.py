@@ -185,25 +185,75 @@ def test_knorm_keeps_the_lowest_norm_earlier_keys_by_hand():
     assert want[5] == [0, 1, 0, 1, 0, 1]
 
 
-def test_streaming_and_sentence_methods_match_explicit_masks(model, tok, docs):
-    from anllm.eval.baselines import streaming_visible
-    from anllm.masks import AnsanOptions
-    from anllm import ansan_mask
+def test_streaming_and_sentence_methods_match_loop_references(model, tok, docs):
+    """StreamingLLM (peak and per-query budgets), the sentence-only control and the budgets themselves
+    against tests/oracles.py (loops over the rules' wording), not against the code's own masks."""
+    from oracles import reference_mask, streaming_reference
 
     ids = tok(docs[0][1], return_tensors="pt")["input_ids"][0][:180]
+    L = len(ids)
+    is_anchor = torch.isin(ids, torch.tensor(anllm.get_anchor_config(model).anchor_token_ids)).tolist()
+    rule = reference_mask(is_anchor, [True] * L)
+    per_query = [sum(row) for row in rule]  # keys each token attends under the AnSAN rule
+    assert len(set(per_query)) > 5  # anchor caches grow and shrink: a real per-query profile
+
     got = pp.score_document(model, ids, "streamingllm", budget=24, return_token_nll=True)
-    torch.testing.assert_close(got.token_nll, _oracle_nll(model, ids, streaming_visible(180, 24, 4)), atol=1e-5, rtol=1e-5)
+    want = _oracle_nll(model, ids, torch.tensor(streaming_reference(L, [24] * L, 4)))
+    torch.testing.assert_close(got.token_nll, want, atol=1e-5, rtol=1e-5)
     assert (got.kept, got.max_kept) == (24, 24)
+
+    budgets = pp.query_budgets(model, tok, "", ids)
+    assert budgets.tolist() == per_query
+    assert pp.document_budget(model, tok, "", ids) == max(per_query)
+    got_q = pp.score_document(model, ids, "streamingllm_q", budget=budgets, return_token_nll=True)
+    want_q = _oracle_nll(model, ids, torch.tensor(streaming_reference(L, per_query, 4)))
+    torch.testing.assert_close(got_q.token_nll, want_q, atol=1e-5, rtol=1e-5)
+    assert (got_q.kept, got_q.max_kept) == (per_query[-1], max(per_query))
+    assert not torch.allclose(got_q.token_nll, got.token_nll)
+
     # The sentence-only control: each token sees its own sentence only (earlier anchors hidden).
-    is_anchor = torch.isin(ids, torch.tensor(anllm.get_anchor_config(model).anchor_token_ids))
-    own_sentence = ansan_mask(is_anchor[None], hide_anchors=True)[0]
+    own_sentence = torch.tensor(reference_mask(is_anchor, [True] * L, hide_anchors=True))
     sentence = pp.score_document(model, ids, "sentence", chunk_size=50, return_token_nll=True)
     torch.testing.assert_close(sentence.token_nll, _oracle_nll(model, ids, own_sentence), atol=1e-5, rtol=1e-5)
     anchor = pp.score_document(model, ids, "anchor", chunk_size=50, return_token_nll=True)
     assert sentence.kept < anchor.kept and not torch.allclose(sentence.token_nll, anchor.token_nll)
-    # The budget: the most keys any token attends under the rule (here from the model's EP anchors).
-    assert pp.document_budget(model, tok, docs[0][1][:0], ids) == int(ansan_mask(is_anchor[None])[0].sum(-1).max())
-    assert AnsanOptions().hide_anchors is False
+
+
+def test_rows_report_mean_keys_tail_and_paired_errors(model, tok, docs):
+    """mean_kv per method, the PPL after ``tail_from`` and the per-document paired standard error,
+    each against a direct computation."""
+    from oracles import reference_mask
+
+    texts = [(d, t[:3000]) for d, t in docs]
+    rows = pp.perplexity_rows(model, tok, texts, ["full", "anchor", "streamingllm", "streamingllm_q"], task="t",
+                              max_tokens=300, tail_from=200, progress=False, chunk_size=64)
+    by = {r["method"]: r for r in rows}
+    encoded = [tok(t, return_tensors="pt")["input_ids"][0][:300] for _, t in texts]
+    anchor_ids = torch.tensor(anllm.get_anchor_config(model).anchor_token_ids)
+    rule_means, peaks = [], []
+    for ids in encoded:
+        M = reference_mask(torch.isin(ids, anchor_ids).tolist(), [True] * len(ids))
+        rule_means.append(sum(map(sum, M)) / len(ids))
+        peaks.append(max(map(sum, M)))
+    assert by["full"]["mean_kv"] == pytest.approx(sum((len(i) + 1) / 2 for i in encoded) / len(encoded))
+    assert by["anchor"]["mean_kv"] == pytest.approx(sum(rule_means) / len(rule_means))
+    assert by["streamingllm_q"]["mean_kv"] == pytest.approx(by["anchor"]["mean_kv"])
+    want_stream = sum(sum(min(p, q + 1) for q in range(len(i))) / len(i) for p, i in zip(peaks, encoded)) / len(encoded)
+    assert by["streamingllm"]["mean_kv"] == pytest.approx(want_stream)
+    assert by["streamingllm"]["mean_kv"] > by["anchor"]["mean_kv"]  # the peak definition is the generous one
+    # the tail: positions >= 200 of a plain full-attention forward
+    nll = [pp.full_sequence_token_nll(model, ids) for ids in encoded]  # AnSAN on this model
+    with anllm.anchor_attention(model, enabled=False):
+        full_nll = [pp.full_sequence_token_nll(model, ids) for ids in encoded]
+    tail = torch.cat([x[199:] for x in full_nll])
+    assert by["full"]["ppl_tail"] == pytest.approx(math.exp(float(tail.mean())), rel=1e-4)
+    assert by["full"]["tokens_tail"] == len(tail)
+    # paired differences of log-PPL against the anchor reading, per document
+    diffs = [float(f.mean() - a.mean()) for f, a in zip(full_nll, nll)]
+    mean = sum(diffs) / 2
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 1 / 2)
+    assert by["full"]["dlogppl_vs_anchor"] == pytest.approx(mean, abs=2e-6)  # float noise of two readings
+    assert by["full"]["dlogppl_se"] == pytest.approx(se, abs=2e-6) and se > 1e-5
 
 
 def test_knorm_method_matches_a_loop_reference_attention(model, tok, docs):

@@ -10,7 +10,6 @@ import torch
 
 import anllm
 from anllm.eval import recall as rc
-from anllm.eval.baselines import streaming_visible
 from anllm.testing import tiny_llama, word_tokenizer
 
 PROSE = [f"Sentence number {i} of the prose is here." for i in range(40)]
@@ -54,31 +53,40 @@ def test_items_are_built_from_prose_with_the_fact_after_it(tok):
 
 
 def test_batched_methods_equal_one_sequence_oracles(model, tok):
-    from anllm.eval.perplexity import document_budget
+    """Each method's left-padded batch against one unpadded sequence read with the loop references of
+    tests/oracles.py (the AnSAN rule, the sentence-only control, StreamingLLM at peak and per query)."""
+    from oracles import reference_mask, streaming_reference
+
+    from anllm.eval.perplexity import query_budgets
 
     docs = [("a", " ".join(PROSE))]
     items = rc.build_items(docs, tok, num_items=5, max_distance=4, seed=3)
     texts = [rc.context_text(it, k, None) for it, k in zip(items, [0, 1, 4, 2, 3])]
     seqs = [torch.tensor(tok(t)["input_ids"]) for t in texts]  # ragged lengths: left padding in the batch
-    budgets = [document_budget(model, tok, t, x) for t, x in zip(texts, seqs)]
-    for method in ("full", "anchor", "sentence", "streamingllm"):
-        got, kept = rc.next_token_logits(model, seqs, method, budgets, tok.pad_token_id)
+    anchor_ids = torch.tensor(anllm.get_anchor_config(model).anchor_token_ids)
+    rules = [reference_mask(torch.isin(x, anchor_ids).tolist(), [True] * len(x)) for x in seqs]
+    per_query = [[sum(row) for row in M] for M in rules]
+    peaks = [max(p) for p in per_query]
+    assert [query_budgets(model, tok, t, x).tolist() for t, x in zip(texts, seqs)] == per_query
+    for method in ("full", "anchor", "sentence", "streamingllm", "streamingllm_q"):
+        given = [torch.tensor(p) for p in per_query] if method == "streamingllm_q" else peaks
+        got, kept = rc.next_token_logits(model, seqs, method, given, tok.pad_token_id)
         for j, x in enumerate(seqs):
             L = len(x)
             if method == "full":
-                mask = torch.ones(L, L, dtype=torch.bool).tril()
+                mask = [[k <= q for k in range(L)] for q in range(L)]
             elif method == "streamingllm":
-                mask = streaming_visible(L, budgets[j], 4)
+                mask = streaming_reference(L, [peaks[j]] * L, 4)
+            elif method == "streamingllm_q":
+                mask = streaming_reference(L, per_query[j], 4)
             else:
-                is_anchor = torch.isin(x, torch.tensor(anllm.get_anchor_config(model).anchor_token_ids))
-                mask = anllm.ansan_mask(is_anchor[None], hide_anchors=method == "sentence")[0]
+                mask = reference_mask(torch.isin(x, anchor_ids).tolist(), [True] * L, hide_anchors=method == "sentence")
             with anllm.anchor_attention(model, enabled=False), torch.no_grad():
-                want = model(input_ids=x[None], attention_mask=mask[None, None]).logits[0, -1]
+                want = model(input_ids=x[None], attention_mask=torch.tensor(mask)[None, None]).logits[0, -1]
             torch.testing.assert_close(got[j], want, atol=1e-5, rtol=1e-5)
             assert kept[j] <= L and (method != "full" or kept[j] == L)
-    # The budget is the anchor cache's peak: the most keys any token attends under the rule.
-    is_anchor = torch.isin(seqs[2], torch.tensor(anllm.get_anchor_config(model).anchor_token_ids))
-    assert budgets[2] == int(anllm.ansan_mask(is_anchor[None])[0].sum(-1).max())
+            if method == "streamingllm_q":
+                assert kept[j] == per_query[j][-1]
 
 
 def test_rows_count_correct_choices(model, tok, tmp_path):

@@ -92,15 +92,20 @@ def compress(
 # ---- streaming (every token attends at most ``budget`` keys) -------------------------------------
 
 
-def streaming_visible(length: int, budget: int, num_sink_tokens: int = 4, device: Any = None) -> torch.Tensor:
+def streaming_visible(length: int, budget: int | torch.Tensor, num_sink_tokens: int = 4, device: Any = None) -> torch.Tensor:
     """``[L, L]`` bool: query q sees the first ``s = min(num_sink_tokens, budget // 2)`` tokens (attention
-    sinks) and the ``budget - s`` most recent tokens including itself (StreamingLLM with a rolling cache)."""
-    if budget < 1:
+    sinks) and the ``budget - s`` most recent tokens including itself (StreamingLLM with a rolling cache).
+
+    ``budget`` is one number for every query (equal *peak* memory), or ``[L]`` numbers, one per query
+    (equal keys per query: each token attends exactly as many keys as the anchor reading lets it)."""
+    b = torch.as_tensor(budget, device=device).long()
+    if bool((b < 1).any()):
         raise ValueError(f"budget must be >= 1, got {budget}.")
     q = torch.arange(length, device=device)[:, None]
     k = torch.arange(length, device=device)[None, :]
-    sinks = min(num_sink_tokens, budget // 2)
-    return (k <= q) & ((k < sinks) | (q - k < budget - sinks))
+    b = b.reshape(-1, 1) if b.dim() else b  # per query: a column
+    sinks = torch.clamp(b // 2, max=num_sink_tokens)
+    return (k <= q) & ((k < sinks) | (q - k < b - sinks))
 
 
 def knorm_visible(keys: torch.Tensor, budget: int) -> torch.Tensor:
@@ -159,19 +164,22 @@ def knorm_attention(model: Any, budget: int) -> Iterator[None]:
         _KNORM_BUDGET.reset(token)
 
 
-STREAMING_METHODS = ("streamingllm", "knorm")
+PER_QUERY = "streamingllm_q"  # StreamingLLM at equal keys *per query* (not the peak): see streaming_visible
+STREAMING_METHODS = ("streamingllm", PER_QUERY, "knorm")
 
 
 @torch.no_grad()
-def baseline_logits(model: Any, input_ids: torch.Tensor, method: str, budget: int, num_sink_tokens: int = 4) -> torch.Tensor:
+def baseline_logits(model: Any, input_ids: torch.Tensor, method: str, budget: int | torch.Tensor,
+                    num_sink_tokens: int = 4) -> torch.Tensor:
     """Logits ``[L, V]`` of one sequence (``[L]`` ids) read with ``method``'s bounded cache, causal
-    attention (the anchor rule off): ``streamingllm`` or ``knorm`` at ``budget`` keys per token."""
+    attention (the anchor rule off): ``streamingllm`` (``budget``: one number, or ``[L]`` per query)
+    or ``knorm`` at ``budget`` keys per token."""
     from ..modeling import anchor_attention, is_anchor_aware
 
     ids = input_ids.reshape(1, -1).to(next(model.parameters()).device)
     L = ids.shape[1]
     causal = torch.ones((L, L), dtype=torch.bool, device=ids.device).tril()
-    if method == "streamingllm":
+    if method in ("streamingllm", PER_QUERY):
         mask, ctx = streaming_visible(L, budget, num_sink_tokens, ids.device), contextlib.nullcontext()
     elif method == "knorm":
         mask, ctx = causal, knorm_attention(model, budget)
@@ -184,9 +192,15 @@ def baseline_logits(model: Any, input_ids: torch.Tensor, method: str, budget: in
 
 def ansan_budget(is_anchor: torch.Tensor, options: Any = None) -> int:
     """The most keys any token attends under the AnSAN rule for one sequence (``[L]`` bool anchors):
-    the anchor cache's peak, i.e. the cache size an equal-cache baseline gets."""
+    the anchor cache's peak, i.e. the cache size an equal-*peak-memory* baseline gets."""
+    return int(ansan_keys_per_query(is_anchor, options).max())
+
+
+def ansan_keys_per_query(is_anchor: torch.Tensor, options: Any = None) -> torch.Tensor:
+    """``[L]``: how many keys each token attends under the AnSAN rule (sinks + anchors + open sentence
+    + window, as the model's options say): the per-query budget of an equal-*attention-cost* baseline."""
     from ..masks import AnsanOptions, dense_mask, layout_from_tokens
 
     options = options or AnsanOptions()
     lay = layout_from_tokens(is_anchor.reshape(1, -1).bool(), None, None, options)
-    return int(dense_mask(lay, lay, options).sum(-1).max())
+    return dense_mask(lay, lay, options)[0, 0].sum(-1)

@@ -16,9 +16,16 @@ Methods:
 * ``streamingllm`` / ``knorm``: training-free baselines at **equal cache**: causal attention where
   every token attends at most ``budget`` keys — sinks + the most recent tokens, or the lowest-norm
   keys per layer and head (:mod:`anllm.eval.baselines`). ``budget`` is, per document, the most keys
-  any token attends under the AnSAN rule (the anchor cache's peak); for a model without anchors the
-  last token of every sentence stands in for an anchor (the budget an AC model would get), or set
-  ``ppl.budget`` to a number.
+  any token attends under the AnSAN rule (the anchor cache's peak: equal *peak memory*); for a model
+  without anchors the last token of every sentence stands in for an anchor (the budget an AC model
+  would get), or set ``ppl.budget`` to a number;
+* ``streamingllm_q``: StreamingLLM at equal keys *per query*: each token attends exactly as many keys
+  as the anchor reading lets that token attend (equal attention cost and mean memory).
+
+Every row reports ``mean_kv`` (keys a token attends, averaged over the tokens) beside ``max_kv`` (the
+peak), so both definitions of "the same cache" can be read off; with ``ppl.tail_from`` (e.g. 2048) a
+row also has ``ppl_tail``: the perplexity of the tokens at positions >= tail_from only, where a window
+has long lost the start of the document.
 
 Documents come from ``data_dir/pretrain_text`` (RedPajama layout ``{"text", "meta"}``); pick held-out
 ones with ``ppl.where`` (e.g. ``{meta.source: nltk_inaugural}``) and ``ppl.select``, or read the
@@ -53,7 +60,7 @@ TASKS: dict[str, str] = {
     "lee_news": "pretrain_text/lee_background_news.jsonl",
 }
 HOLDOUT_TASK = "holdout"  # the held-out split of ``ppl.data`` (a training data config)
-PPL_METHODS = ("full", "ansan", "anchor", "sentence", "streamingllm", "knorm")
+PPL_METHODS = ("full", "ansan", "anchor", "sentence", "streamingllm", "streamingllm_q", "knorm")
 DEFAULT_METHODS = ("full", "ansan", "anchor")
 NEEDS_ANCHORS = ("ansan", "anchor", "sentence")
 
@@ -141,6 +148,8 @@ class DocScore:
     time_s: float
     token_nll: torch.Tensor | None = None
     trace: list[int] = field(default_factory=list)  # kept after each chunk
+    nll_tail: float = 0.0  # summed over predicted tokens at positions >= tail_from
+    tokens_tail: int = 0
 
 
 def ppl_method(name: str) -> str:
@@ -162,15 +171,18 @@ def score_document(
     chunk_size: int = 256,
     return_token_nll: bool = False,
     skip_target_ids: Sequence[int] = (),
-    budget: int | None = None,
+    budget: int | torch.Tensor | None = None,
     num_sink_tokens: int = 4,
     position_mode: str = "true",
+    tail_from: int | None = None,
 ) -> DocScore:
     """Negative log-likelihood of one document (``[L]`` ids) read in chunks through ``method``'s cache.
 
     ``skip_target_ids`` (e.g. the ``<AC>`` id) are read but not scored as targets, so an AC model's
     PPL is over the same text tokens as a plain model's. ``budget`` (keys per token) is required for
-    the equal-cache baselines, which read the document in one forward with their bounded masks.
+    the equal-cache baselines, which read the document in one forward with their bounded masks
+    (``streamingllm_q``: ``[L]`` keys, one budget per query). ``tail_from`` also sums the NLL of the
+    predicted tokens at positions >= ``tail_from``.
     """
     method = ppl_method(method)
     if chunk_size < 1:
@@ -184,10 +196,11 @@ def score_document(
         if budget is None:
             raise ValueError(f"Method {method!r} needs a cache budget (keys per token).")
         logits = baselines.baseline_logits(model, ids[0], method, budget, num_sink_tokens).float()
-        kept = min(budget, L)
+        b = torch.as_tensor(budget)
+        kept, peak = (int(b[-1]), int(b.max())) if b.dim() else (min(int(b), L), min(int(b), L))
         token_nll = -torch.log_softmax(logits[:-1], dim=-1).gather(-1, ids[0, 1:, None])[:, 0]
-        return _doc_score(token_nll, ids[0, 1:], skip_target_ids, L, kept, kept, time.perf_counter() - t0,
-                          return_token_nll, [kept])
+        return _doc_score(token_nll, ids[0, 1:], skip_target_ids, L, kept, peak, time.perf_counter() - t0,
+                          return_token_nll, [kept], tail_from)
     cache: Cache = make_cache("anchor" if method == "sentence" else method, position_mode)
     nlls: list[torch.Tensor] = []
     all_targets: list[torch.Tensor] = []
@@ -213,14 +226,16 @@ def score_document(
             peak = max(peak, kept)
             trace.append(kept)
     return _doc_score(torch.cat(nlls), torch.cat(all_targets), skip_target_ids, L, trace[-1], peak,
-                      time.perf_counter() - t0, return_token_nll, trace)
+                      time.perf_counter() - t0, return_token_nll, trace, tail_from)
 
 
 def _doc_score(token_nll: torch.Tensor, targets: torch.Tensor, skip_target_ids: Sequence[int], seen: int, kept: int,
-               peak: int, elapsed: float, return_token_nll: bool, trace: list[int]) -> DocScore:
+               peak: int, elapsed: float, return_token_nll: bool, trace: list[int], tail_from: int | None = None) -> DocScore:
+    position = torch.arange(1, targets.shape[0] + 1, device=targets.device)  # of each predicted token
     if len(skip_target_ids):
         scored = ~torch.isin(targets, torch.tensor(list(skip_target_ids), device=targets.device))
-        token_nll = token_nll[scored]
+        token_nll, position = token_nll[scored], position[scored]
+    tail = position >= tail_from if tail_from is not None else torch.zeros_like(position, dtype=torch.bool)
     return DocScore(
         nll=float(token_nll.sum()),
         tokens=int(token_nll.numel()),
@@ -230,6 +245,8 @@ def _doc_score(token_nll: torch.Tensor, targets: torch.Tensor, skip_target_ids: 
         time_s=elapsed,
         token_nll=token_nll.cpu() if return_token_nll else None,
         trace=trace,
+        nll_tail=float(token_nll[tail].sum()),
+        tokens_tail=int(tail.sum()),
     )
 
 
@@ -237,11 +254,38 @@ def document_budget(model: Any, tokenizer: Any, text: str, ids: torch.Tensor) ->
     """Keys per token the equal-cache baselines get for one document: the anchor cache's peak (the most
     keys any token attends under the model's AnSAN rule); without anchors, the last token of every
     sentence plays the anchor (what an AC model would keep for the same text)."""
+    return int(query_budgets(model, tokenizer, text, ids).max())
+
+
+def query_budgets(model: Any, tokenizer: Any, text: str, ids: torch.Tensor, hide_anchors: bool = False) -> torch.Tensor:
+    """``[L]``: the keys each token of one document attends under the model's AnSAN rule (its sinks,
+    anchors, open sentence and window); without anchors, as :func:`document_budget` says.
+    ``hide_anchors``: the same under the sentence-only control."""
+    from dataclasses import replace
+
+    from ..masks import AnsanOptions
+
     att = getattr(model, "_anllm_attention", None)
     if att is not None and att.cfg.enabled:
-        is_anchor = torch.isin(ids.cpu(), att.anchor_ids)
-        return baselines.ansan_budget(is_anchor, att.options)
-    return baselines.ansan_budget(sentence_end_tokens(tokenizer, text, len(ids)))
+        is_anchor, options = torch.isin(ids.cpu(), att.anchor_ids), att.options
+    else:
+        is_anchor, options = sentence_end_tokens(tokenizer, text, len(ids)), AnsanOptions()
+    return baselines.ansan_keys_per_query(is_anchor, replace(options, hide_anchors=hide_anchors))
+
+
+def mean_keys_per_query(method: str, length: int, budget: int | None, per_query: torch.Tensor | None,
+                        sentence: torch.Tensor | None) -> float:
+    """Keys a token attends under ``method``, averaged over a document's tokens (``full``: every earlier
+    token; ``anchor``/``ansan``: the AnSAN rule's row; ``sentence``: the control's; StreamingLLM and
+    K-norm: their budget, capped by the tokens read so far)."""
+    q = torch.arange(1, length + 1)
+    if method == "full":
+        return float(q.double().mean())
+    if method in ("anchor", "ansan", baselines.PER_QUERY):
+        return float(per_query.double().mean())
+    if method == "sentence":
+        return float(sentence.double().mean())
+    return float(q.clamp(max=int(budget)).double().mean())
 
 
 def sentence_end_tokens(tokenizer: Any, text: str, length: int) -> torch.Tensor:
@@ -283,10 +327,14 @@ def perplexity_rows(
     budget: int | None = None,
     num_sink_tokens: int = 4,
     position_mode: str = "true",
+    tail_from: int | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per method over all ``docs``: corpus PPL (exp of mean token NLL), C⇓, MaxKV, time, T⇑.
+    """One row per method over all ``docs``: corpus PPL (exp of mean token NLL), C⇓, MaxKV (peak keys),
+    MeanKV (keys per query), time, T⇑; with ``tail_from`` also the PPL of positions >= tail_from.
 
-    Baselines get ``budget`` keys per token, or (``None``) each document's :func:`document_budget`.
+    ``streamingllm``/``knorm`` get ``budget`` keys per token, or (``None``) each document's
+    :func:`document_budget` (the anchor reading's peak); ``streamingllm_q`` gets, token by token, the
+    keys the anchor reading attends (:func:`query_budgets`).
     """
     from tqdm.auto import tqdm
 
@@ -296,16 +344,24 @@ def perplexity_rows(
         ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
         if max_tokens is not None:
             ids = ids[:max_tokens]
-        need = budget is None and any(m in baselines.STREAMING_METHODS for m in methods)
-        encoded.append((doc_id, ids, document_budget(model, tokenizer, text, ids) if need else budget))
+        per_query = query_budgets(model, tokenizer, text, ids)
+        sentence = query_budgets(model, tokenizer, text, ids, hide_anchors=True) if "sentence" in methods else None
+        peak = int(per_query.max()) if budget is None else int(budget)
+        encoded.append((doc_id, ids, peak, per_query, sentence))
+
+    def budget_for(method: str, peak: int, per_query: torch.Tensor) -> Any:
+        return per_query if method == baselines.PER_QUERY else peak
+
     rows: list[dict[str, Any]] = []
     per_doc: dict[str, list[dict[str, Any]]] = {}
     for method in methods:
         scores = [
-            score_document(model, ids, method, chunk_size=chunk_size, skip_target_ids=skip_target_ids, budget=b,
-                           num_sink_tokens=num_sink_tokens, position_mode=position_mode)
-            for _, ids, b in tqdm(encoded, desc=f"ppl [{method}]", disable=not progress, leave=False)
+            score_document(model, ids, method, chunk_size=chunk_size, skip_target_ids=skip_target_ids,
+                           budget=budget_for(method, b, bq), num_sink_tokens=num_sink_tokens,
+                           position_mode=position_mode, tail_from=tail_from)
+            for _, ids, b, bq, _ in tqdm(encoded, desc=f"ppl [{method}]", disable=not progress, leave=False)
         ]
+        mean_kv = [mean_keys_per_query(method, len(ids), b, bq, sq) for _, ids, b, bq, sq in encoded]
         nll, n = sum(s.nll for s in scores), sum(s.tokens for s in scores)
         seen, kept = sum(s.seen for s in scores), sum(s.kept for s in scores)
         t = sum(s.time_s for s in scores)
@@ -318,6 +374,7 @@ def perplexity_rows(
             "nll": nll / n,
             "c_red": 1.0 - kept / seen,
             "max_kv": sum(s.max_kept for s in scores) / len(scores),
+            "mean_kv": sum(mean_kv) / len(mean_kv),
             "kv_kept": int(kept),
             "kv_total": int(seen),
             "time_s": t,
@@ -325,15 +382,22 @@ def perplexity_rows(
             "chunk_size": chunk_size,
             "max_tokens": max_tokens,
         }
-        if method in baselines.STREAMING_METHODS:
-            row["budget"] = round(sum(b for _, _, b in encoded) / len(encoded), 1)
+        if method in ("streamingllm", "knorm"):
+            row["budget"] = round(sum(e[2] for e in encoded) / len(encoded), 1)
+        n_tail = sum(s.tokens_tail for s in scores)
+        if tail_from is not None:
+            row["tail_from"] = tail_from
+            row["ppl_tail"] = math.exp(sum(s.nll_tail for s in scores) / n_tail) if n_tail else None
+            row["tokens_tail"] = n_tail
         rows.append(row)
         per_doc[method] = [
             {"doc": d, "tokens": s.tokens, "nll": s.nll, "ppl": math.exp(s.nll / s.tokens), "kv_seen": s.seen,
-             "kv_kept": s.kept, "max_kv": s.max_kept, "kv_after_chunk": s.trace,
-             **({"budget": b} if method in baselines.STREAMING_METHODS else {})}
-            for (d, _, b), s in zip(encoded, scores)
+             "kv_kept": s.kept, "max_kv": s.max_kept, "mean_kv": mkv, "kv_after_chunk": s.trace,
+             **({"nll_tail": s.nll_tail, "tokens_tail": s.tokens_tail} if tail_from is not None else {}),
+             **({"budget": b} if method in ("streamingllm", "knorm") else {})}
+            for (d, _, b, _, _), s, mkv in zip(encoded, scores, mean_kv)
         ]
+    _add_paired_errors(rows, per_doc)
     full = next((r for r in rows if r["method"] == "full"), None)
     if full is not None:
         for r in rows:
@@ -343,6 +407,30 @@ def perplexity_rows(
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "documents.json").write_text(json.dumps(per_doc, indent=1, ensure_ascii=False), encoding="utf-8")
     return rows
+
+
+def _add_paired_errors(rows: list[dict[str, Any]], per_doc: dict[str, list[dict[str, Any]]]) -> None:
+    """For every method beside ``anchor``: the mean per-document difference of log-PPL (method − anchor)
+    and its standard error, so "A beats B" can be read against noise (positive = the anchor reading is
+    better). Documents are the unit: their differences are independent, their tokens are not."""
+    if "anchor" not in per_doc:
+        return
+    ref = [d["nll"] / d["tokens"] for d in per_doc["anchor"]]
+    for r in rows:
+        if r["method"] == "anchor" or r["method"] not in per_doc:
+            continue
+        diffs = [d["nll"] / d["tokens"] - a for d, a in zip(per_doc[r["method"]], ref)]
+        r["dlogppl_vs_anchor"], r["dlogppl_se"] = mean_se(diffs)
+
+
+def mean_se(xs: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and standard error of the mean (sample standard deviation / sqrt(n); None for n < 2)."""
+    n = len(xs)
+    m = sum(xs) / n
+    if n < 2:
+        return m, None
+    var = sum((x - m) ** 2 for x in xs) / (n - 1)
+    return m, math.sqrt(var / n)
 
 
 # ---- the suite ---------------------------------------------------------------------------------------
@@ -440,7 +528,9 @@ def row_options(cfg: Any) -> dict[str, Any]:
     pcfg = _opt(cfg, "ppl", {})
     max_tokens = pcfg.get("max_tokens", 2048) if hasattr(pcfg, "get") else 2048
     budget = _opt(pcfg, "budget")
+    tail_from = _opt(pcfg, "tail_from")
     return {
+        "tail_from": None if tail_from is None else int(tail_from),
         "chunk_size": int(_opt(pcfg, "chunk_size", 256)),
         "max_tokens": None if max_tokens is None else int(max_tokens),
         "budget": None if budget is None else int(budget),
@@ -473,7 +563,7 @@ def check(cfg: Any) -> None:
         except ValueError as e:
             where = "ppl.methods" if explicit else "modes"
             raise ValueError(f"{where}: {e} The perplexity suite knows {PPL_METHODS}.") from None
-    for key in ("chunk_size", "max_tokens", "num_documents", "budget"):
+    for key in ("chunk_size", "max_tokens", "num_documents", "budget", "tail_from"):
         value = _opt(pcfg, key)
         if value is not None and int(value) < 1:
             raise ValueError(f"ppl.{key} must be >= 1, got {value}.")

@@ -10,7 +10,8 @@ Methods (names as in the perplexity suite): ``full`` (causal, everything cached)
 AnchorCache: the fact sentence is gone once its anchor is cached; only the anchor can carry the
 fact), ``sentence`` (control: no earlier anchors either), and the equal-cache baselines
 ``streamingllm`` / ``knorm`` where every token attends at most the anchor cache's peak for that
-item (see :mod:`anllm.eval.baselines`). A window loses the fact once the fillers exceed it; anchors
+item, and ``streamingllm_q`` where every token attends as many keys as it does in the anchor reading
+(see :mod:`anllm.eval.baselines`). A window loses the fact once the fillers exceed it; anchors
 keep it only if training taught them to carry it.
 
 Prose comes from the held-out split of ``recall.data`` (a training data config, as ``ppl.data``), or
@@ -32,7 +33,7 @@ import torch
 from ..anchors import Marking, marking_of, sentence_spans
 from ..modeling import anchor_options, is_anchor_aware
 from . import baselines
-from .perplexity import document_budget, ppl_method, runnable_methods
+from .perplexity import ppl_method, query_budgets, runnable_methods
 
 CATEGORIES: dict[str, list[str]] = {
     "favourite colour": ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "pink", "brown"],
@@ -141,9 +142,9 @@ def _left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
-def streaming_batch_mask(lengths: list[int], width: int, budgets: list[int], num_sink_tokens: int) -> torch.Tensor:
+def streaming_batch_mask(lengths: list[int], width: int, budgets: list[Any], num_sink_tokens: int) -> torch.Tensor:
     """``[B, 1, W, W]`` StreamingLLM masks for left-padded rows (padding queries see only themselves, so
-    no fully masked row turns into NaN)."""
+    no fully masked row turns into NaN); a row's budget is one number or one per token."""
     out = torch.eye(width, dtype=torch.bool).repeat(len(lengths), 1, 1)
     for b, (n, budget) in enumerate(zip(lengths, budgets)):
         out[b, width - n :, width - n :] = baselines.streaming_visible(n, budget, num_sink_tokens)
@@ -152,7 +153,7 @@ def streaming_batch_mask(lengths: list[int], width: int, budgets: list[int], num
 
 @torch.no_grad()
 def next_token_logits(
-    model: Any, seqs: list[torch.Tensor], method: str, budgets: list[int], pad_id: int, num_sink_tokens: int = 4,
+    model: Any, seqs: list[torch.Tensor], method: str, budgets: list[Any], pad_id: int, num_sink_tokens: int = 4,
     position_mode: str = "true",
 ) -> tuple[torch.Tensor, list[int]]:
     """``([B, V] logits for the token after each sequence, keys each row's cache held)`` under ``method``,
@@ -168,11 +169,11 @@ def next_token_logits(
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     lengths = [len(x) for x in seqs]
-    if method == "streamingllm":
+    if method in ("streamingllm", baselines.PER_QUERY):
         am = streaming_batch_mask(lengths, ids.shape[1], budgets, num_sink_tokens).to(device)
         with method_attention(model, "full") if is_anchor_aware(model) else contextlib.nullcontext():
             out = model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=False, logits_to_keep=1)
-        return out.logits[:, -1], [min(b, n) for b, n in zip(budgets, lengths)]
+        return out.logits[:, -1], [min(int(torch.as_tensor(b).reshape(-1)[-1]), n) for b, n in zip(budgets, lengths)]
     if method == "full":
         with method_attention(model, "full") if is_anchor_aware(model) else contextlib.nullcontext():
             out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=1)
@@ -201,7 +202,8 @@ def recall_rows(
     distances = sorted(distances)
     texts = {(i, k): context_text(item, k, marking) for i, item in enumerate(items) for k in distances}
     ids = {key: torch.tensor(tokenizer(t)["input_ids"]) for key, t in texts.items()}
-    budgets_of = {key: document_budget(model, tokenizer, texts[key], ids[key]) for key in texts}
+    per_query = {key: query_budgets(model, tokenizer, texts[key], ids[key]) for key in texts}
+    budgets_of = {key: int(b.max()) for key, b in per_query.items()}
     choice_ids = [[tokenizer.encode(" " + c, add_special_tokens=False)[0] for c in item.choices] for item in items]
     stats = {(m, k): {"correct": 0, "kept": 0, "seen": 0, "budget": 0, "time": 0.0} for m in methods for k in distances}
     preds = {(i, k): {"item": i, "distance": k, "answer": item.choices[item.answer]}
@@ -213,7 +215,8 @@ def recall_rows(
         budgets = [budgets_of[(i, k)] for i in rows_]
         for m in methods:
             t0 = time.perf_counter()
-            logits, kept = next_token_logits(model, seqs, m, budgets, pad_id, num_sink_tokens, position_mode)
+            given = [per_query[(i, k)] for i in rows_] if m == baselines.PER_QUERY else budgets
+            logits, kept = next_token_logits(model, seqs, m, given, pad_id, num_sink_tokens, position_mode)
             s = stats[(m, k)]
             s["time"] += time.perf_counter() - t0
             for j, i in enumerate(rows_):
