@@ -128,12 +128,21 @@ def _fmt(x: Any) -> str:
 
 
 def write_results(name: str, machine: dict[str, Any], payload: dict[str, Any]) -> Path:
-    """``bench/results/<name>.json`` with machine info (taken at the start of the run) first."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    """``bench/results/<name>.json`` with machine info (taken at the start of the run) first.
+
+    ``name`` may also be a file path (it ends in ``.json`` or contains a ``/``), inside the repository or
+    not: the file is written there and the path is printed as given. The file is replaced
+    atomically, so a run killed while writing leaves the previous version.
+    """
+    as_path = name.endswith(".json") or os.sep in name or "/" in name
+    path = Path(name).expanduser() if as_path else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     machine = {**machine, "loadavg_at_end": list(os.getloadavg())}
-    path.write_text(json.dumps({"benchmark": name, "machine": machine, **payload}, indent=2) + "\n")
-    print(f"\nwrote {path.relative_to(REPO)}")
+    text = json.dumps({"benchmark": path.stem, "machine": machine, **payload}, indent=2) + "\n"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    print(f"\nwrote {name if as_path else path.relative_to(REPO)}")
     return path
 
 
