@@ -299,8 +299,10 @@ def test_plain_model_budget_counts_sentences():
     tok = word_tokenizer(text.split())
     ends = pp.sentence_end_tokens(tok, text, 7)
     assert ends.tolist() == [False, False, True, False, True, False, True]  # the last sentence ends too (as AC)
-    # 'Six' attends both earlier sentence ends and itself, 'three.' its own sentence: budget 3.
-    assert pp.document_budget(tiny_llama(), tok, text, torch.arange(7)) == 3
+    # per query: the last token ('seven', an open sentence's end) is no anchor, so it sees 'three.',
+    # 'five!', 'Six' and itself, not only its own sentence
+    assert pp.query_budgets(tiny_llama(), tok, text, torch.arange(7)).tolist() == [1, 2, 3, 2, 2, 3, 4]
+    assert pp.document_budget(tiny_llama(), tok, text, torch.arange(7)) == 4  # the peak
 
 
 def test_holdout_task_scores_the_held_out_split(model, tok, tmp_path):

@@ -269,7 +269,10 @@ def query_budgets(model: Any, tokenizer: Any, text: str, ids: torch.Tensor, hide
     if att is not None and att.cfg.enabled:
         is_anchor, options = torch.isin(ids.cpu(), att.anchor_ids), att.options
     else:
-        is_anchor, options = sentence_end_tokens(tokenizer, text, len(ids)), AnsanOptions()
+        is_anchor, options = sentence_end_tokens(tokenizer, text, len(ids)).clone(), AnsanOptions()
+        # The text's last token is never an anchor: an AC model reads an <AC> *after* a finished last
+        # sentence, and an open one (a recall cue) has none; marking it would shrink its own budget.
+        is_anchor[-1:] = False
     return baselines.ansan_keys_per_query(is_anchor, replace(options, hide_anchors=hide_anchors))
 
 

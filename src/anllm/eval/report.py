@@ -31,6 +31,7 @@ def _f2(x: float) -> str:
 
 COLUMNS: dict[str, tuple[str, Any]] = {
     "acc": ("Acc", _pct),
+    "se": ("±SE", _pct),
     "acc_norm": ("AccNorm", _pct),
     "bleu": ("BLEU", _f1),
     "chrf": ("chrF", _f1),
@@ -49,6 +50,8 @@ COLUMNS: dict[str, tuple[str, Any]] = {
     "agree": ("Agree %", _pct),
     "num_fewshot": ("Shots", str),
     "distance": ("k", str),
+    "length": ("Len", str),
+    "depth": ("Depth", lambda x: f"{x:g}"),
     "budget": ("Budget", str),
     "n": ("N", str),
 }
@@ -75,6 +78,12 @@ CAPTIONS = {
         "cache's peak per document)."
     ),
     "recall": "Accuracy: the fact's value ranked first among the choices, k sentences after the fact.",
+    "longrange": (
+        "Acc: teacher-forced exact match (every answer token the model's argmax, i.e. greedy decoding gives the "
+        "answer) ± its binomial standard error. Len: context tokens N; Depth: the pass key's relative position. "
+        "C⇓: 1 − kept/seen keys when the first answer token is predicted; streamingllm: every token attends at most "
+        "Budget keys (the anchor reading's peak); streamingllm_q: as many keys per token as the anchor reading."
+    ),
 }
 METHOD_ORDER = ("full", "stock", "ansan", "anchor", "anchor+src", "sentence", "streamingllm", "knorm")
 

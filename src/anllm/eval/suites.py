@@ -76,8 +76,9 @@ SUITES: dict[str, str] = {
     "translation": "anllm.eval.translation:SUITE",
     "ppl": "anllm.eval.perplexity:SUITE",
     "recall": "anllm.eval.recall:SUITE",
+    "longrange": "anllm.eval.longrange:SUITE",
 }
-SUITE_ORDER = ("qa", "translation", "ppl", "recall")
+SUITE_ORDER = ("qa", "translation", "ppl", "recall", "longrange")
 
 
 def register_suite(name: str, target: str) -> None:
