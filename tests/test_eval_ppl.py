@@ -241,6 +241,7 @@ def test_rows_report_mean_keys_tail_and_paired_errors(model, tok, docs):
     want_stream = sum(sum(min(p, q + 1) for q in range(len(i))) / len(i) for p, i in zip(peaks, encoded)) / len(encoded)
     assert by["streamingllm"]["mean_kv"] == pytest.approx(want_stream)
     assert by["streamingllm"]["mean_kv"] > by["anchor"]["mean_kv"]  # the peak definition is the generous one
+    assert by["anchor"]["peak_kv"] == pytest.approx(sum(peaks) / len(peaks)) == by["streamingllm"]["peak_kv"]
     # the tail: positions >= 200 of a plain full-attention forward
     nll = [pp.full_sequence_token_nll(model, ids) for ids in encoded]  # AnSAN on this model
     with anllm.anchor_attention(model, enabled=False):

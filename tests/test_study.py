@@ -122,3 +122,60 @@ def test_recall_verdict_needs_two_standard_errors():
     assert _verdict(0.60, 0.30, 200) == "anchors win"
     assert _verdict(0.30, 0.60, 200) == "anchors lose"
     assert _verdict(0.60, 0.30, 4).startswith("no clear difference")  # the same gap over 4 items proves nothing
+
+
+@pytest.fixture(scope="module")
+def evidence_run(tmp_path_factory, shared_data):
+    tmp = tmp_path_factory.mktemp("study2")
+    docs = tmp / "docs.jsonl"
+    docs.write_text("\n".join(json.dumps({"text": " ".join(
+        f"Sentence number {i} of document {d} is here and it is plain." for i in range(60))}) for d in range(8)))
+    overrides = ["study=tiny2", f"study.data.paths=[{docs}]", f"work_dir={tmp / 'work'}",
+                 f"report_dir={tmp / 'report'}", f"data_dir={shared_data}", "stages=[sweeps,arms,final,longrange]"]
+    return tmp, Study(compose("study", overrides)).run()
+
+
+def test_evidence_sweeps_pick_by_margin_and_arms_use_the_winners(evidence_run):
+    """The option sweeps pick the lowest anchor − StreamingLLM(same keys per query) margin, and an arm
+    that names a sweep trains with its winner (visible in the run's own saved config)."""
+    tmp, results = evidence_run
+    win = results.sweeps["window"]
+    assert set(win) == {"w4", "w8"} and results.choices["window"] == min(win, key=lambda c: win[c]["margin"])
+    for r in win.values():
+        assert r["margin"] == pytest.approx(__import__("math").log(r["ppl_anchor"] / r["ppl_streamingllm_q"]))
+    assert results.choices["distill"] == "l0.5"
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(tmp / "work" / "ac_sink_window_distill" / "anllm_train_config.yaml")
+    assert cfg.anchor.window == int(results.choices["window"][1:]) and cfg.trainer.distill.weight == 0.5
+    assert cfg.anchor.num_sink_tokens == 2
+    base = OmegaConf.load(tmp / "work" / "baseline" / "anllm_train_config.yaml")
+    assert base.anchor.window == 0 and base.trainer.distill.weight == 0
+    s = json.loads((tmp / "report" / "summary.json").read_text())
+    assert s["arms"]["ac_sink_window_distill"]["distill"]["weight"] == 0.5
+
+
+def test_evidence_final_sets_and_longrange_reach_the_report(evidence_run):
+    tmp, results = evidence_run
+    s = json.loads((tmp / "report" / "summary.json").read_text())
+    rows = s["final"]["ac_sink_window_distill"]["l64"]
+    assert set(rows) == {"full", "anchor", "sentence", "streamingllm", "streamingllm_q"}
+    assert len(rows["anchor"]["per_doc_nll"]) == 2 and rows["anchor"]["ppl_tail"] is not None
+    assert rows["streamingllm_q"]["mean_kv"] == pytest.approx(rows["anchor"]["mean_kv"])
+    assert rows["streamingllm"]["peak_kv"] == pytest.approx(rows["anchor"]["peak_kv"])  # equal peak
+    assert rows["streamingllm"]["mean_kv"] > rows["anchor"]["mean_kv"]
+    assert set(s["final"]["baseline"]["l64"]) == {"full", "streamingllm", "streamingllm_q"}  # no anchor readings
+    lr = s["longrange"]["ac_sink_window_distill"]["passkey"]
+    assert set(lr) == {"full", "anchor", "streamingllm", "streamingllm_q"} and lr["anchor"][0]["n"] == 2
+    readme = (tmp / "report" / "README.md").read_text()
+    for needle in ("# Evidence II (toy)", "Sweep: window", "(chosen)", "equal cache (final checkpoints)",
+                   "Long-range tasks", "log-PPL(StreamingLLM, same keys per query) − log-PPL(anchor)"):
+        assert needle in readme, needle
+
+
+def test_paired_difference_and_its_standard_error_by_hand():
+    from anllm.study.report import _paired
+
+    rows = {"anchor": {"per_doc_nll": [1.0, 2.0, 3.0]}, "streamingllm_q": {"per_doc_nll": [1.2, 2.1, 3.3]}}
+    m, se = _paired(rows, "streamingllm_q")
+    assert m == pytest.approx(0.2) and se == pytest.approx((((0.0) ** 2 + 0.1 ** 2 + 0.1 ** 2) / 2 / 3) ** 0.5)

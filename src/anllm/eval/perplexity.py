@@ -22,8 +22,9 @@ Methods:
 * ``streamingllm_q``: StreamingLLM at equal keys *per query*: each token attends exactly as many keys
   as the anchor reading lets that token attend (equal attention cost and mean memory).
 
-Every row reports ``mean_kv`` (keys a token attends, averaged over the tokens) beside ``max_kv`` (the
-peak), so both definitions of "the same cache" can be read off; with ``ppl.tail_from`` (e.g. 2048) a
+Every row reports ``mean_kv`` (keys a token attends, averaged over the tokens) and ``peak_kv`` (the
+most keys a token attends; both averaged over documents) beside ``max_kv`` (the cache held between
+chunks), so both definitions of "the same cache" can be read off; with ``ppl.tail_from`` (e.g. 2048) a
 row also has ``ppl_tail``: the perplexity of the tokens at positions >= tail_from only, where a window
 has long lost the start of the document.
 
@@ -276,19 +277,26 @@ def query_budgets(model: Any, tokenizer: Any, text: str, ids: torch.Tensor, hide
     return baselines.ansan_keys_per_query(is_anchor, replace(options, hide_anchors=hide_anchors))
 
 
-def mean_keys_per_query(method: str, length: int, budget: int | None, per_query: torch.Tensor | None,
-                        sentence: torch.Tensor | None) -> float:
-    """Keys a token attends under ``method``, averaged over a document's tokens (``full``: every earlier
+def keys_per_query(method: str, length: int, budget: int | None, per_query: torch.Tensor | None,
+                   sentence: torch.Tensor | None) -> torch.Tensor:
+    """``[L]``: the keys each token of a document attends under ``method`` (``full``: every earlier
     token; ``anchor``/``ansan``: the AnSAN rule's row; ``sentence``: the control's; StreamingLLM and
-    K-norm: their budget, capped by the tokens read so far)."""
+    K-norm: their budget, capped by the tokens read so far). Its mean is the attention cost and mean
+    memory, its max the peak a token-by-token reader holds."""
     q = torch.arange(1, length + 1)
     if method == "full":
-        return float(q.double().mean())
+        return q
     if method in ("anchor", "ansan", baselines.PER_QUERY):
-        return float(per_query.double().mean())
+        return per_query
     if method == "sentence":
-        return float(sentence.double().mean())
-    return float(q.clamp(max=int(budget)).double().mean())
+        return sentence
+    return q.clamp(max=int(budget))
+
+
+def mean_keys_per_query(method: str, length: int, budget: int | None, per_query: torch.Tensor | None,
+                        sentence: torch.Tensor | None) -> float:
+    """The mean of :func:`keys_per_query`."""
+    return float(keys_per_query(method, length, budget, per_query, sentence).double().mean())
 
 
 def sentence_end_tokens(tokenizer: Any, text: str, length: int) -> torch.Tensor:
@@ -364,7 +372,8 @@ def perplexity_rows(
                            position_mode=position_mode, tail_from=tail_from)
             for _, ids, b, bq, _ in tqdm(encoded, desc=f"ppl [{method}]", disable=not progress, leave=False)
         ]
-        mean_kv = [mean_keys_per_query(method, len(ids), b, bq, sq) for _, ids, b, bq, sq in encoded]
+        kpq = [keys_per_query(method, len(ids), b, bq, sq).double() for _, ids, b, bq, sq in encoded]
+        mean_kv = [float(k.mean()) for k in kpq]
         nll, n = sum(s.nll for s in scores), sum(s.tokens for s in scores)
         seen, kept = sum(s.seen for s in scores), sum(s.kept for s in scores)
         t = sum(s.time_s for s in scores)
@@ -378,6 +387,7 @@ def perplexity_rows(
             "c_red": 1.0 - kept / seen,
             "max_kv": sum(s.max_kept for s in scores) / len(scores),
             "mean_kv": sum(mean_kv) / len(mean_kv),
+            "peak_kv": sum(float(k.max()) for k in kpq) / len(kpq),  # the most keys a token attends, per document
             "kv_kept": int(kept),
             "kv_total": int(seen),
             "time_s": t,

@@ -22,10 +22,15 @@ from ..eval.perplexity import runnable_methods
 if TYPE_CHECKING:  # pragma: no cover
     from .runner import Study
 
-PPL_ORDER = ("full", "anchor", "sentence", "streamingllm", "knorm")
-ARM_TITLES = {"baseline": "baseline (full attention)", "ep": "AnLLM-EP", "ac": "AnLLM-AC", "ac_sink": "AnLLM-AC + 4 sinks"}
+PPL_ORDER = ("full", "anchor", "sentence", "streamingllm", "streamingllm_q", "knorm")
+ARM_TITLES = {"baseline": "baseline (full attention)", "ep": "AnLLM-EP", "ac": "AnLLM-AC", "ac_sink": "AnLLM-AC + 4 sinks",
+              "ac_sink_window": "AC + sinks + window", "ac_sink_distill": "AC + sinks + distillation",
+              "ac_sink_window_distill": "AC + sinks + window + distillation"}
 METHOD_TITLES = {"full": "full attention", "anchor": "anchor (AnchorCache)", "sentence": "sentence only (control)",
-                 "streamingllm": "StreamingLLM, same cache", "knorm": "K-norm, same cache"}
+                 "streamingllm": "StreamingLLM, same peak cache", "streamingllm_q": "StreamingLLM, same keys per query",
+                 "knorm": "K-norm, same cache", "ansan": "AnSAN mask (no cache)"}
+STYLES = {"full": ("k", "-"), "anchor": ("tab:blue", "-"), "sentence": ("tab:gray", ":"),
+          "streamingllm": ("tab:orange", "--"), "streamingllm_q": ("tab:red", "--"), "knorm": ("tab:green", "-.")}
 RATIO_TARGET = 1.25
 
 
@@ -49,6 +54,7 @@ def summary(study: "Study") -> dict[str, Any]:
     arms = {}
     for arm, c in r.arms.items():
         arms[arm] = {"status": "done", "tokens": c["tokens"], "steps": c["steps"], "ppl": c["ppl"], "c_red": c.get("c_red"),
+                     "distill": c.get("distill"),
                      "budget": c.get("budget"), "train_s": c.get("train_s"), "exp": c.get("exp"),
                      "overrides": c.get("overrides"),
                      "max_kv": (c["rows"][-1].get("anchor") or {}).get("max_kv")}
@@ -74,8 +80,20 @@ def summary(study: "Study") -> dict[str, Any]:
             qa.setdefault(arm, {}).setdefault(row["task"], {})[row["method"]] = {
                 k: row.get(k) for k in ("acc", "acc_norm", "c_red", "max_kv", "n", "num_fewshot")}
     timings = study.timings()
+    final = {arm: {name: {r["method"]: {k: r.get(k) for k in (
+                "ppl", "ppl_tail", "mean_kv", "peak_kv", "max_kv", "c_red", "n", "dlogppl_vs_anchor", "dlogppl_se", "tokens_tail",
+                "per_doc_nll", "per_doc_nll_tail")} for r in rows if "ppl" in r}
+                   for name, rows in sets.items()} for arm, sets in r.final.items()}
+    longrange: dict[str, Any] = {}
+    for arm, rows in r.longrange.items():
+        for row in rows:
+            if "acc" not in row:
+                continue
+            cell = longrange.setdefault(arm, {}).setdefault(row["task"], {}).setdefault(row["method"], [])
+            cell.append({k: row.get(k) for k in ("length", "depth", "acc", "se", "n", "c_red", "budget", "mean_kv")})
     return {
         "study": str(study.s.name),
+        "title": str(study.s.get("title") or "Do anchors learn? The anchor-learning study"),
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
         "command": command(study),
@@ -90,6 +108,10 @@ def summary(study: "Study") -> dict[str, Any]:
         "arms": arms,
         "recall": recall,
         "qa": qa,
+        "sweeps": r.sweeps,
+        "choices": r.choices,
+        "final": final,
+        "longrange": longrange,
         "timings_s": timings,
         "wall_s": round(sum(timings.values()), 1),
     }
@@ -115,8 +137,7 @@ def write_report(study: "Study") -> Path:
 
 def plot(s: dict[str, Any], out: Path) -> list[str]:
     """One panel per arm: learning curves (PPL vs tokens) and recall (accuracy vs distance)."""
-    styles = {"full": ("k", "-"), "anchor": ("tab:blue", "-"), "sentence": ("tab:gray", ":"),
-              "streamingllm": ("tab:orange", "--"), "knorm": ("tab:green", "-.")}
+    styles = STYLES
 
     def curves(ax: Any, arm: str) -> None:
         a = s["arms"][arm]
@@ -158,8 +179,15 @@ def _panels(path: Path, arms: list[str], draw: Any, xlabel: str, ylabel: str) ->
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel(ylabel)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    # One legend for the whole figure, every line named (a panel may lack some lines, e.g. the
+    # baseline arm has no anchor reading): the union of the panels' labels, in drawing order.
+    handles: dict[str, Any] = {}
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 4), fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.1 if len(handles) <= 4 else 0.16, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -209,24 +237,92 @@ def findings(s: dict[str, Any]) -> list[str]:
         if st is not None:
             parts.append(f"{'better' if an < st else 'worse'} than StreamingLLM at the same cache ({st:.2f})")
         out.append(", ".join(parts) + ".")
-    for arm in ("ac", "ac_sink", "ep"):
-        rec = s["recall"].get(arm)
-        if not rec or "anchor" not in rec or "streamingllm" not in rec:
+    for arm, rec in s["recall"].items():
+        if "anchor" not in rec:
             continue
         far = [i for i, k in enumerate(rec["anchor"]["k"]) if k >= 10]
-        if not far:
-            continue
-        an = sum(rec["anchor"]["acc"][i] for i in far) / len(far)
-        st = sum(rec["streamingllm"]["acc"][i] for i in far) / len(far)
-        reads = rec["anchor"]["n"] * len(far)
-        out.append(f"Recall at k ≥ 10, {ARM_TITLES.get(arm, arm)}: anchor {100 * an:.1f}% vs StreamingLLM at the same cache "
-                   f"{100 * st:.1f}% ({_verdict(an, st, reads)}; chance {100 / s['num_choices']:.0f}%).")
+        for base in ("streamingllm", "streamingllm_q"):
+            if base not in rec or not far:
+                continue
+            an = sum(rec["anchor"]["acc"][i] for i in far) / len(far)
+            st = sum(rec[base]["acc"][i] for i in far) / len(far)
+            reads = rec["anchor"]["n"] * len(far)
+            out.append(f"Recall at k ≥ 10, {ARM_TITLES.get(arm, arm)}: anchor {100 * an:.1f}% vs {METHOD_TITLES[base]} "
+                       f"{100 * st:.1f}% ({_verdict(an, st, reads)}; chance {100 / s['num_choices']:.0f}%).")
+    out += evidence_findings(s)
     return out
+
+
+def _paired(final_rows: dict[str, Any], base: str, tail: bool = False) -> tuple[float, float] | None:
+    """Mean and s.e. of the per-document log-PPL difference base − anchor (positive: anchors better)."""
+    key = "per_doc_nll_tail" if tail else "per_doc_nll"
+    a, b = (final_rows.get("anchor") or {}).get(key), (final_rows.get(base) or {}).get(key)
+    if not a or not b or len(a) != len(b):
+        return None
+    diffs = [y - x for x, y in zip(a, b) if x is not None and y is not None]
+    if len(diffs) < 2:
+        return None
+    m = sum(diffs) / len(diffs)
+    return m, math.sqrt(sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+
+
+def _beats(d: tuple[float, float] | None) -> str:
+    if d is None:
+        return "–"
+    m, se = d
+    word = "anchors win" if m > 2 * se else ("anchors lose" if -m > 2 * se else "no clear difference")
+    return f"{100 * m:+.1f}% ± {100 * se:.1f} ({word})"
+
+
+def evidence_findings(s: dict[str, Any]) -> list[str]:
+    """The Evidence II targets (issue #15), computed: equal-cache PPL both ways with 2-s.e. verdicts,
+    the best arm's anchor/full ratio, long-range tasks, the cost of each lever."""
+    out = []
+    for arm, sets in s.get("final", {}).items():
+        for name, rows in sets.items():
+            for base in ("streamingllm_q", "streamingllm"):
+                for tail in (False, True):
+                    d = _paired(rows, base, tail)
+                    if d is None:
+                        continue
+                    where = " after position 2,048" if tail else ""
+                    out.append(f"{ARM_TITLES.get(arm, arm)}, {name}{where}: log-PPL({METHOD_TITLES[base]}) − log-PPL(anchor) = "
+                               f"{_beats(d)} over {len(rows['anchor']['per_doc_nll'])} documents.")
+    ratios = {arm: rows["l1024"]["anchor"]["ppl"] / rows["l1024"]["full"]["ppl"]
+              for arm, rows in s.get("final", {}).items() if "l1024" in rows and "anchor" in rows["l1024"]}
+    if ratios:
+        best = min(ratios, key=ratios.get)
+        verdict = "met" if ratios[best] <= 1.15 else f"missed by {ratios[best] - 1.15:.2f}"
+        out.append(f"Best arm by anchor/full PPL (1,024 tokens): {ARM_TITLES.get(best, best)} at {ratios[best]:.3f} "
+                   f"(target ≤ 1.15: {verdict}).")
+    for arm, tasks in s.get("longrange", {}).items():
+        for task, methods in tasks.items():
+            if "anchor" not in methods:
+                continue
+            for base in ("streamingllm_q", "streamingllm"):
+                if base not in methods:
+                    continue
+                a = _pool(methods["anchor"])
+                b = _pool(methods[base])
+                out.append(f"{task}, {ARM_TITLES.get(arm, arm)}: anchor {100 * a[0]:.1f}% vs {METHOD_TITLES[base]} "
+                           f"{100 * b[0]:.1f}% over {a[1]} items ({_verdict(a[0], b[0], a[1])}).")
+    for arm, a in s["arms"].items():
+        d = a.get("distill")
+        if d and d.get("step_cost_ratio"):
+            out.append(f"{ARM_TITLES.get(arm, arm)}: distillation made a training step {d['step_cost_ratio']:.2f}× the plain "
+                       f"step on this machine (teacher forward + KL {d['teacher_plus_kl_s']:.0f} s of {d['train_runtime_s']:.0f} s).")
+    return out
+
+
+def _pool(cells: list[dict[str, Any]]) -> tuple[float, int]:
+    """Accuracy pooled over a task's cells (lengths, depths) and the number of items."""
+    n = sum(c["n"] for c in cells)
+    return (sum(c["acc"] * c["n"] for c in cells) / n if n else 0.0), n
 
 
 def markdown(s: dict[str, Any], figures: list[str], out: Path) -> str:
     L = [
-        "# Do anchors learn? The anchor-learning study",
+        f"# {s.get('title') or 'Do anchors learn? The anchor-learning study'}",
         "",
         "Continual pretraining of the same model with four attention arms on the same data, token budget, seed and "
         "optimiser settings, evaluated on documents that training never saw: does AnSAN training make the anchors "
@@ -240,11 +336,14 @@ def markdown(s: dict[str, Any], figures: list[str], out: Path) -> str:
         f"{', '.join('`' + p + '`' for p in s['data'].get('holdout_paths') or []) or 'no whole file'} held out entirely "
         f"plus {100 * float(s['data'].get('holdout_fraction') or 0):g}% of the other documents (`anllm.data.split`); "
         "every evaluation below reads only held-out documents.",
-        "- **Equal cache**: StreamingLLM (4 sinks + recent window) and K-norm (lowest-norm keys per layer and head) "
-        "let every token attend at most the anchor cache's peak for that document/item (`anllm.eval.baselines`); "
-        "*sentence only* hides earlier anchors, so *sentence − anchor* is what the anchors carry.",
+        "- **Equal cache**, two ways: *same peak cache* — StreamingLLM (4 sinks + recent window) and K-norm "
+        "(lowest-norm keys per layer and head) let every token attend at most the anchor cache's peak for that "
+        "document/item (what a fixed-memory deployment faces); *same keys per query* — StreamingLLM gives each token "
+        "exactly as many keys as the anchor reading lets it attend (equal attention cost and mean memory) "
+        "(`anllm.eval.baselines`). *Sentence only* hides earlier anchors, so *sentence − anchor* is what the anchors carry.",
         "",
     ]
+    L += option_sweeps_md(s) + final_md(s) + longrange_md(s)
     if s["sweep"]:
         L += ["## Sweep (AnLLM-AC, short runs)", "",
               "| candidate | settings | steps | tokens | PPL full | PPL anchor | anchor/full |", "|---|---|---:|---:|---:|---:|---:|"]
@@ -305,3 +404,67 @@ def markdown(s: dict[str, Any], figures: list[str], out: Path) -> str:
     L += ["## Timings (seconds, measured by the study)", "", "| stage | s |", "|---|---:|"]
     L += [f"| {k} | {v:.0f} |" for k, v in s["timings_s"].items()] + [""]
     return "\n".join(L)
+
+
+def option_sweeps_md(s: dict[str, Any]) -> list[str]:
+    L: list[str] = []
+    for name, cands in (s.get("sweeps") or {}).items():
+        if not cands:
+            continue
+        L += [f"## Sweep: {name} (short runs of AC + sinks)", "",
+              "The winner has the lowest log PPL(anchor) − log PPL(StreamingLLM, same keys per query): the margin over a "
+              "window at equal attention cost, not anchor PPL alone (a bigger window always lowers that).", "",
+              "| candidate | settings | tokens | PPL full | PPL anchor | StreamingLLM (same keys/query) | margin | mean keys | peak keys |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for cand, r in cands.items():
+            mark = " **(chosen)**" if s.get("choices", {}).get(name) == cand else ""
+            L.append(f"| {cand}{mark} | `{' '.join(r['overrides'])}` | {r['tokens']:,} | {_f(r.get('ppl_full'))} | "
+                     f"{_f(r.get('ppl_anchor'))} | {_f(r.get('ppl_streamingllm_q'))} | {_f(r.get('margin'), '{:+.3f}')} | "
+                     f"{_f(r.get('mean_kv'), '{:.1f}')} | {_f(r.get('max_kv'), '{:.1f}')} |")
+        L.append("")
+    return L
+
+
+def final_md(s: dict[str, Any]) -> list[str]:
+    final = s.get("final") or {}
+    if not final:
+        return []
+    L = ["## Held-out perplexity at equal cache (final checkpoints)", "",
+         "Mean keys: keys a token attends, averaged over the document's tokens; peak keys: the most any token attends. "
+         "Δ vs anchor: mean over documents of log-PPL(method) − log-PPL(anchor) ± its standard error (positive: the "
+         "anchor reading is better; a win needs more than 2 s.e.).", "",
+         "| arm | set | method | PPL | PPL after 2,048 | mean keys | peak keys | Δ vs anchor | Δ after 2,048 |",
+         "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for arm, sets in final.items():
+        for name, rows in sets.items():
+            for m in PPL_ORDER:
+                if m not in rows:
+                    continue
+                r = rows[m]
+                d = _beats(_paired(rows, m)) if m != "anchor" else "–"
+                dt = _beats(_paired(rows, m, tail=True)) if m != "anchor" and r.get("ppl_tail") else "–"
+                L.append(f"| {ARM_TITLES.get(arm, arm)} | {name} | {METHOD_TITLES.get(m, m)} | {_f(r['ppl'])} | "
+                         f"{_f(r.get('ppl_tail'))} | {_f(r.get('mean_kv'), '{:.1f}')} | {_f(r.get('peak_kv'), '{:.1f}')} | {d} | {dt} |")
+    L.append("")
+    return L
+
+
+def longrange_md(s: dict[str, Any]) -> list[str]:
+    lr = s.get("longrange") or {}
+    if not lr:
+        return []
+    lengths = sorted({c["length"] for arm in lr.values() for t in arm.values() for cells in t.values() for c in cells})
+    L = ["## Long-range tasks (passkey, multi-key needle, variable tracking)", "",
+         "Teacher-forced exact match (greedy decoding would produce the answer); passkey pooled over depths 10–90%. "
+         "± binomial standard error.", "",
+         "| arm | task | method | " + " | ".join(f"{n:,} tokens" for n in lengths) + " |", "|---|---|---|" + "---:|" * len(lengths)]
+    for arm, tasks in lr.items():
+        for task, methods in tasks.items():
+            for m, cells in methods.items():
+                vals = []
+                for n in lengths:
+                    acc, k = _pool([c for c in cells if c["length"] == n])
+                    vals.append("–" if not k else f"{100 * acc:.0f} ± {100 * math.sqrt(acc * (1 - acc) / k):.0f}")
+                L.append(f"| {ARM_TITLES.get(arm, arm)} | {task} | {METHOD_TITLES.get(m, m)} | " + " | ".join(vals) + " |")
+    L.append("")
+    return L

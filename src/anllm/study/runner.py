@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -27,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 REPO = Path(__file__).resolve().parents[3]
 CONF_DIR = REPO / "conf"
-STAGES = ("sweep", "arms", "recall", "qa")
+STAGES = ("sweep", "sweeps", "arms", "final", "recall", "longrange", "qa")
 log = logging.getLogger("anllm.study")
 
 
@@ -51,6 +52,12 @@ class Results:
     arms: dict[str, dict[str, Any]] = field(default_factory=dict)
     recall: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     qa: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # Evidence II: named sweeps of arm options (window, distillation weight) and their winners,
+    # the final equal-cache perplexity sets per arm, and the long-range tasks.
+    sweeps: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    choices: dict[str, str] = field(default_factory=dict)
+    final: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
+    longrange: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 class Study:
@@ -60,7 +67,7 @@ class Study:
         self.cfg = cfg
         self.s = cfg.study
         self.work = (REPO / str(cfg.work_dir)).resolve() if not Path(str(cfg.work_dir)).is_absolute() else Path(str(cfg.work_dir))
-        self.report_dir = Path(str(cfg.report_dir))
+        self.report_dir = Path(str(cfg.get("report_dir") or cfg.study.report_dir))
         if not self.report_dir.is_absolute():
             self.report_dir = REPO / self.report_dir
         self.data_dir = Path(str(cfg.data_dir)).expanduser()
@@ -197,7 +204,8 @@ class Study:
 
             torch.set_num_threads(int(self.cfg.num_threads))
         stages = list(self.cfg.stages)
-        steps = [("sweep", self.sweep), ("arms", self.arms), ("recall", self.recall), ("qa", self.qa)]
+        steps = [("sweep", self.sweep), ("sweeps", self.option_sweeps), ("arms", self.arms), ("final", self.final),
+                 ("recall", self.recall), ("longrange", self.longrange), ("qa", self.qa)]
         for name, fn in steps:
             if name in stages:
                 fn()
@@ -218,16 +226,52 @@ class Study:
         self.results.chosen = min(self.results.sweep, key=lambda n: self.results.sweep[n]["ppl_anchor"])
 
     def chosen_overrides(self) -> list[str]:
+        """The optimiser settings every arm uses: ``study.hp`` when fixed (Evidence II reuses the first
+        study's winner), else the optimiser sweep's winner."""
+        if self.s.get("hp") is not None:
+            return list(self.s.hp)
         if self.results.chosen is None:
             self.sweep()
         return list(self.s.sweep.candidates[self.results.chosen])
 
+    def option_sweeps(self) -> None:
+        """Short runs of one arm with each candidate option set (``study.sweeps.<name>``, e.g. the window
+        W or the distillation weight λ); the winner has the best anchor reading *against StreamingLLM at
+        equal keys per query* (lowest log PPL(anchor) − log PPL(streamingllm_q)): the quantity the
+        study is about, not anchor PPL alone (a bigger window always lowers that)."""
+        for name, sw in (self.s.get("sweeps") or {}).items():
+            base = self.s.arm_specs[sw.arm]
+            done = self.results.sweeps.setdefault(name, {})
+            for cand, extra in sw.candidates.items():
+                overrides = [*self.chosen_overrides(), *base.overrides, *extra]
+                run = f"sweep-{name}/{cand}"
+                out = self.train(run, base.exp, overrides, int(sw.tokens), 1)
+                r = self.ppl(out, self.work / run / "eval", ["full", "anchor", "streamingllm_q"])
+                done[cand] = {"overrides": list(extra), "steps": self.steps_for(sw.tokens, overrides),
+                              "tokens": _tokens_seen(out), **{f"ppl_{m}": r[m]["ppl"] for m in r},
+                              "mean_kv": r["anchor"].get("mean_kv"), "max_kv": r["anchor"].get("peak_kv"),
+                              "margin": math.log(r["anchor"]["ppl"]) - math.log(r["streamingllm_q"]["ppl"]),
+                              "train_s": self.timings().get(f"train/{run}")}
+                log.info("sweep %s/%s: anchor %.2f streamingllm_q %.2f", name, cand, r["anchor"]["ppl"],
+                         r["streamingllm_q"]["ppl"])
+                self.publish()
+            self.results.choices[name] = min(done, key=lambda c: done[c]["margin"])
+
+    def arm_overrides(self, arm: str) -> list[str]:
+        """An arm's overrides: the optimiser settings, its own, then the winners of the sweeps it uses."""
+        spec = self.s.arm_specs[arm]
+        out = [*self.chosen_overrides(), *spec.overrides]
+        for name in spec.get("uses") or []:
+            if name not in self.results.choices:
+                self.option_sweeps()
+            out += list(self.s.sweeps[name].candidates[self.results.choices[name]])
+        return out
+
     def arms(self) -> None:
         """Every arm: step 0, training, held-out PPL at every saved checkpoint."""
-        hp = self.chosen_overrides()
         for arm in self.s.arms:
             spec = self.s.arm_specs[arm]
-            overrides = [*hp, *spec.overrides]
+            overrides = self.arm_overrides(arm)
             methods = list(self.s.ppl.methods)
             points = [(0, self.step0(arm, spec.exp, overrides))]
             out = self.train(arm, spec.exp, overrides, int(self.s.tokens), int(self.s.checkpoints))
@@ -241,10 +285,53 @@ class Study:
                 for m, r in rows.items():
                     curve["ppl"].setdefault(m, []).append(r["ppl"])
             final = curve["rows"][-1]
-            curve.update(exp=spec.exp, overrides=overrides, final_dir=str(out),
+            run_summary = out / "anllm_train_summary.json"
+            distill = json.loads(run_summary.read_text()).get("distill") if run_summary.is_file() else None
+            curve.update(exp=spec.exp, overrides=overrides, final_dir=str(out), distill=distill,
                          c_red=(final.get("anchor") or {}).get("c_red"), budget=_budget(final),
                          train_s=self.timings().get(f"train/{arm}"))
             self.results.arms[arm] = curve
+            self.publish()
+
+    def final(self) -> None:
+        """The final checkpoint of every arm on the larger equal-cache sets (``study.final``: e.g. 32
+        documents of 1,024 and of 4,096 tokens, the tail after 2,048), all methods, per-document scores."""
+        for arm in self.s.arms:
+            out = self.work / arm
+            if not _finished(out, None):
+                log.warning("final: arm %s has not finished training; skipped", arm)
+                continue
+            for name, f in (self.s.get("final") or {}).items():
+                rows = self.evaluate(
+                    out, out / "eval" / f"final-{name}", ["suite=ppl", "tasks=[holdout]", f"limit={f.num_documents}"],
+                    {"ppl.data": self.data, "ppl.methods": list(f.methods), "ppl.max_tokens": f.max_tokens,
+                     "ppl.min_chars": f.min_chars, "ppl.select": f.select, "ppl.chunk_size": f.chunk_size,
+                     "ppl.tail_from": f.get("tail_from")},
+                )
+                docs = out / "eval" / f"final-{name}" / "tasks" / "ppl" / "holdout" / "documents.json"
+                per_doc = json.loads(docs.read_text()) if docs.is_file() else {}
+                self.results.final.setdefault(arm, {})[name] = [
+                    {**r, "per_doc_nll": [d["nll"] / d["tokens"] for d in per_doc.get(r["method"], [])],
+                     "per_doc_nll_tail": [d["nll_tail"] / d["tokens_tail"] if d.get("tokens_tail") else None
+                                          for d in per_doc.get(r["method"], [])]}
+                    for r in rows]
+                self.publish()
+
+    def longrange(self) -> None:
+        """Passkey, multi-key needle and variable tracking (``evaluate.py suite=longrange``) on final checkpoints."""
+        lr = self.s.get("longrange")
+        if not lr:
+            return
+        for arm in [a for a in self.s.arms if a in (lr.get("arms") or self.s.arms)]:
+            out = self.work / arm
+            if not _finished(out, None):
+                log.warning("longrange: arm %s has not finished training; skipped", arm)
+                continue
+            tasks = "[" + ",".join(lr.tasks) + "]"
+            opts = {f"longrange.{k}": (OmegaConf.to_container(v) if OmegaConf.is_config(v) else v)
+                    for k, v in lr.items() if k not in ("arms", "tasks")}
+            self.results.longrange[arm] = self.evaluate(out, out / "eval" / "longrange", ["suite=longrange", f"tasks={tasks}"],
+                                                        {"longrange.data": self.data, **opts})
             self.publish()
 
     def recall(self) -> None:
