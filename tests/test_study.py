@@ -131,7 +131,7 @@ def evidence_run(tmp_path_factory, shared_data):
     docs.write_text("\n".join(json.dumps({"text": " ".join(
         f"Sentence number {i} of document {d} is here and it is plain." for i in range(60))}) for d in range(8)))
     overrides = ["study=tiny2", f"study.data.paths=[{docs}]", f"work_dir={tmp / 'work'}",
-                 f"report_dir={tmp / 'report'}", f"data_dir={shared_data}", "stages=[sweeps,arms,final,longrange]"]
+                 f"report_dir={tmp / 'report'}", f"data_dir={shared_data}", "stages=[sweep,sweeps,arms,final,longrange]"]
     return tmp, Study(compose("study", overrides)).run()
 
 

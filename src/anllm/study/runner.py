@@ -213,7 +213,10 @@ class Study:
         return self.results
 
     def sweep(self) -> None:
-        """Short AC runs with each optimiser candidate; the lowest held-out anchor PPL wins."""
+        """Short AC runs with each optimiser candidate; the lowest held-out anchor PPL wins (nothing to do
+        when ``study.hp`` fixes the optimiser settings)."""
+        if self.s.get("hp") is not None or not self.s.sweep.run:
+            return
         for name in self.s.sweep.run:
             overrides = self.s.sweep.candidates[name]
             run = f"sweep/{name}"
