@@ -37,7 +37,7 @@ try:
 except ImportError as e:  # a broken DeepSpeed install must not silently turn this module off in CI
     from conftest import skip_or_fail
 
-    skip_or_fail(f"deepspeed cannot be imported: {e}")
+    skip_or_fail(f"deepspeed cannot be imported: {e}", module_level=True)
 
 DRIVER = textwrap.dedent(
     """
