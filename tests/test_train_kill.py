@@ -66,6 +66,34 @@ def same_weights(a: Path, b: Path) -> None:
 # a wider tiny model (~100 MB with its optimizer): steps and saves take long enough to be hit
 SIZE = ["model.tiny.hidden_size=512", "model.tiny.num_layers=4"]
 
+# train.py's own code path (compose + anllm.train.run) plus a callback that marks when step 3 has
+# begun and when it has ended, so the test can kill provably *inside* a step.
+MARKED = """
+import sys
+from pathlib import Path
+from hydra import compose, initialize_config_dir
+from transformers import TrainerCallback
+from anllm.train import run
+from anllm.train.config import CONF_DIR
+
+marks = Path(sys.argv[1])
+
+class Mark(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kw):
+        (marks / f"begun-{state.global_step + 1}").touch()
+    def on_step_end(self, args, state, control, **kw):
+        (marks / f"ended-{state.global_step}").touch()
+
+with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    cfg = compose("train", overrides=sys.argv[2:])
+run(cfg, callbacks=[Mark()])
+"""
+
+
+def steps_logged(log: str) -> int:
+    """Optimizer steps a run took (logging_steps=1: one loss line per step)."""
+    return sum(1 for line in log.splitlines() if line.startswith("{'loss'"))
+
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> tuple[Path, Path]:
@@ -80,12 +108,20 @@ def test_sigkilled_training_resumes_to_the_uninterrupted_weights(tmp_path, refer
     ref, cache = reference
     size = SIZE
     out = tmp_path / "run"
-    proc = start("train.py", *train_args(out, cache, *size))
     if moment == "mid-step":
-        wait_for(lambda: (out / "checkpoint-2" / MARKER).is_file(), proc)  # saved; step 3 starts now
+        marks = tmp_path / "marks"
+        marks.mkdir()
+        driver = tmp_path / "marked_train.py"
+        driver.write_text(MARKED)
+        proc = start(str(driver), str(marks), *train_args(out, cache, *size))
+        wait_for(lambda: (marks / "begun-3").is_file(), proc)  # checkpoint-2 is saved; step 3 is running
     else:
+        proc = start("train.py", *train_args(out, cache, *size))
         wait_for(lambda: (out / "checkpoint-4").is_dir(), proc)  # the Trainer has started writing it
     kill(proc)
+    if moment == "mid-step":
+        assert not (marks / "ended-3").exists(), "the kill came after step 3 finished"
+        assert (out / "checkpoint-2" / MARKER).is_file()
     assert (out / ".anllm_train.lock").is_file()  # the dead run's lock file is still there...
     if moment == "mid-save":
         assert not (out / "checkpoint-4" / MARKER).exists(), "the kill came after the save finished"
@@ -94,6 +130,8 @@ def test_sigkilled_training_resumes_to_the_uninterrupted_weights(tmp_path, refer
     summary = json.loads((out / "anllm_train_summary.json").read_text())
     assert summary["global_step"] == 6
     assert str(summary["resumed_from"]).endswith("checkpoint-2")  # the newest *complete* checkpoint
+    # it continued from step 2 (4 steps), not a retrain from scratch with the same seed (6 steps)
+    assert steps_logged(log) == 4, log[-3000:]
     if moment == "mid-save":  # the half-written checkpoint was set aside, never loaded
         assert any(p.name.startswith("checkpoint-4.") for p in (out / QUARANTINE).iterdir())
         assert "was not complete" in log
