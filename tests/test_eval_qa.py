@@ -262,3 +262,229 @@ def test_full_mode_reproduces_stock_hflm(shared_data, tokenizer, tmp_path):
     assert len(out["hf"]) == 3
     for a, b in zip(out["hf"], out["anllm"]):
         assert a == pytest.approx(b, abs=1e-4)
+
+
+# ---- baselines: which keys they keep (compress once) and what they attend (streaming) -----------------
+
+def _options_model(**cfg):
+    """Tiny Llama whose only anchor is token 5, with extra AnSAN options."""
+    model = tiny_llama()
+    model.config.anllm = AnchorConfig(mode="ep", anchor_token_ids=[5], **cfg).to_dict()
+    anllm.prepare_model(model, None)
+    return model
+
+
+# Groups of different lengths (left padding inside a batch), sentences of various sizes ending in 5;
+# one continuation holds an anchor itself.
+_CTX = {
+    "a": [1, 10, 11, 12, 13, 5, 14, 15, 5, 16, 17, 18, 19, 20, 21, 5, 22, 23, 24],
+    "b": [1, 60, 61, 62, 63, 64, 65, 66, 5, 67, 68],
+    "c": [1, 80, 81, 5, 82, 83, 84, 85, 86, 87, 88, 89, 90, 5, 91, 92, 93, 94, 95, 96, 97, 98, 5, 99],
+    "d": [1, 50],
+}
+_CONTS = {"a": [[30, 31, 32], [40], [41, 5, 42, 43]], "b": [[70, 71], [72]], "c": [[100, 101], [102, 103, 104]],
+          "d": [[51, 52]]}
+STREAM_REQS = [((g, i), _CTX[g], c) for g, conts in _CONTS.items() for i, c in enumerate(conts)]
+
+
+def _oracle_rows(model, seq):
+    """Keys each token of ``seq`` attends under the model's AnSAN rule, from the loop oracle."""
+    from oracles import reference_mask
+
+    o = model._anllm_attention.options
+    M = reference_mask([t == 5 for t in seq], [True] * len(seq), None, num_sink_tokens=o.num_sink_tokens,
+                       anchors_see_anchors=o.anchors_see_anchors, window=o.window)
+    return [sum(r) for r in M]
+
+
+def _masked_logprob(model, seq, cont, mask=None):
+    """log P(cont | context) of one plain forward (anchor rule off) over ``seq = context + cont[:-1]``
+    with a hand-given ``[L, L]`` mask (default: causal)."""
+    L = len(seq)
+    mask = torch.ones((L, L), dtype=torch.bool).tril() if mask is None else torch.tensor(mask)
+    with torch.no_grad(), anllm.anchor_attention(model, enabled=False):
+        logits = model(input_ids=torch.tensor([seq]), attention_mask=mask[None, None]).logits.float()
+    logp = torch.log_softmax(logits, -1)[0]
+    start = L - len(cont)  # cont[j] is predicted at position len(context) - 1 + j
+    return sum(float(logp[start + j, t]) for j, t in enumerate(cont))
+
+
+@pytest.mark.parametrize("cfg", [{}, {"num_sink_tokens": 1, "window": 2}], ids=["plain-rule", "sinks+window"])
+def test_streaming_baseline_matches_oracle_mask_and_budget(cfg):
+    """streamingllm_stream(_q): left-padded batched scores equal a plain forward of each context +
+    continuation with the loop oracle's StreamingLLM mask, at the oracle AnSAN peak (or per-token) budget."""
+    from oracles import streaming_reference
+
+    model = _options_model(**cfg)
+    modes = ["full", "anchor", "streamingllm", "streamingllm_stream", "streamingllm_stream_q"]
+    scorer = MultiModeScorer(model, modes, batch_size=3, warmup=False, num_sink_tokens=2)
+    scorer.score(STREAM_REQS)
+    differs, truncated = 0, 0
+    for key, ctx, cont in STREAM_REQS:
+        seq = ctx + cont[:-1]  # what is fed: the last continuation token is predicted, never fed
+        L = len(seq)
+        per_query = _oracle_rows(model, seq)
+        budget = max(per_query)  # the anchor reading's peak for this context + continuation
+        truncated += budget < L
+        s = scorer.result("streamingllm_stream", key)
+        ref = _masked_logprob(model, seq, cont, streaming_reference(L, [budget] * L, 2))
+        assert s.logprob == pytest.approx(ref, abs=1e-4), key
+        assert (s.kv_total, s.kv_kept, s.peak_kv) == (L, min(budget, L), budget), key
+        q = scorer.result("streamingllm_stream_q", key)
+        ref_q = _masked_logprob(model, seq, cont, streaming_reference(L, per_query, 2))
+        assert q.logprob == pytest.approx(ref_q, abs=1e-4), key
+        assert (q.kv_total, q.kv_kept, q.peak_kv) == (L, per_query[-1], budget), key
+        # Peaks: full = everything; anchor >= what its tokens attend; compress-once = the full context first.
+        full, anc, comp = (scorer.result(m, key) for m in ("full", "anchor", "streamingllm"))
+        assert full.peak_kv == full.kv_total == L
+        assert anc.peak_kv >= budget and anc.peak_kv >= anc.kv_kept
+        if len(ctx) >= 2:
+            assert comp.peak_kv == max(len(ctx) - 1, comp.kv_kept)
+        differs += abs(s.logprob - comp.logprob) > 1e-3
+    assert truncated >= 4  # the budget bites (otherwise streaming would be the full forward)
+    assert differs >= 1  # streaming and compress-once are different methods
+
+
+def test_anchor_peak_is_the_ansan_peak_when_continuations_have_no_anchor():
+    """Token by token, the anchor cache holds what its tokens attend: the streaming budget is the anchor's peak."""
+    model = _options_model()
+    scorer = MultiModeScorer(model, ["anchor", "streamingllm_stream"], batch_size=3, warmup=False)
+    scorer.score(STREAM_REQS)
+    for key, ctx, cont in STREAM_REQS:
+        if 5 not in cont:
+            assert scorer.result("anchor", key).peak_kv == scorer.result("streamingllm_stream", key).peak_kv, key
+
+
+def _kept_attention(model, masks):
+    """Context manager: each layer attends with ``masks[layer]`` (``[1, H_kv, L, L]`` bool, per KV head)
+    instead of the mask it is given."""
+    import contextlib
+
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def forward(module, query, key, value, attention_mask, **kw):
+        m = masks[module.layer_idx].repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        return sdpa_attention_forward(module, query, key, value, m, **kw)
+
+    @contextlib.contextmanager
+    def ctx():
+        AttentionInterface.register("anllm_test_kept", forward)
+        before = model.config._attn_implementation
+        model.set_attn_implementation("anllm_test_kept")
+        try:
+            yield
+        finally:
+            model.set_attn_implementation(before)
+
+    return ctx()
+
+
+def _kept_positions(model, method, ctx, keep, sinks):
+    """Per layer, ``[H_kv, keep]`` context positions (of ``ctx[:-1]``) a compress-once cache keeps, by hand."""
+    from oracles import streaming_reference
+
+    n = len(ctx) - 1
+    cfg = model.config
+    n_kv = cfg.num_key_value_heads
+    if method == "streamingllm":  # what the last prefilled token's rolling window would hold
+        row = streaming_reference(n, [keep] * n, sinks)[n - 1]
+        pos = torch.tensor([k for k in range(n) if row[k]])
+        return [pos[None].expand(n_kv, -1) for _ in range(cfg.num_hidden_layers)]
+    # knorm: the keep lowest-norm keys per layer and KV head, from a plain forward's cache of ctx[:-1]
+    with torch.no_grad(), anllm.anchor_attention(model, enabled=False):
+        cache = model(input_ids=torch.tensor([ctx[:-1]]), use_cache=True).past_key_values
+    return [layer.keys[0].float().norm(dim=-1).topk(keep, largest=False).indices.sort(-1).values
+            for layer in cache.layers]
+
+
+@pytest.mark.parametrize("method", ["streamingllm", "knorm"])
+def test_compress_once_baselines_keep_the_right_keys(method):
+    """Compress-once scores equal a plain forward of context + continuation in which the fed tokens (the
+    last context token and the continuation) attend only the hand-picked kept context keys and each other,
+    and the context itself is read causally (its keys are computed over the whole context, as in the prefill)."""
+    model = _hand_model()
+    reqs = [r for r in STREAM_REQS if len(r[1]) >= 2]
+    scorer = MultiModeScorer(model, ["anchor", method], batch_size=3, warmup=False, num_sink_tokens=2)
+    scorer.score(reqs)
+    cfg = model.config
+    bites = 0
+    for key, ctx, cont in reqs:
+        n = len(ctx) - 1  # the prefilled and compressed part: the context minus its last token
+        kept_ctx = scorer.result("anchor", key).kv_kept - (len(cont) - 1)  # the anchor cache's budget
+        keep = min(kept_ctx - 1, n)
+        bites += keep < n
+        assert scorer.result(method, key).kv_kept == keep + len(cont)
+        seq = ctx + cont[:-1]
+        L = len(seq)
+        masks = []
+        for pos in _kept_positions(model, method, ctx, keep, sinks=2):
+            m = torch.ones((L, L), dtype=torch.bool).tril()[None].repeat(cfg.num_key_value_heads, 1, 1)
+            m[:, n:, :n] = False
+            for h in range(cfg.num_key_value_heads):
+                m[h, n:, pos[h]] = True
+            masks.append(m[None])
+        with _kept_attention(model, masks):
+            ref = _masked_logprob(model, seq, cont)
+        assert scorer.result(method, key).logprob == pytest.approx(ref, abs=1e-4), key
+    assert bites >= 4  # compression drops keys in most groups
+
+
+def test_compress_once_streamingllm_equals_a_forward_over_the_kept_tokens_at_their_positions():
+    """One layer (keys are then a function of token and position only): compress-once StreamingLLM equals
+    the plain model run on [kept context tokens + last context token + continuation] with the ORIGINAL
+    position ids (the kept keys keep their RoPE rotation). With more layers this shortcut is not exact: a
+    kept key was computed over the whole context."""
+    from oracles import streaming_reference
+
+    model = tiny_llama(num_layers=1)
+    model.config.anllm = AnchorConfig(mode="ep", anchor_token_ids=[5]).to_dict()
+    anllm.prepare_model(model, None)
+    reqs = [r for r in STREAM_REQS if len(r[1]) >= 2]
+    scorer = MultiModeScorer(model, ["anchor", "streamingllm"], batch_size=3, warmup=False, num_sink_tokens=2)
+    scorer.score(reqs)
+    for key, ctx, cont in reqs:
+        n = len(ctx) - 1
+        keep = min(scorer.result("anchor", key).kv_kept - len(cont), n)
+        row = streaming_reference(n, [keep] * n, 2)[n - 1]
+        kept = [k for k in range(n) if row[k]]
+        tokens = [ctx[k] for k in kept] + ctx[n:] + cont[:-1]
+        pos = kept + list(range(n, n + len(cont)))
+        with torch.no_grad(), anllm.anchor_attention(model, enabled=False):
+            logits = model(input_ids=torch.tensor([tokens]), position_ids=torch.tensor([pos])).logits.float()
+        logp = torch.log_softmax(logits, -1)[0, len(kept):]
+        ref = sum(float(logp[j, t]) for j, t in enumerate(cont))
+        assert scorer.result("streamingllm", key).logprob == pytest.approx(ref, abs=1e-4), key
+
+
+def test_streaming_baselines_need_an_anchor_model_and_are_valid_qa_baselines(shared_data):
+    from anllm.eval.qa import check_config
+
+    with pytest.raises(ValueError, match="anchor-aware"):
+        MultiModeScorer(tiny_llama(), ["full", "streamingllm_stream"])
+    MultiModeScorer(_hand_model(), ["full", "streamingllm_stream_q"])  # no anchor mode needed
+    check_config(_cfg(shared_data, qa={"baselines": ["streamingllm_stream", "streamingllm_stream_q", "knorm"]}))
+    with pytest.raises(ValueError, match="Unknown baseline"):
+        check_config(_cfg(shared_data, qa={"baselines": ["streaming"]}))
+
+
+def test_lm_eval_rows_report_peak_kv_for_every_mode(shared_data, tokenizer, tmp_path):
+    from anllm.eval.report import build_tables
+
+    bundle = _bundle(tokenizer, "ep")
+    cfg = _cfg(shared_data, limit=2, qa={"baselines": ["streamingllm", "streamingllm_stream", "streamingllm_stream_q"]})
+    rows = run_task(bundle, cfg, "arc_easy", tmp_path)
+    by = {r["method"]: r for r in rows}
+    assert set(by) == {"full", "ansan", "anchor", "streamingllm", "streamingllm_stream", "streamingllm_stream_q"}
+    assert all(r["peak_kv"] is not None for r in rows)
+    # compress-once prefills the whole context; the streaming baselines never hold more than anchor's peak
+    assert by["full"]["peak_kv"] >= by["streamingllm"]["peak_kv"] > by["anchor"]["peak_kv"]
+    assert by["streamingllm_stream"]["peak_kv"] <= by["anchor"]["peak_kv"]
+    assert by["streamingllm_stream_q"]["peak_kv"] == by["streamingllm_stream"]["peak_kv"]
+    assert by["streamingllm"]["max_kv"] == by["anchor"]["max_kv"]  # equal kept budget, unequal peak
+    preds = _predictions(tmp_path / "predictions_0shot.jsonl")
+    for p in preds:
+        assert p["streamingllm_stream"]["peak_kv"] == p["streamingllm_stream_q"]["peak_kv"]
+        assert all(k <= pk for k, pk in zip(p["streamingllm_stream"]["kv_kept"], p["streamingllm_stream"]["peak_kv"]))
+    detail = next(t for t in build_tables(rows, ["qa"]) if t.name == "qa_details")
+    assert "PeakKV" in detail.headers

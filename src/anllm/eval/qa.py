@@ -5,9 +5,19 @@ Per task and few-shot setting, one :class:`MultiModeScorer` computes every mode 
 mode's memoised scores, so accuracy metrics are lm-eval's own. Rows per mode: ``acc``/``acc_norm``
 (as lm-eval reports them), ``c_red`` (C⇓ = 1 − Σ kept / Σ total KV entries at scoring time, over
 every scored choice), ``max_kv`` (per example, the largest cache a choice was scored against,
-averaged over examples), ``time_s`` and ``t_up`` (T⇑ = time(full) / time(mode)), ``agree`` (share
-of examples whose predicted choice equals the reference mode's: ``ansan`` for ``anchor``, ``full``
-for the rest). Per-example predictions go to ``<task dir>/predictions_<k>shot.jsonl``.
+averaged over examples), ``peak_kv`` (per example, the most entries the mode's cache held at any
+point while reading the context and scoring a choice, averaged over examples: ``full`` the context +
+continuation, ``anchor`` the anchor cache's peak, compress-once baselines the full context they
+prefill before compressing, streaming baselines their budget; see :mod:`anllm.eval.scoring`),
+``time_s`` and ``t_up`` (T⇑ = time(full) / time(mode)), ``agree`` (share of examples whose
+predicted choice equals the reference mode's: ``ansan`` for ``anchor``, ``full`` for the rest).
+Per-example predictions go to ``<task dir>/predictions_<k>shot.jsonl``.
+
+Baselines (``qa.baselines``, anchor models only): ``streamingllm`` and ``knorm`` compress the
+prefilled context's cache once to the anchor cache's kept size (KV-press style: peak = the full
+context); ``streamingllm_stream`` reads context and continuation with a StreamingLLM cache bounded
+from the start by the anchor reading's peak, and ``streamingllm_stream_q`` with the AnSAN rule's
+keys per token (equal attention cost).
 """
 
 from __future__ import annotations
@@ -183,6 +193,12 @@ def cache_metrics(per_example: list[list[Scored]]) -> dict[str, Any]:
     }
 
 
+def peak_metrics(per_example: list[list[Scored]]) -> dict[str, Any]:
+    """PeakKV = mean over examples of the largest peak cache any of its choices needed."""
+    peaks = [max(x.peak_kv for x in ex) for ex in per_example if ex]
+    return {"peak_kv": sum(peaks) / len(peaks) if peaks else None}
+
+
 def _rows(
     task: str, info: Any, k: int, source: str, modes: list[str], scorer: MultiModeScorer,
     per_mode: dict[str, dict[str, Any]], out_dir: Path, limit: Any,
@@ -191,7 +207,8 @@ def _rows(
     rows = []
     for mode in modes:
         metrics, samples = per_mode[mode]["metrics"], per_mode[mode]["samples"]
-        cache = cache_metrics([[scorer.result(mode, key) for key in _request_keys(s)] for s in samples])
+        scored = [[scorer.result(mode, key) for key in _request_keys(s)] for s in samples]
+        cache = {**cache_metrics(scored), **peak_metrics(scored)}
         ref = "ansan" if mode == "anchor" and "ansan" in preds else "full"
         agree = None
         if ref in preds and ref != mode:
@@ -233,6 +250,7 @@ def _rows(
                     "logprobs": [scorer.result(m, key).logprob for key in keys],
                     "kv_kept": [scorer.result(m, key).kv_kept for key in keys],
                     "kv_total": [scorer.result(m, key).kv_total for key in keys],
+                    "peak_kv": [scorer.result(m, key).peak_kv for key in keys],
                 }
             fh.write(json.dumps(rec) + "\n")
     return rows
@@ -243,6 +261,6 @@ SUITE = Suite(
     tasks=tuple(QA_TASKS),
     default_tasks=PAPER_ORDER,
     run_task=run_task,
-    describe="Multiple-choice QA (lm-eval): acc, C⇓, T⇑, MaxKV per mode",
+    describe="Multiple-choice QA (lm-eval): acc, C⇓, T⇑, MaxKV, PeakKV per mode",
     check=check_config,
 )

@@ -41,6 +41,7 @@ COLUMNS: dict[str, tuple[str, Any]] = {
     "c_red": ("C⇓ %", _pct),
     "c_red_peak": ("C⇓ peak %", _pct),
     "max_kv": ("MaxKV", _f1),
+    "peak_kv": ("PeakKV", _f1),
     "kv_kept": ("KV kept", str),
     "kv_total": ("KV total", str),
     "time_s": ("Time s", _f2),
@@ -62,7 +63,12 @@ QA_CAPTION = (
     "the context for every choice (the paper's baseline). Scoring compute on the same examples, modes run "
     "batch by batch side by side after a warm-up. full = causal attention with a full cache; ansan = AnSAN mask over "
     "whole sequences (no cache); anchor = AnSAN + anchor-pruned cache (prefill once, score every choice); "
-    "baselines = causal attention with the context cache compressed to the anchor cache's size, per example. "
+    "streamingllm/knorm = causal attention with the context cache compressed once to the anchor cache's size, "
+    "per example. "
+    "streamingllm_stream = StreamingLLM bounded from the start: every token attends at most the anchor reading's "
+    "peak keys (sinks + most recent); _q: as many keys per token as under AnSAN. MaxKV: the largest cache a choice "
+    "is scored against; PeakKV: the most keys held at any point while reading and scoring (compress-once "
+    "baselines: the full context, prefilled before compression; streaming: the budget), means over examples. "
     "Avg only when every task has a value."
 )
 CAPTIONS = {
@@ -85,7 +91,8 @@ CAPTIONS = {
         "Budget keys (the anchor reading's peak); streamingllm_q: as many keys per token as the anchor reading."
     ),
 }
-METHOD_ORDER = ("full", "stock", "ansan", "anchor", "anchor+src", "sentence", "streamingllm", "knorm")
+METHOD_ORDER = ("full", "stock", "ansan", "anchor", "anchor+src", "sentence", "streamingllm", "knorm",
+                "streamingllm_stream", "streamingllm_stream_q")
 
 
 # ---- per-task files ---------------------------------------------------------------------------
@@ -197,7 +204,7 @@ def qa_tables(rows: list[dict[str, Any]], task_order: Iterable[str], short: dict
         keys = ["method"] + ["acc"] * len(tasks) + ["acc", "c_red", "t_up", "t_up_stock"]
         tables.append(Table(f"qa_{k}shot", f"QA, {k}-shot: accuracy (%), cache reduction, speed-up", headers, body, keys,
                             caption=QA_CAPTION))
-    detail_keys = ["acc", "acc_norm", "c_red", "max_kv", "time_s", "t_up", "t_up_stock", "agree", "n"]
+    detail_keys = ["acc", "acc_norm", "c_red", "max_kv", "peak_kv", "time_s", "t_up", "t_up_stock", "agree", "n"]
     body = []
     for r in sorted(qa, key=lambda r: (r.get("num_fewshot") or 0, list(tasks).index(r["task"]) if r["task"] in tasks else 99, _method_key(r["method"]))):
         body.append([r["task"], r.get("num_fewshot"), r["method"]] + [r.get(k) for k in detail_keys] + [r.get("note") or r.get("error")])

@@ -10,9 +10,20 @@ and the continuations to score after it (the choices of a multiple-choice item).
 * ``anchor`` — AnSAN + :class:`anllm.AnchorCache`: prefill the context once, prune, then
   ``batch_select_indices`` the pruned rows to one per continuation and score all continuations in
   one forward whose ``attention_mask`` covers every token seen. Lossless: same scores as ``ansan``.
-* baselines (``streamingllm``, ``knorm``) — causal attention; the context's full cache is
-  compressed to the number of entries the ``anchor`` cache kept for that same group (equal budget),
-  then the continuations are scored against it (see :mod:`anllm.eval.baselines`).
+* compress-once baselines (``streamingllm``, ``knorm``) — causal attention; the context's full cache
+  is compressed to the number of entries the ``anchor`` cache kept for that same group (equal kept
+  budget), then the continuations are scored against it (see :mod:`anllm.eval.baselines`), as
+  KV-press methods work: the kept keys were computed over the whole context, and the peak memory is
+  the full context cache.
+* streaming baselines (``streamingllm_stream``, ``streamingllm_stream_q``) — StreamingLLM with a
+  cache bounded from the start, as anchor inference is: causal attention (the anchor rule off) where
+  every token of ``context + continuation`` attends at most ``budget`` keys, the attention sinks plus
+  the most recent tokens (:func:`anllm.eval.baselines.streaming_visible`), one left-padded forward
+  per batch of sequences. ``streamingllm_stream``: one budget per sequence, the anchor reading's peak
+  for it (:func:`anllm.eval.baselines.ansan_budget` of the fed tokens, i.e. the most keys any of its
+  tokens attends under the model's AnSAN rule: equal *peak* memory). ``streamingllm_stream_q``: each
+  token attends as many keys as it does under the AnSAN rule
+  (:func:`anllm.eval.baselines.ansan_keys_per_query`: equal attention cost per token).
 * ``stock`` — causal attention, every ``context + continuation`` in its own full forward, the
   context recomputed for each choice: what lm-eval's stock ``HFLM`` does, and the paper's speed
   baseline. Same scores as ``full``; it is there to time the two baselines side by side.
@@ -21,9 +32,26 @@ Contexts are read into anchor caches in chunks (:func:`anllm.eval.generation.pre
 
 Timing: every batch of groups is run in every mode back to back (modes alternate batch by batch, so
 machine load hits them alike), after one untimed warm-up batch, with ``torch.cuda.synchronize`` on
-GPU. Cache accounting per scored continuation: ``kv_total`` = context + continuation entries a full
-cache holds when the continuation is scored (its last token is predicted, never fed), ``kv_kept`` =
-what the mode's cache holds then.
+GPU. The AnSAN keys per token that set the streaming budgets and the anchor peak are counted before
+the timed runs (the rule's bookkeeping, not any mode's compute).
+
+Cache accounting per scored continuation (its last token is predicted, never fed, so the *fed*
+sequence is ``context + continuation[:-1]``):
+
+* ``kv_total`` — context + continuation entries a full cache holds when the continuation is scored;
+* ``kv_kept`` — what the mode's cache holds then; for the streaming baselines, the keys the query
+  that predicts the last continuation token attends (``min(budget, its position + 1)``, or its own
+  per-query budget);
+* ``peak_kv`` — the most entries the mode's cache held at any point while reading the context and
+  scoring: ``full``/``ansan``/``stock``: ``kv_total``; compress-once baselines: the full prefilled
+  context (``len(context) - 1``: its last token is fed with the continuation) or, if larger, the
+  cache at scoring time; ``anchor``: the largest of the AnchorCache's kept size after each prefill
+  forward, the most keys any fed token attends under the rule (:func:`~anllm.eval.baselines.ansan_budget`,
+  what a token-by-token read must hold) and the cache at scoring time (every continuation token is
+  fed in one forward, so none is pruned before the last is scored); streaming baselines: the budget
+  (``streamingllm_stream_q``: its largest per-query budget, which is the same number). Transient
+  widths inside one prefill forward (a chunk's own tokens before pruning) are not counted, as in the
+  other suites: they depend on ``prefill_chunk_size``, not on the method.
 """
 
 from __future__ import annotations
@@ -38,11 +66,15 @@ from transformers.cache_utils import DynamicCache
 from ..cache import AnchorCache
 from ..modeling import anchor_attention, is_anchor_aware
 from . import baselines
-from .generation import prefill
+from .generation import _accepts_logits_to_keep, prefill
+from .recall import streaming_batch_mask
 
 CACHE_MODES = ("full", "anchor")
 MODES = ("full", "ansan", "anchor", "stock")
-BASELINES = tuple(baselines.METHODS)
+COMPRESS_BASELINES = tuple(baselines.METHODS)  # compress once, at the anchor cache's kept size
+# Streaming StreamingLLM: name -> per-query budgets (else one budget per sequence, the AnSAN peak).
+STREAM_BASELINES = {"streamingllm_stream": False, "streamingllm_stream_q": True}
+BASELINES = COMPRESS_BASELINES + tuple(STREAM_BASELINES)
 
 
 @dataclass
@@ -53,6 +85,7 @@ class Scored:
     greedy: bool
     kv_total: int
     kv_kept: int
+    peak_kv: int  # the most entries the mode's cache held while reading the context and scoring
 
 
 @dataclass
@@ -62,6 +95,15 @@ class Group:
     ctx: list[int]
     conts: list[list[int]]
     keys: list[Hashable]
+
+
+@dataclass
+class _BatchState:
+    """What modes share within one batch: the anchor cache's kept context entries per group (the
+    compress-once budget) and, per group and continuation, the AnSAN keys per fed token (``[L]``)."""
+
+    kept_ctx: dict[int, int]
+    counts: list[list[torch.Tensor]] | None
 
 
 def group_requests(requests: Iterable[tuple[Hashable, Sequence[int], Sequence[int]]]) -> list[Group]:
@@ -79,8 +121,9 @@ def group_requests(requests: Iterable[tuple[Hashable, Sequence[int], Sequence[in
 class MultiModeScorer:
     """Scores request groups in several modes and memoises the results by request key.
 
-    ``modes`` may contain ``full``, ``ansan``, ``anchor`` and baseline names; a baseline needs
-    ``anchor`` (its budget is the anchor cache's kept size for the same group).
+    ``modes`` may contain ``full``, ``ansan``, ``anchor``, ``stock`` and baseline names; a
+    compress-once baseline needs ``anchor`` (its budget is the anchor cache's kept size for the same
+    group); a streaming baseline needs an anchor-aware model (its budget is the AnSAN rule's).
     """
 
     def __init__(
@@ -98,12 +141,12 @@ class MultiModeScorer:
         unknown = [m for m in modes if m not in MODES + BASELINES]
         if unknown:
             raise ValueError(f"Unknown scoring mode(s) {unknown}: choose from {MODES + BASELINES}.")
-        if any(m in ("ansan", "anchor") for m in modes) and not is_anchor_aware(model):
+        if any(m in ("ansan", "anchor") or m in STREAM_BASELINES for m in modes) and not is_anchor_aware(model):
             raise ValueError(
-                "Modes 'ansan'/'anchor' need an anchor-aware model (saved anchor settings, or anchors=ep|ac "
-                "to apply them): this model only supports mode 'full'."
+                "Modes 'ansan'/'anchor' and the streaming baselines need an anchor-aware model (saved anchor "
+                "settings, or anchors=ep|ac to apply them): this model only supports mode 'full'."
             )
-        if any(m in BASELINES for m in modes) and "anchor" not in modes:
+        if any(m in COMPRESS_BASELINES for m in modes) and "anchor" not in modes:
             raise ValueError("Baselines at equal cache budget need mode 'anchor' (it sets the budget).")
         # anchor first: the baselines read its budget.
         self.modes = sorted(dict.fromkeys(modes), key=lambda m: (m in BASELINES, m != "anchor"))
@@ -113,6 +156,7 @@ class MultiModeScorer:
         self.num_sink_tokens = num_sink_tokens
         self.prefill_chunk_size = prefill_chunk_size
         self.position_mode = position_mode
+        self._count_keys = any(m == "anchor" or m in STREAM_BASELINES for m in self.modes)
         self.memo: dict[str, dict[Hashable, Scored]] = {m: {} for m in self.modes}
         self.seconds: dict[str, float] = {m: 0.0 for m in self.modes}
         self._warm = not warmup
@@ -130,16 +174,16 @@ class MultiModeScorer:
         groups.sort(key=lambda g: -len(g.ctx) - max(map(len, g.conts)))
         batches = [groups[i : i + self.batch_size] for i in range(0, len(groups), self.batch_size)]
         if batches and not self._warm:
-            warm_budgets: dict[int, int] = {}
+            warm = self._state(batches[0][:1])
             for mode in self.modes:  # untimed warm-up on the first batch (allocator, kernels, caches)
-                self._run(mode, batches[0][:1], warm_budgets)
+                self._run(mode, batches[0][:1], warm)
             self._warm = True
         for batch in batches:
-            budgets: dict[int, int] = {}
+            state = self._state(batch)  # untimed: the AnSAN rule's bookkeeping
             for mode in self.modes:
                 self._sync()
                 t0 = time.perf_counter()
-                results = self._run(mode, batch, budgets)
+                results = self._run(mode, batch, state)
                 self._sync()
                 self.seconds[mode] += time.perf_counter() - t0
                 for g, res in zip(batch, results):
@@ -152,7 +196,23 @@ class MultiModeScorer:
         return self.memo[mode][key]
 
     # ---- modes ---------------------------------------------------------------------------------
-    def _run(self, mode: str, batch: list[Group], budgets: dict[int, int]) -> list[list[Scored]]:
+    def _state(self, batch: list[Group]) -> _BatchState:
+        """Per group and continuation, the keys each fed token (``context + continuation[:-1]``)
+        attends under the model's AnSAN rule (only when a mode needs them)."""
+        if not self._count_keys:
+            return _BatchState({}, None)
+        att = self.model._anllm_attention
+        counts = []
+        for g in batch:
+            row = []
+            for cont in g.conts:
+                seq = torch.tensor(g.ctx + cont[:-1], dtype=torch.long)
+                row.append(baselines.ansan_keys_per_query(torch.isin(seq, att.anchor_ids.cpu()), att.options).cpu())
+            counts.append(row)
+        return _BatchState({}, counts)
+
+    def _run(self, mode: str, batch: list[Group], state: _BatchState) -> list[list[Scored]]:
+        budgets = state.kept_ctx
         with torch.inference_mode():
             if mode == "ansan":
                 return self._full_sequence(batch)
@@ -163,11 +223,18 @@ class MultiModeScorer:
                 with anchor_attention(self.model, enabled=False):
                     return self._shared_prefix(batch, DynamicCache())
             if mode == "anchor":
-                res = self._shared_prefix(batch, AnchorCache(position_mode=self.position_mode))  # type: ignore[arg-type]
+                cache = AnchorCache(position_mode=self.position_mode)
+                res = self._shared_prefix(batch, cache)  # type: ignore[arg-type]
                 for i, g in enumerate(batch):
                     budgets[i] = res[i][0].kv_kept - (len(g.conts[0]) - 1)
+                    if state.counts is not None:  # a token-by-token read holds at least what a token attends
+                        for s, c in zip(res[i], state.counts[i]):
+                            s.peak_kv = max(s.peak_kv, int(c.max()))
                 return res
-            # Baselines: contexts of one token cannot be compressed (the budget is >= 1): score those
+            if mode in STREAM_BASELINES:
+                assert state.counts is not None
+                return self._streaming(batch, state.counts, per_query=STREAM_BASELINES[mode])
+            # Compress-once baselines: contexts of one token cannot be compressed (the budget is >= 1): score those
             # like 'full'; the others are compressed to the anchor budget.
             out: list[list[Scored] | None] = [None] * len(batch)
             short = [i for i, g in enumerate(batch) if len(g.ctx) < 2]
@@ -220,7 +287,7 @@ class MultiModeScorer:
                 start, _ = spans[r]
                 lp, greedy = _score_tokens(logp[r, start : start + len(cont)], cont)
                 total = len(g.ctx) + len(cont) - 1
-                res.append(Scored(lp, greedy, total, total))
+                res.append(Scored(lp, greedy, total, total, total))
                 r += 1
             out.append(res)
         return out
@@ -244,15 +311,19 @@ class MultiModeScorer:
         first_logp = torch.log_softmax(out.logits[:, -1].float(), -1)  # predicts each continuation's 1st token
         ctx_len = torch.tensor([len(g.ctx) - tail for g in batch], device=self.device)
         if isinstance(cache, AnchorCache):
-            kept_ctx = [int(k) for k in cache.stats()["kept_per_row"]]
+            stats = cache.stats()
+            kept_ctx = [int(k) for k in stats["kept_per_row"]]
+            peak_ctx = [int(k) for k in stats["max_kept_per_row"]]  # after each prefill forward
             past_mask = ctx_mask
         elif compress is not None:
             method, budgets = compress
             budget = [budgets[i] - 1 for i in range(len(batch))]
+            peak_ctx = [int(x) for x in ctx_mask.sum(-1).tolist()]  # the full cache, before compression
             cache, past_mask = baselines.compress(method, cache, ctx_mask, budget, self.num_sink_tokens)
             kept_ctx = [int(x) + 1 for x in past_mask.sum(-1).tolist()]
         else:
             kept_ctx = [len(g.ctx) for g in batch]
+            peak_ctx = kept_ctx
             past_mask = ctx_mask
         rows = torch.tensor([i for i, g in enumerate(batch) for _ in g.conts], device=self.device)
         conts = [c for g in batch for c in g.conts]
@@ -273,10 +344,42 @@ class MultiModeScorer:
             res = []
             for cont in g.conts:
                 lp, greedy = _score_tokens(logp[r, : len(cont)], cont)
-                res.append(Scored(lp, greedy, len(g.ctx) + len(cont) - 1, kept_ctx[i] + len(cont) - 1))
+                kept = kept_ctx[i] + len(cont) - 1
+                res.append(Scored(lp, greedy, len(g.ctx) + len(cont) - 1, kept, max(peak_ctx[i], kept)))
                 r += 1
             results.append(res)
         return results
+
+    def _streaming(self, batch: list[Group], counts: list[list[torch.Tensor]], per_query: bool) -> list[list[Scored]]:
+        """StreamingLLM bounded from the start: one left-padded causal forward (the anchor rule off)
+        over every fed sequence ``context + continuation[:-1]``, each token attending the sinks and the
+        most recent tokens within its budget (``counts``: AnSAN keys per fed token; the budget is their
+        maximum, or, with ``per_query``, each token's own count)."""
+        rows, budgets = [], []
+        for g, cs in zip(batch, counts):
+            for cont, c in zip(g.conts, cs):
+                rows.append(g.ctx + cont[:-1])
+                budgets.append(c if per_query else int(c.max()))
+        ids, mask = self._pad(rows, left=True)
+        lengths = [len(x) for x in rows]
+        am = streaming_batch_mask(lengths, ids.shape[1], budgets, self.num_sink_tokens).to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        K = max(len(c) for g in batch for c in g.conts)  # left padding: every row's scored positions are last
+        extra = {"logits_to_keep": K} if _accepts_logits_to_keep(self.model) else {}
+        with anchor_attention(self.model, enabled=False):
+            logits = self.model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=False, **extra).logits
+        logp = torch.log_softmax(logits[:, -K:].float(), -1)
+        out, r = [], 0
+        for g, cs in zip(batch, counts):
+            res = []
+            for cont, c in zip(g.conts, cs):
+                lp, greedy = _score_tokens(logp[r, K - len(cont) :], cont)
+                n = lengths[r]
+                kept = int(c[-1]) if per_query else min(int(c.max()), n)  # keys the last fed token attends
+                res.append(Scored(lp, greedy, n, kept, min(int(c.max()), n)))
+                r += 1
+            out.append(res)
+        return out
 
 
 def _score_tokens(logp: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
