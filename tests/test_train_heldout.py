@@ -96,3 +96,37 @@ def test_check_off_or_impossible(tmp_path, caplog, capsys):
         run(tiny(tmp_path / "x", tmp_path / "cache", "heldout.enabled=true", "data.holdout_fraction=0"))
     with pytest.raises(ConfigError, match="heldout.enabled"):
         run(tiny(tmp_path / "y", tmp_path / "cache", "heldout.enabled=maybe"))
+
+
+def test_check_numbers_equal_an_independent_forward(checked_run):
+    """The check's PPLs against one plain forward per document + log-softmax over the held-out ids
+    (no cache, no chunks, none of the suite's scoring code): causal attention gives the full PPL, the
+    model's AnSAN mask gives the anchor PPL (the anchor cache is lossless). ``<AC>`` is read as in
+    training but never scored."""
+    import math
+
+    import torch
+
+    import anllm
+    from anllm.train.config import plain_dict
+    from anllm.train.heldout import documents, settings
+
+    tmp, cfg, check = checked_run
+    c = plain_dict(cfg)
+    s, _ = settings(c)
+    model, tok = anllm.from_pretrained(str(tmp / "run"))
+    model.eval()
+    marking = anllm.get_anchor_config(model).marking()
+    ac_id = anllm.get_anchor_config(model).anchor_token_ids[0]
+    totals = {"full": [0.0, 0], "anchor": [0.0, 0]}
+    for _, text in documents(c, s):
+        ids = tok(marking.apply(text), return_tensors="pt")["input_ids"][:, : int(s["max_tokens"])]
+        scored = ids[0, 1:] != ac_id
+        for name, enabled in (("full", False), ("anchor", True)):
+            with torch.no_grad(), anllm.anchor_attention(model, enabled=enabled):
+                logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0, :-1].float(), -1)
+            nll = -logp.gather(-1, ids[0, 1:, None])[:, 0][scored]
+            totals[name][0] += float(nll.sum())
+            totals[name][1] += int(scored.sum())
+    assert math.exp(totals["full"][0] / totals["full"][1]) == pytest.approx(check["trained"]["ppl_full"], rel=1e-4)
+    assert math.exp(totals["anchor"][0] / totals["anchor"][1]) == pytest.approx(check["trained"]["ppl_anchor"], rel=1e-4)
