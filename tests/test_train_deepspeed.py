@@ -93,9 +93,10 @@ def command(tmp_path: Path, deepspeed: str, nproc: int = 2, extra: tuple[str, ..
     out = tmp_path / "out"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     args = [str(driver), str(tmp_path), str(CONF_DIR), *ARGS, f"deepspeed={deepspeed}", f"output_dir={out}",
-            f"cache_dir={tmp_path / 'cache'}", *extra]
-    if nproc == 1:  # one process, no DeepSpeed, the same global batch of 2 rows
-        return [sys.executable, *args, "trainer.per_device_train_batch_size=2"], env, out
+            f"cache_dir={tmp_path / 'cache'}"]
+    if nproc == 1:  # one process, no DeepSpeed, the same global batch of 2 rows (unless extra says otherwise)
+        return [sys.executable, *args, "trainer.per_device_train_batch_size=2", *extra], env, out
+    args += list(extra)
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
                 f"--master_port={_free_port()}"]
     return launcher + args, env, out
@@ -233,3 +234,28 @@ def test_distillation_on_two_ranks_matches_one_process(stage: str, tmp_path_fact
     assert_matches_single(two, single, weight_tol=1e-4 if stage == "zero3" else 1e-5)
     summary = json.loads((two / "out" / "anllm_train_summary.json").read_text())
     assert summary["distill"]["weight"] == 0.5 and summary["distill"]["teacher_forward_s"] > 0
+
+
+def test_zero2_accumulation_2_on_two_ranks_matches_one_process_at_batch_4(tmp_path_factory) -> None:
+    """The paper's recipe accumulates 16 micro-batches; here 2 ranks x 1 row x accumulation 2 against one
+    process at batch 4: the same losses and weights, and together the same rows every step."""
+    from safetensors.torch import load_file
+
+    single = tmp_path_factory.mktemp("accum-single")
+    launch(single, "none", nproc=1, extra=("trainer.per_device_train_batch_size=4",))
+    two = tmp_path_factory.mktemp("accum-zero2")
+    launch(two, "zero2", extra=("trainer.gradient_accumulation_steps=2",))
+    one, ranks_ = ranks(single, 1)[0], ranks(two)
+    assert two_steps(ranks_[0]) and one["step"] == ranks_[0]["step"] == 4
+    assert ranks_[0]["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    a, b = load_file(single / "out" / "model.safetensors"), load_file(two / "out" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    for step, rows in enumerate(one["rows"]):
+        assert len(rows) == 4
+        micro = [r for rank in ranks_ for r in rank["rows"][2 * step : 2 * step + 2]]  # 2 micro-batches per rank
+        assert sorted(x for m in micro for x in m) == sorted(rows)
+
+
+def two_steps(rank: dict) -> bool:
+    """Every optimizer step of a rank ran 2 forwards of 1 row (accumulation 2)."""
+    return len(rank["rows"]) == 2 * rank["step"] and all(len(r) == 1 for r in rank["rows"])

@@ -222,3 +222,18 @@ def test_a_second_run_into_a_busy_output_dir_is_refused(tmp_path, data_cache):
     finally:
         held.release()
     assert run(tiny_cfg(out, data_cache, "anllm_ac", "block_size=32", "trainer.max_steps=1")).global_step == 1
+
+
+def test_accumulation_2x1_equals_batch_2(tmp_path, data_cache):
+    """Gradient accumulation (the paper uses 16) is exact: 2 micro-batches of 1 row = 1 batch of 2 rows
+    (packed rows of equal length), in the losses and the weights."""
+    common = ("block_size=64", "trainer.max_steps=3", "trainer.learning_rate=1e-3", "trainer.warmup_steps=0",
+              "trainer.save_steps=100", "trainer.gradient_checkpointing=false")
+    a = run(tiny_cfg(tmp_path / "b2", data_cache, "anllm_ac", *common, "trainer.per_device_train_batch_size=2"))
+    counter = CountSteps()
+    b = run(tiny_cfg(tmp_path / "a2", data_cache, "anllm_ac", *common, "trainer.per_device_train_batch_size=1",
+                     "trainer.gradient_accumulation_steps=2"), callbacks=[counter])
+    assert a.global_step == b.global_step == counter.steps == 3
+    assert losses(a) == pytest.approx(losses(b), rel=1e-5)
+    wa, wb = load_file(tmp_path / "b2" / "model.safetensors"), load_file(tmp_path / "a2" / "model.safetensors")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
