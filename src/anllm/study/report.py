@@ -15,12 +15,23 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ..eval.perplexity import runnable_methods
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .runner import Study
+
+class Study(Protocol):
+    """What the report reads of a study (:class:`anllm.study.runner.Study` is one; the report does not
+    import the runner, so the two never import each other)."""
+
+    s: Any
+    results: Any
+    report_dir: Path
+    data: dict[str, Any]
+
+    def timings(self) -> dict[str, float]: ...
+
+    def anchored(self, arm: str) -> bool: ...
 
 PPL_ORDER = ("full", "anchor", "sentence", "streamingllm", "streamingllm_q", "knorm")
 ARM_TITLES = {"baseline": "baseline (full attention)", "ep": "AnLLM-EP", "ac": "AnLLM-AC", "ac_sink": "AnLLM-AC + 4 sinks",
@@ -49,7 +60,7 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def summary(study: "Study") -> dict[str, Any]:
+def summary(study: Study) -> dict[str, Any]:
     r = study.results
     arms = {}
     for arm, c in r.arms.items():
@@ -117,12 +128,12 @@ def summary(study: "Study") -> dict[str, Any]:
     }
 
 
-def command(study: "Study") -> str:
+def command(study: Study) -> str:
     args = [a for a in sys.argv[1:]] if sys.argv and sys.argv[0].endswith("study.py") else [f"study={study.s.name}"]
     return ".venv/bin/python study.py " + " ".join(args) if args else "make study"
 
 
-def write_report(study: "Study") -> Path:
+def write_report(study: Study) -> Path:
     out = study.report_dir
     out.mkdir(parents=True, exist_ok=True)
     s = summary(study)

@@ -13,6 +13,8 @@ from typing import Any, Iterable, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
+from .errors import ConfigError  # noqa: F401 - re-exported: callers catch anllm.train.ConfigError
+
 REPO_ROOT = Path(__file__).resolve().parents[3]
 CONF_DIR = REPO_ROOT / "conf"
 
@@ -29,13 +31,6 @@ MODEL_KEYS = ("name", "source", "path", "context_length", "dtype", "attn_impleme
 DATA_KINDS = ("jsonl", "demo", "hub", "sft")
 NO_ANSAN_BACKENDS = ("flash_attention_2", "flash_attention_3", "paged_attention")
 RESUME_WORDS = ("auto", "never")
-
-
-from ..cli import InputError
-
-
-class ConfigError(InputError):
-    """A config value that cannot work; the message names the key and the fix."""
 
 
 def available_options(group: str) -> list[str]:

@@ -27,6 +27,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
+from .errors import ConfigError
+
 TEACHERS = ("start", "self")
 
 
@@ -43,8 +45,6 @@ class DistillConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "DistillConfig":
         """Validated settings; errors name the key (``trainer.distill.*``) and what is allowed."""
-        from .config import ConfigError
-
         d = dict(d or {})
         unknown = sorted(set(d) - {"weight", "temperature", "teacher"})
         if unknown:
@@ -123,8 +123,6 @@ class Teacher:
 def build_teacher(cfg: DistillConfig, run_cfg: dict[str, Any], student: Any, tokenizer: Any, args: Any) -> Teacher:
     """The teacher for ``cfg`` (see the module docstring). ``start`` is built by the same code as the
     student (same weights, same new ``<AC>`` row), so under ZeRO-3 it is partitioned like the student."""
-    from .config import ConfigError
-
     if cfg.teacher == "self":
         return Teacher(cfg, None)
     if cfg.teacher == "start":

@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import ConfigError
+from .errors import ConfigError
 
 logger = logging.getLogger("anllm.train")
 
