@@ -181,6 +181,12 @@ def test_zero3_partitioned_ac_model_trains_like_zero2(zero2_run: Path, single_ru
     a, b = load_file(zero2_run / "out" / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
     assert_matches_single(tmp_path, single_run)
+    # one way <AC> enters the tokenizer, ZeRO-3 or not: the saved tokenizers agree
+    from transformers import AutoTokenizer
+
+    t2, t3 = AutoTokenizer.from_pretrained(zero2_run / "out"), AutoTokenizer.from_pretrained(out)
+    assert "<AC>" in t3.additional_special_tokens and t2.additional_special_tokens == t3.additional_special_tokens
+    assert t2.all_special_ids == t3.all_special_ids and len(t2) == len(t3)
 
 
 def test_killed_zero2_run_resumes_from_its_deepspeed_checkpoint(zero2_run: Path, tmp_path: Path):

@@ -139,22 +139,28 @@ def ac_token_id(tokenizer: Any, token: str = AC_TOKEN) -> int:
     return int(tid)
 
 
+def register_ac_token(tokenizer: Any, token: str = AC_TOKEN) -> int:
+    """Add ``token`` to the tokenizer as an additional special token (so ``skip_special_tokens`` and
+    ``all_special_ids`` know it) and return its id. The one way ``<AC>`` enters a tokenizer: with or
+    without ZeRO-3, the saved tokenizers are the same."""
+    from tokenizers import AddedToken
+
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [AddedToken(token, special=True, normalized=False)]},
+        replace_additional_special_tokens=False,
+    )
+    return ac_token_id(tokenizer, token)
+
+
 def add_ac_token(model: Any, tokenizer: Any, token: str = AC_TOKEN, init_from: str = ".") -> int:
     """Add ``token`` as a special token and initialise its embedding rows from ``init_from``.
 
     Returns the new id. Idempotent: an existing token is left as is (no re-initialisation).
     """
-    from tokenizers import AddedToken
-
     if token in tokenizer.get_vocab():
         return ac_token_id(tokenizer, token)
     src = _single_token_id(tokenizer, init_from)
-    # As an additional special token, so skip_special_tokens and all_special_ids know it too.
-    tokenizer.add_special_tokens(
-        {"additional_special_tokens": [AddedToken(token, special=True, normalized=False)]},
-        replace_additional_special_tokens=False,
-    )
-    new_id = ac_token_id(tokenizer, token)
+    new_id = register_ac_token(tokenizer, token)
     if model.get_input_embeddings().weight.shape[0] <= new_id:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     with torch.no_grad():

@@ -82,13 +82,13 @@ def _single_token_id(tokenizer: Any, text: str) -> int:
 def _add_ac_token_zero3(model: Any, tokenizer: Any, token: str) -> None:
     """``<AC>`` for a ZeRO-3-partitioned model: resize (HF gathers), then copy the rows of "." gathered."""
     import deepspeed
-    from tokenizers import AddedToken
+
+    from ..anchors import register_ac_token
 
     if token in tokenizer.get_vocab():
         return
     src = _single_token_id(tokenizer, ".")
-    tokenizer.add_tokens([AddedToken(token, special=True, normalized=False)], special_tokens=True)
-    new_id = tokenizer.convert_tokens_to_ids(token)
+    new_id = register_ac_token(tokenizer, token)
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     weights = [model.get_input_embeddings().weight]
     out = model.get_output_embeddings()
