@@ -1,11 +1,13 @@
 """Training data for AnLLM: documents -> `<AC>`-anchored, tokenised, packed, cached datasets.
 
-``build_train_dataset`` (see :mod:`anllm.data.build`) is the entry point; ``DataCollatorForAnchors``
-batches its rows for the Trainer; ``DataStats`` reports what preprocessing did. SFT prompts for
+``build_train_dataset`` (see :mod:`anllm.data.build`) is the entry point (``python -m anllm.data
+build <train.py overrides>`` runs it ahead of a run); streams resume with ``resume_stream``
+(:mod:`anllm.data.stream`); ``DataCollatorForAnchors`` batches its rows for the Trainer; ``DataStats`` reports what preprocessing did. SFT prompts for
 evaluation come from :func:`build_alpaca_prompt` so they match training exactly.
 """
 
 from .build import build_train_dataset, process_stream
+from .stream import is_resumable, resume_stream
 from .split import held_out_documents
 from .collator import DataCollatorForAnchors
 from .demo import demo_documents
@@ -23,6 +25,8 @@ __all__ = [
     "build_train_dataset",
     "demo_documents",
     "held_out_documents",
+    "is_resumable",
     "pack_documents",
     "process_stream",
+    "resume_stream",
 ]

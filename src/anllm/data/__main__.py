@@ -1,6 +1,13 @@
-"""Build (or load) a training dataset from the command line and print its DataStats as JSON.
+"""Build training data from the command line.
 
-Handy for checking a data config and for measuring preprocessing throughput, e.g.::
+Build the cache entry a training run will load, ahead of it (e.g. in a CPU job; see
+:mod:`anllm.data.prebuild`), with the same Hydra overrides as ``train.py``::
+
+    ANLLM_CACHE=/scratch/$USER/anllm python -m anllm.data build +exp=anllm_ac model=llama2_7b \\
+        data=redpajama_local preprocessing.num_proc=32
+
+Or build (or load) a dataset from flags and print its DataStats as JSON, handy for checking a data
+config and for measuring preprocessing throughput, e.g.::
 
     python -m anllm.data --kind jsonl --paths '../shared/data/pretrain_text/*.jsonl' \\
         --tokenizer "$(python -m anllm.models.smollm2)" --mode ac --block-size 2048 --num-proc 2 --fresh
@@ -11,11 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import tempfile
 from pathlib import Path
 
 from ..anchors import AC_TOKEN, AnchorConfig, ep_anchor_ids
-from . import build_train_dataset
 
 
 def anchor_for_tokenizer(tokenizer, mode: str) -> AnchorConfig | None:
@@ -32,6 +39,29 @@ def anchor_for_tokenizer(tokenizer, mode: str) -> AnchorConfig | None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if argv and argv[0] == "build":
+        from .prebuild import main as prebuild_main
+
+        if any(a in ("-h", "--help") for a in argv[1:]):
+            from . import prebuild
+
+            print(prebuild.__doc__)
+            return
+        from anllm.cli import InputError, check_group_choices, fail
+        from anllm.train import ConfigError
+
+        program = "python -m anllm.data build"
+        try:
+            check_group_choices(argv[1:], ("exp", "scale", "model", "data", "deepspeed", "launcher", "protocol"))
+            code = prebuild_main(argv[1:])
+        except (ConfigError, InputError) as e:  # a config mistake: one clear line, exit code 2 (as train.py)
+            fail(program, str(e), kind="config error")
+        raise SystemExit(code)
+
+    from . import build_train_dataset
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kind", default="demo", choices=["jsonl", "demo", "sft"])
     p.add_argument("--paths", nargs="*", default=[], help="jsonl files or globs")
@@ -46,7 +76,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache-dir", default=None, help="default: a temporary directory (always rebuilds)")
     p.add_argument("--fresh", action="store_true", help="build in a temporary cache (measures a full build)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from transformers import AutoTokenizer
 

@@ -3,13 +3,16 @@
 Kinds (``data_cfg["kind"]``):
 
 * ``jsonl`` — local JSONL files (``paths``: files/globs, relative to ``base_dir``), one document per
-  line in ``text_column``.
+  line in ``text_column``; with ``num_proc > 1`` read by that many processes (byte ranges of the
+  files, same row order) as well as tokenised by them.
 * ``demo``  — the offline English corpus from Python's own docs (:mod:`anllm.data.demo`).
-* ``hub``   — streamed from the hub, returned as an ``IterableDataset`` processed on the fly (nothing
+* ``hub``   — streamed from the hub, returned as an ``IterableDataset`` processed on the fly (no rows
   cached; the Trainer then needs ``max_steps``): either JSONL files read line by line (``data_files``:
   globs inside the dataset repo ``name``, or full fsspec URLs) — the way to read
-  RedPajama-Data-1T-Sample, whose loading script datasets>=4 no longer runs — or any script-free hub
-  dataset through ``datasets.load_dataset(name, config, split=..., streaming=True)``.
+  RedPajama-Data-1T-Sample, whose loading script datasets>=4 no longer runs — split into one part
+  per rank and DataLoader worker, resumable without replay and retried on transient read errors
+  (:mod:`anllm.data.stream`; ``repeat``, ``shard_mb``, ``retry``), or any script-free hub dataset
+  through ``datasets.load_dataset(name, config, split=..., streaming=True)`` (its own shards).
 * ``sft``   — Alpaca JSON (``alpaca_path``) and/or De->En JSONL (``parallel_path``) examples with the
   loss on the response only (:mod:`anllm.data.sft`).
 
@@ -21,7 +24,11 @@ collator pads). SFT rows are ``{"input_ids", "labels"}``.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -32,10 +39,10 @@ from ..anchors import AnchorConfig
 from . import cache as cache_mod
 from .processing import TextProcessor, check_anchor_tokenizer, pack_documents, truncate_document
 from .sft import SFTProcessor
-from .sources import SkipLogger, iter_alpaca, iter_jsonl_texts, iter_parallel, resolve_paths, resolve_remote
+from .sources import SkipLogger, iter_alpaca, iter_parallel, resolve_paths, resolve_remote
 from .split import SPLITS, has_holdout, holdout_settings, partition_files, split_indices
 from .split import iter_documents as split_documents
-from .stats import DataStats
+from .stats import MAX_SKIP_EXAMPLES, DataStats
 
 logger = logging.getLogger("anllm.data")
 
@@ -43,9 +50,10 @@ KINDS = ("jsonl", "demo", "hub", "sft")
 _COMMON = {"kind", "id", "name", "base_dir", "max_documents", "holdout_fraction", "holdout_seed", "holdout_paths", "splitter",
            "packing", "keep_remainder", "batch_size", "description"}
 KNOWN_KEYS = {
-    "jsonl": _COMMON | {"paths", "text_column"},
+    "jsonl": _COMMON | {"paths", "text_column", "retry"},
     "demo": _COMMON,
-    "hub": _COMMON | {"config", "split", "streaming", "text_column", "shuffle_buffer", "revision", "data_files"},
+    "hub": _COMMON | {"config", "split", "streaming", "text_column", "shuffle_buffer", "revision", "data_files",
+                      "repeat", "shard_mb", "retry"},
     "sft": _COMMON | {"alpaca_path", "parallel_path", "max_examples", "sft_template"},
 }
 
@@ -61,11 +69,16 @@ def build_train_dataset(
     max_model_length: int | None = None,
     *,
     split: str = "train",
+    world_size: int | None = None,
+    num_workers: int = 0,
 ) -> tuple[Any, DataStats]:
     """Build (or load from ``cache_dir``) the training rows described by ``data_cfg``.
 
     ``split="holdout"`` returns the documents held out by ``holdout_fraction`` instead (same
     processing), for evaluation. Returns ``(dataset, stats)``; ``stats`` is also logged.
+    ``num_proc`` processes read (JSONL, split by byte ranges) and tokenise. Streams (kind=hub) are
+    split into ``world_size`` (default: ``$WORLD_SIZE`` or 1) x ``num_workers`` (the Trainer's
+    ``dataloader_num_workers``; 0 counts as 1) parts, one per rank and DataLoader worker.
     """
     cfg = _plain(data_cfg)
     kind = cfg.get("kind")
@@ -95,7 +108,9 @@ def build_train_dataset(
         if frac or held_paths or split != "train":
             raise ValueError("Streamed hub data cannot hold out documents; drop data.holdout_fraction/holdout_paths "
                              "(evaluate on a local jsonl slice instead).")
-        return _build_hub(cfg, tokenizer, anchor, block_size, seed)
+        if world_size is None:
+            world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        return _build_hub(cfg, tokenizer, anchor, block_size, seed, cache_dir, max(1, int(world_size)), num_workers)
 
     base_dir = cfg.get("base_dir") or _default_base_dir()
     if kind == "jsonl":
@@ -109,11 +124,10 @@ def build_train_dataset(
         files = []
     key_parts = {
         # only what changes the rows (a new name, batch size or attention option reuses the entry)
-        "cfg": {k: v for k, v in cfg.items() if k not in ("base_dir", "description", "id", "name", "batch_size")},
+        "cfg": {k: v for k, v in cfg.items() if k not in ("base_dir", "description", "id", "name", "batch_size", "retry")},
         "files": cache_mod.file_identity(files),
         "tokenizer": cache_mod.tokenizer_identity(tokenizer),
-        "anchor": {k: v for k, v in (anchor.to_dict() if anchor else {}).items()
-                   if k in ("mode", "anchor_token", "anchor_token_ids", "ac_after_last", "ac_join")},
+        "anchor": _anchor_key(anchor),
         "block_size": block_size,
         "seed": seed if kind == "sft" else None,  # only SFT shuffles
         "split": split,
@@ -128,6 +142,7 @@ def build_train_dataset(
     if cached is not None:
         cached[1].log()
         return cached
+    _check_cache_space(entry.parent, files)
 
     def build(work: Path) -> tuple[Any, DataStats]:
         stats = DataStats(kind=kind, split=split, mode=mode, num_proc=num_proc, block_size=block_size)
@@ -171,6 +186,27 @@ def _default_base_dir() -> Path:
     return Path.cwd()
 
 
+def _check_cache_space(cache_dir: Path, files: list[Path]) -> None:
+    """Warn when the cache is about to fill a home directory or a disk (it needs 2-3x the input's size)."""
+    size = sum(p.stat().st_size for p in files)
+    if size < 2**30:
+        return
+    need = 3 * size
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(cache_dir).free
+    except OSError:
+        return
+    home = Path.home().resolve()
+    if home in cache_dir.resolve().parents:
+        logger.warning("The dataset cache %s is under $HOME and this build needs about %.1f GB (2-3x the %.1f GB of "
+                       "input). Put it on scratch: export ANLLM_CACHE=/scratch/$USER/anllm (or cache_dir=...).",
+                       cache_dir, need / 2**30, size / 2**30)
+    if free < need:
+        logger.warning("The dataset cache %s has %.1f GB free; this build needs about %.1f GB.", cache_dir,
+                       free / 2**30, need / 2**30)
+
+
 def _timed(stats: DataStats, stage: str) -> Callable[[float], None]:
     def done(t0: float) -> None:
         stats.stage_seconds[stage] = round(time.perf_counter() - t0, 4)
@@ -178,8 +214,13 @@ def _timed(stats: DataStats, stage: str) -> Callable[[float], None]:
     return done
 
 
-def _from_generator(gen: Callable[..., Iterator[dict]], features: Any, work: Path, **kwargs: Any) -> Any:
-    """Arrow dataset (in ``work``) from a generator; None when it yields nothing."""
+def _from_generator(gen: Callable[..., Iterator[dict]], features: Any, work: Path, num_proc: int | None = None,
+                    **kwargs: Any) -> Any:
+    """Arrow dataset (in ``work``) from a generator; None when it yields nothing.
+
+    With ``num_proc`` the list-valued ``kwargs`` are split into contiguous runs, one per process, and
+    the rows keep their order.
+    """
     from datasets import Dataset
 
     counter = [0]
@@ -192,7 +233,8 @@ def _from_generator(gen: Callable[..., Iterator[dict]], features: Any, work: Pat
     from datasets.exceptions import DatasetGenerationError
 
     try:
-        return Dataset.from_generator(counted, features=features, cache_dir=str(work / "hf"), gen_kwargs=kwargs)
+        return Dataset.from_generator(counted, features=features, cache_dir=str(work / "hf"), gen_kwargs=kwargs,
+                                      num_proc=num_proc)
     except DatasetGenerationError as e:
         if isinstance(e.__cause__, (ValueError, OSError)):  # our own clear message, raised by a reader
             raise e.__cause__ from None
@@ -220,6 +262,63 @@ def _read_texts(cfg: dict, files: list[Path], stats: DataStats) -> Callable[[], 
     return lambda: ({"text": text} for _, text in split_documents(cfg, files, stats))
 
 
+READ_SHARD_BYTES = 256 * 2**20
+
+
+def _read_jsonl_parallel(cfg: dict, files: list[Path], stats: DataStats, work: Path, num_proc: int,
+                         features: Any) -> Any:
+    """Rows ``{"text"}`` of JSONL files read by ``num_proc`` processes, in the same order as one reader.
+
+    The files are cut into byte ranges (:func:`.stream.plan_shards`; a line belongs to the range it
+    starts in), each process reads a contiguous run of them, and their skip counts come back through
+    small JSON files in ``work``.
+    """
+    from datasets.exceptions import DatasetGenerationError
+
+    from .retry import RetryPolicy
+    from .stream import plan_shards
+
+    sizes = [(str(p), p.stat().st_size) for p in files]
+    total = sum(s for _, s in sizes)
+    shards = plan_shards(sizes, max(4 * num_proc, -(-total // READ_SHARD_BYTES)))
+    side = work / "read-stats"
+    side.mkdir(parents=True, exist_ok=True)
+    try:
+        raw = _from_generator(_gen_jsonl_shards, features, work, num_proc=min(num_proc, len(shards)), shards=shards,
+                              shard_ids=list(range(len(shards))), text_column=cfg.get("text_column", "text"),
+                              side=str(side), policy=RetryPolicy.from_config(cfg.get("retry")))
+    except DatasetGenerationError:
+        for err in sorted(side.glob("error-*.json")):
+            info = json.loads(err.read_text())
+            kind = {"FileNotFoundError": FileNotFoundError, "ValueError": ValueError}.get(info["type"], OSError)
+            raise kind(info["message"]) from None
+        raise
+    for part in sorted(side.glob("stats-*.json")):
+        info = json.loads(part.read_text())
+        for reason, count in info["skipped"].items():
+            stats.skipped[reason] = stats.skipped.get(reason, 0) + count
+        room = MAX_SKIP_EXAMPLES - len(stats.skipped_examples)
+        stats.skipped_examples.extend(info["examples"][:max(0, room)])
+    return raw
+
+
+def _gen_jsonl_shards(shards: list, shard_ids: list[int], text_column: str, side: str, policy: Any) -> Iterator[dict]:
+    from .sources import iter_segment_documents
+
+    local = DataStats()
+    skip = SkipLogger(local)
+    name = f"{shard_ids[0]:06d}" if shard_ids else "empty"
+    try:
+        for segments in shards:
+            for _, text in iter_segment_documents(segments, text_column, skip, None, policy):
+                yield {"text": text}
+    except (ValueError, OSError) as e:  # passed to the parent as is (datasets wraps it in a RemoteTraceback)
+        (Path(side) / f"error-{name}.json").write_text(json.dumps({"type": type(e).__name__, "message": str(e)}))
+        raise
+    (Path(side) / f"stats-{name}.json").write_text(json.dumps({"skipped": local.skipped,
+                                                                "examples": local.skipped_examples}))
+
+
 def _map_kwargs(num_proc: int, cfg: dict, desc: str) -> dict[str, Any]:
     return {"batched": True, "batch_size": int(cfg.get("batch_size", 256)),
             "num_proc": num_proc if num_proc > 1 else None, "desc": desc}
@@ -235,7 +334,10 @@ def _build_pretrain(
     files, held_files = partition_files(files, cfg, cfg.get("base_dir") or _default_base_dir())
     text_features = Features({"text": Value("string")})
     raw = None
-    if files or cfg["kind"] == "demo":
+    if files and cfg["kind"] == "jsonl" and num_proc > 1 and cfg.get("max_documents") is None:
+        raw = _read_jsonl_parallel(cfg, files, stats, work, num_proc, text_features)
+        raw = None if raw is None else _split_holdout(raw, cfg, split)
+    elif files or cfg["kind"] == "demo":
         raw = _from_generator(_gen_rows, text_features, work, make=_read_texts(cfg, files, stats))
         raw = None if raw is None else _split_holdout(raw, cfg, split)
     if split == "holdout" and held_files:  # whole files held out (holdout_paths)
@@ -422,74 +524,112 @@ def _build_sft(
 # --- hub streaming -----------------------------------------------------------------------------
 
 
-def _build_hub(cfg: dict, tokenizer: Any, anchor: AnchorConfig | None, block_size: int, seed: int) -> tuple[Any, DataStats]:
-    """Stream from the hub: JSONL files read line by line (``data_files``), or any hub dataset."""
-    from datasets import Features, IterableDataset, Value, load_dataset
+def _build_hub(cfg: dict, tokenizer: Any, anchor: AnchorConfig | None, block_size: int, seed: int,
+               cache_dir: str | Path, world_size: int, num_workers: int) -> tuple[Any, DataStats]:
+    """Stream from the hub: JSONL files split into per-rank/per-worker parts (``data_files``), or any hub dataset."""
+    from datasets import load_dataset
 
     stats = DataStats(kind="hub", mode=anchor.mode if anchor else "none", block_size=block_size, streaming=True)
     text_column = cfg.get("text_column", "text")
     if not cfg.get("streaming", True):
         raise ValueError("data.kind=hub streams (streaming: true); for local copies use kind=jsonl.")
+    buffer = int(cfg.get("shuffle_buffer", 10_000))
     if cfg.get("data_files"):
         # Our own JSONL reader: text only (files whose other fields differ in schema, like
         # RedPajama's "meta", cannot break it), bad lines skipped and counted like kind=jsonl.
-        urls = resolve_remote(cfg["data_files"], cfg.get("name"))
-        source = IterableDataset.from_generator(
-            _gen_remote_texts, features=Features({"text": Value("string")}),
-            gen_kwargs={"urls": urls, "text_column": text_column, "stats": stats},  # a list: one shard per file
+        from . import stream as stream_mod
+        from .retry import RetryPolicy
+        from .sources import remote_size
+
+        policy = RetryPolicy.from_config(cfg.get("retry"))
+        urls = resolve_remote(cfg["data_files"], cfg.get("name"), policy)
+        files = [(u, remote_size(u, policy)) for u in urls]
+        workers = max(1, int(num_workers or 0))
+        parts = world_size * workers
+        max_docs = cfg.get("max_documents")
+        spec = stream_mod.StreamSpec(
+            tokenizer=tokenizer, anchor=anchor, block_size=block_size, text_column=text_column,
+            packing=bool(cfg.get("packing", True)), keep_remainder=bool(cfg.get("keep_remainder", False)),
+            splitter=cfg.get("splitter"), batch_size=int(cfg.get("batch_size", 256)), shuffle_buffer=max(0, buffer),
+            seed=int(seed), repeat=bool(cfg.get("repeat", False)),
+            max_documents=None if max_docs is None else -(-int(max_docs) // parts),
+            policy=policy, world_size=world_size, workers=workers,
         )
-        text_column = "text"
-        what = f"{len(urls)} files of {cfg.get('name') or 'URLs'}"
+        spec = stream_mod.plan_stream(files, spec, float(cfg.get("shard_mb", 32)))
+        key = stream_mod.stream_key({
+            "shards": spec.shards, "sizes": files, "tokenizer": cache_mod.tokenizer_identity(tokenizer),
+            "anchor": _anchor_key(anchor), "block_size": block_size, "code": cache_mod.code_version(),
+            "rows": {k: cfg.get(k) for k in ("text_column", "packing", "keep_remainder", "splitter", "shuffle_buffer")},
+            "seed": seed if buffer > 0 else None,
+        })
+        ledger = Path(cache_dir).expanduser() / "streams" / key
+        spec = dataclasses.replace(spec, ledger_dir=str(ledger))
+        ds = stream_mod.stream_dataset(spec, stats)
+        logger.info("Streaming %d files of %s as %d shards in %d parts (%d ranks x %d workers)%s; shard row counts "
+                    "in %s.", len(urls), cfg.get("name") or "URLs", spec.num_shards, parts, world_size, workers,
+                    ", repeating" if spec.repeat else "", ledger)
     else:
         if not cfg.get("name"):
             raise ValueError("data.kind=hub needs data.name (a hub dataset) and/or data.data_files (JSONL globs).")
         source = load_dataset(cfg["name"], cfg.get("config"), split=cfg.get("split", "train"), streaming=True,
                               revision=cfg.get("revision"))
-        what = f"{cfg['name']} ({cfg.get('config')}/{cfg.get('split', 'train')})"
-    buffer = int(cfg.get("shuffle_buffer", 10_000))
-    if buffer > 0:
-        source = source.shuffle(seed=seed, buffer_size=buffer)
-    if cfg.get("max_documents") is not None:
-        source = source.take(int(cfg["max_documents"]))
-    ds = process_stream(source, tokenizer, anchor, block_size, text_column=text_column,
-                        packing=bool(cfg.get("packing", True)), keep_remainder=bool(cfg.get("keep_remainder", False)),
-                        splitter=cfg.get("splitter"), batch_size=int(cfg.get("batch_size", 256)))
-    logger.info("Streaming %s: processed on the fly, nothing cached; the Trainer needs max_steps.", what)
+        if buffer > 0:
+            source = source.shuffle(seed=seed, buffer_size=buffer)
+        if cfg.get("max_documents") is not None:
+            source = source.take(int(cfg["max_documents"]))
+        if cfg.get("repeat"):
+            source = source.repeat(None)
+        ds = process_stream(source, tokenizer, anchor, block_size, text_column=text_column,
+                            packing=bool(cfg.get("packing", True)), keep_remainder=bool(cfg.get("keep_remainder", False)),
+                            splitter=cfg.get("splitter"), batch_size=int(cfg.get("batch_size", 256)))
+        logger.info("Streaming %s (%s/%s, %d shards): processed on the fly, nothing cached.", cfg["name"],
+                    cfg.get("config"), cfg.get("split", "train"), ds.n_shards)
+    logger.info("A stream has no length: the Trainer needs max_steps.")
     return ds, stats
 
 
-def _gen_remote_texts(urls: list[str], text_column: str, stats: DataStats) -> Iterator[dict]:
-    skip = SkipLogger(stats)
-    for text in iter_jsonl_texts(urls, text_column, skip):
-        yield {"text": text}
+def _anchor_key(anchor: AnchorConfig | None) -> dict[str, Any]:
+    return {k: v for k, v in (anchor.to_dict() if anchor else {}).items()
+            if k in ("mode", "anchor_token", "anchor_token_ids", "ac_after_last", "ac_join")}
 
 
 def process_stream(
     source: Any, tokenizer: Any, anchor: AnchorConfig | None, block_size: int, *, text_column: str = "text",
     packing: bool = True, keep_remainder: bool = False, splitter: str | None = None, batch_size: int = 256,
 ) -> Any:
-    """The same AC insertion, tokenisation and packing as the cached path, lazily on an ``IterableDataset``."""
+    """The same AC insertion, tokenisation and packing as the cached path, lazily on an ``IterableDataset``.
+
+    The result keeps ``source``'s shards (each is processed and packed on its own), so ranks and
+    DataLoader workers can read different shards.
+    """
     from datasets import IterableDataset
 
+    from .stream import StreamSpec
+
     check_anchor_tokenizer(tokenizer, anchor)
-    processor = TextProcessor(tokenizer, anchor, text_column, splitter)
     columns = source.column_names
     if columns is not None and text_column not in columns:
         raise ValueError(f"The data has no column {text_column!r}; its columns are {sorted(columns)}. "
                          "Set data.text_column to one of them.")
-    tokenized = source.map(processor, batched=True, batch_size=batch_size, remove_columns=columns)
-    if packing:
-        return IterableDataset.from_generator(
-            _gen_stream_packed, gen_kwargs={"tokenized": tokenized, "block_size": block_size, "keep_remainder": keep_remainder}
-        )
-
-    def truncate(row: dict) -> dict:
-        return truncate_document(row["input_ids"], block_size)
-
-    return tokenized.filter(lambda r: len(r["input_ids"]) > 0).map(truncate, remove_columns=["n_anchors", "n_sentences"])
+    spec = StreamSpec(tokenizer=tokenizer, anchor=anchor, block_size=block_size, text_column=text_column,
+                      packing=packing, keep_remainder=keep_remainder, splitter=splitter, batch_size=batch_size)
+    n = max(1, int(source.n_shards))
+    return IterableDataset.from_generator(
+        _gen_source_shards, gen_kwargs={"index": list(range(n)), "num_shards": n, "source": source, "spec": spec}
+    )
 
 
-def _gen_stream_packed(tokenized: Any, block_size: int, keep_remainder: bool) -> Iterator[dict]:
-    docs = (np.asarray(row["input_ids"], dtype=np.int64) for row in tokenized)
-    for block in pack_documents(docs, block_size, keep_remainder):
-        yield {k: v.tolist() for k, v in block.items()}
+def _gen_source_shards(index: list[int], num_shards: int, source: Any, spec: Any) -> Iterator[dict]:
+    from .stream import rows_from_texts
+
+    processor = TextProcessor(spec.tokenizer, spec.anchor, spec.text_column, spec.splitter)
+    for i in index:
+        part = source.shard(num_shards=num_shards, index=i) if num_shards > 1 else source
+
+        def texts(part: Any = part) -> Iterator[str]:
+            for row in part:
+                if spec.text_column not in row:
+                    processor({k: [v] for k, v in row.items()})  # raises the clear "no column" error
+                yield row[spec.text_column]
+
+        yield from rows_from_texts(texts(), spec, processor)

@@ -87,12 +87,15 @@ def build_entry(
 ) -> tuple[Any, DataStats]:
     """Run ``build(work_dir)`` (which returns an in-work-dir dataset) and publish it atomically at ``entry``.
 
-    ``work_dir`` holds intermediate Arrow files and is removed afterwards. A file lock makes other
-    processes on this machine wait and then load the entry; if a process elsewhere (shared file
-    system) published it first anyway, its copy is used and ours is discarded.
+    ``work_dir`` holds intermediate Arrow files and is removed afterwards. A lock (``flock``, or a lock
+    file where the filesystem has no flock: :class:`anllm.utils.FileLock`) makes other processes, on
+    this node or others sharing the filesystem, wait and then load the entry. The entry is built in a
+    temporary directory and renamed into place, so a reader never sees a half-built one; if another
+    process published it first anyway (a lock taken over from a presumed-dead holder), its copy is
+    used and ours is discarded.
     """
     entry.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(entry.parent / f".{entry.name}.lock"):
+    with file_lock(entry.parent / f".{entry.name}.lock", purpose=f"building the dataset cache {entry.name}"):
         done = load_entry(entry)  # another process (e.g. a DDP rank) built it while we waited
         if done is not None:
             return done

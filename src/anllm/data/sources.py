@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from .retry import RetryPolicy, call_with_retry, iter_lines
 from .stats import DataStats
 
 logger = logging.getLogger("anllm.data")
@@ -52,11 +53,13 @@ def resolve_paths(patterns: str | Sequence[str], base_dir: str | Path | None = N
     return [p for p in out if not (p in seen or seen.add(p))]
 
 
-def resolve_remote(patterns: str | Sequence[str], repo: str | None = None) -> list[str]:
+def resolve_remote(patterns: str | Sequence[str], repo: str | None = None, policy: RetryPolicy | None = None) -> list[str]:
     """Expand remote file globs to URLs. Entries with ``://`` are used as they are; others are paths
-    inside the Hugging Face dataset ``repo`` (``hf://datasets/<repo>/<pattern>``)."""
+    inside the Hugging Face dataset ``repo`` (``hf://datasets/<repo>/<pattern>``). Listing is retried
+    on transient errors."""
     import fsspec
 
+    policy = policy or RetryPolicy()
     if isinstance(patterns, str):
         patterns = [patterns]
     urls: list[str] = []
@@ -65,12 +68,23 @@ def resolve_remote(patterns: str | Sequence[str], repo: str | None = None) -> li
             if not repo:
                 raise ValueError(f"data_files entry {pattern!r} is not a URL; set data.name to the hub dataset it is in.")
             pattern = f"hf://datasets/{repo}/{pattern.lstrip('/')}"
-        files = fsspec.open_files(pattern, "rb")
+        files = call_with_retry(lambda p=pattern: fsspec.open_files(p, "rb"), f"Listing {pattern}", policy)
         if not files:
             raise FileNotFoundError(f"No file matches the data pattern {pattern!r}.")
         protocol = pattern.split("://", 1)[0]
         urls.extend(f"{protocol}://{f.path}" if "://" not in f.path else f.path for f in files)
     return urls
+
+
+def remote_size(url: str, policy: RetryPolicy | None = None) -> int | None:
+    """Size in bytes of a local path or fsspec URL (None when the server does not say)."""
+    if "://" not in url:
+        return Path(url).stat().st_size
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    size = call_with_retry(lambda: fs.size(path), f"Asking the size of {url}", policy or RetryPolicy())
+    return int(size) if size is not None else None
 
 
 class SkipLogger:
@@ -91,60 +105,71 @@ class SkipLogger:
                 logger.warning("Further skipped records are only counted (see DataStats.skipped).")
 
 
-def iter_jsonl_records(path: Path | str, skip: SkipLogger) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(file:line, object)`` for every line that parses as a JSON object; blank lines are ignored.
+def iter_jsonl_records(
+    path: Path | str, skip: SkipLogger, start: int = 0, end: int | None = None, policy: RetryPolicy | None = None,
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, object)`` for every line that parses as a JSON object; blank lines are ignored.
 
     ``path`` is a local path or an fsspec URL (``hf://datasets/...``, ``https://...``; ``.gz`` etc.
     decompressed). Lines are read as bytes and decoded one by one, so a broken UTF-8 sequence costs
-    one line, not the rest of the file.
+    one line, not the rest of the file. ``start``/``end`` restrict the read to the lines that start
+    in that byte range (a shard of the file); transient read errors are retried (:mod:`.retry`).
+    ``where`` is ``file:line`` (``file@byte`` for a range that does not start at byte 0).
     """
-    if isinstance(path, str) and "://" in path:
-        import fsspec
-
-        opener = fsspec.open(path, "rb", compression="infer")
-    else:
-        opener = open(path, "rb")
-    with opener as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                skip("invalid UTF-8", where, e.reason)
-                continue
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                skip("malformed JSON", where, e.msg)
-                continue
-            if not isinstance(obj, dict):
-                skip("not a JSON object", where, type(obj).__name__)
-                continue
-            yield where, obj
+    for offset, lineno, raw in iter_lines(path, start, end, policy):
+        where = f"{path}:{lineno}" if lineno is not None else f"{path}@{offset}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            skip("invalid UTF-8", where, e.reason)
+            continue
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            skip("malformed JSON", where, e.msg)
+            continue
+        if not isinstance(obj, dict):
+            skip("not a JSON object", where, type(obj).__name__)
+            continue
+        yield where, obj
 
 
 def iter_jsonl_texts(
-    paths: Sequence[Path | str], text_column: str, skip: SkipLogger, max_documents: int | None = None
+    paths: Sequence[Path | str], text_column: str, skip: SkipLogger, max_documents: int | None = None,
+    policy: RetryPolicy | None = None,
 ) -> Iterator[str]:
     """Texts of ``text_column`` across files (local or URLs), skipping (and counting) bad or empty records.
 
     The first valid record of each file must have the column: if it does not, the config names the
     wrong column and a ValueError lists the columns that exist.
     """
-    for _, text in iter_jsonl_documents(paths, text_column, skip, max_documents):
+    for _, text in iter_jsonl_documents(paths, text_column, skip, max_documents, policy):
         yield text
 
 
 def iter_jsonl_documents(
-    paths: Sequence[Path | str], text_column: str, skip: SkipLogger, max_documents: int | None = None
+    paths: Sequence[Path | str], text_column: str, skip: SkipLogger, max_documents: int | None = None,
+    policy: RetryPolicy | None = None,
 ) -> Iterator[tuple[str, str]]:
     """``(file:line, text)`` of every usable record (see :func:`iter_jsonl_texts`)."""
+    segments = [(p, 0, None) for p in paths]
+    yield from iter_segment_documents(segments, text_column, skip, max_documents, policy)
+
+
+def iter_segment_documents(
+    segments: Sequence[Sequence[Any]], text_column: str, skip: SkipLogger, max_documents: int | None = None,
+    policy: RetryPolicy | None = None,
+) -> Iterator[tuple[str, str]]:
+    """``(where, text)`` of every usable record in ``(path, start, end)`` byte ranges, in order.
+
+    The column check of :func:`iter_jsonl_texts` applies to ranges that start a file (byte 0).
+    """
     n = 0
-    for path in paths:
-        checked = False
-        for where, obj in iter_jsonl_records(path, skip):
+    for path, start, end in segments:
+        checked = bool(start)
+        for where, obj in iter_jsonl_records(path, skip, int(start or 0), None if end is None else int(end), policy):
             if text_column not in obj:
                 if not checked:
                     raise ValueError(

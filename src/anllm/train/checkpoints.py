@@ -10,10 +10,8 @@ only after the new one is marked, so there is always at least one complete check
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import socket
 import os
 import re
 import shutil
@@ -23,6 +21,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from ..utils import FileLock
 from .distributed import barrier
 
 logger = logging.getLogger("anllm.train")
@@ -42,38 +41,31 @@ class OutputDirLock:
     Two runs writing the same checkpoints (a job submitted twice, a requeued job whose previous
     instance still runs) would corrupt each other, and the second one's resume would mistake the
     first one's in-progress checkpoint for an interrupted one. ``flock`` is released by the kernel
-    when the process dies, so a crash never leaves a stale lock.
+    when the process dies, so a crash never leaves a stale lock; where the filesystem has no flock
+    (Lustre without ``-o flock``) a lock file with a heartbeat is used (:class:`anllm.utils.FileLock`):
+    a killed run's lock is taken over once it has not been refreshed for ``ANLLM_LOCK_STALE_S``
+    seconds (default 120).
     """
 
     def __init__(self, output_dir: str | Path):
         self.path = Path(output_dir) / LOCK_FILE
-        self._fh = None
+        self._lock: FileLock | None = None
 
     def acquire(self) -> "OutputDirLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            fh.close()
+        lock = FileLock(self.path)
+        if not lock.acquire(blocking=False):
             raise RuntimeError(
-                f"Another training run ({holder}) is writing to {self.path.parent}. Wait for it to finish, stop it, "
-                "or choose another output_dir=..."
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-        fh.flush()
-        self._fh = fh
+                f"Another training run ({lock.holder()}) is writing to {self.path.parent}. Wait for it to finish, stop "
+                "it, or choose another output_dir=..."
+            )
+        self._lock = lock
         return self
 
     def release(self) -> None:
-        if self._fh is not None:
-            fcntl.flock(self._fh, fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[tuple[int, Path]]:

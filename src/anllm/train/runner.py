@@ -85,7 +85,9 @@ def _run_locked(c: dict[str, Any], callbacks: Sequence[Any], output_dir: Path, a
     _claim_output_dir(c, output_dir, resume_path, args)
 
     from anllm import get_anchor_config
-    from anllm.data import DataCollatorForAnchors, build_train_dataset
+    from anllm.data import DataCollatorForAnchors, build_train_dataset, is_resumable, resume_stream
+    from anllm.data.prebuild import train_data_kwargs
+    from datasets import IterableDataset
 
     from .distill import DistillConfig, build_teacher
     from .model import build_model_and_tokenizer
@@ -94,12 +96,19 @@ def _run_locked(c: dict[str, Any], callbacks: Sequence[Any], output_dir: Path, a
     model, tok = build_model_and_tokenizer(c)
     distill = DistillConfig.from_dict(c["trainer"].get("distill"))
     teacher = build_teacher(distill, c, model, tok, args) if distill.enabled else None
-    data_cfg = {k: v for k, v in c["data"].items() if k != "id"}
-    with args.main_process_first(desc="building the training data"):
+    # Global, not per node: rank 0 builds (or finds) the cache entry, then every other rank loads it.
+    with args.main_process_first(local=False, desc="building the training data"):
         ds, stats = build_train_dataset(
-            data_cfg, tok, get_anchor_config(model), c["block_size"], os.path.expanduser(c["cache_dir"]),
-            seed=args.seed, num_proc=int(c["preprocessing"]["num_proc"]), max_model_length=c["model"]["context_length"],
+            tokenizer=tok, anchor=get_anchor_config(model),
+            **train_data_kwargs(c, args.seed, world_size=args.world_size, num_workers=args.dataloader_num_workers),
         )
+    if isinstance(ds, IterableDataset):  # a stream: each rank reads its own part (anllm.data.stream), not rank 0 for all
+        args.accelerator_config.dispatch_batches = False
+        if resume_path is not None and is_resumable(ds):
+            done = json.loads((resume_path / "trainer_state.json").read_text())["global_step"]
+            ds = resume_stream(ds, batches=int(done) * args.gradient_accumulation_steps,
+                               batch_size=args.train_batch_size)
+            args.ignore_data_skip = True  # the stream starts at the next row; the Trainer must not replay it
     trainer = AnllmTrainer(
         model=model,
         args=args,
@@ -191,7 +200,7 @@ def resolve_resume(resume: Any, output_dir: Path, args: Any) -> Path | None:
         return None
     if mode == "auto":
         found = latest_complete_checkpoint(output_dir)
-        with args.main_process_first(desc="setting aside incomplete checkpoints"):
+        with args.main_process_first(local=False, desc="setting aside incomplete checkpoints"):
             if args.process_index == 0:
                 quarantine_incomplete(output_dir)
         return found
