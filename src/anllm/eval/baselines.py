@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterator
 import torch
 from transformers.cache_utils import DynamicCache
 
+from . import methods as registry
+
 Selector = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int], torch.Tensor]
 
 
@@ -108,6 +110,15 @@ def streaming_visible(length: int, budget: int | torch.Tensor, num_sink_tokens: 
     return (k <= q) & ((k < sinks) | (q - k < b - sinks))
 
 
+def streaming_batch_mask(lengths: list[int], width: int, budgets: list[Any], num_sink_tokens: int) -> torch.Tensor:
+    """``[B, 1, W, W]`` StreamingLLM masks for left-padded rows (padding queries see only themselves, so
+    no fully masked row turns into NaN); a row's budget is one number or one per token."""
+    out = torch.eye(width, dtype=torch.bool).repeat(len(lengths), 1, 1)
+    for b, (n, budget) in enumerate(zip(lengths, budgets)):
+        out[b, width - n :, width - n :] = streaming_visible(n, budget, num_sink_tokens)
+    return out[:, None]
+
+
 def knorm_visible(keys: torch.Tensor, budget: int) -> torch.Tensor:
     """``[B, H, L, L]`` bool from keys ``[B, H, L, D]`` (one layer, no cache): query q sees itself and
     the ``budget - 1`` earlier keys of lowest L2 norm (ties: the earlier key), per KV head.
@@ -164,8 +175,10 @@ def knorm_attention(model: Any, budget: int) -> Iterator[None]:
         _KNORM_BUDGET.reset(token)
 
 
-PER_QUERY = "streamingllm_q"  # StreamingLLM at equal keys *per query* (not the peak): see streaming_visible
-STREAMING_METHODS = ("streamingllm", PER_QUERY, "knorm")
+# The long-text readings' baselines (streamingllm, streamingllm_q, knorm: see anllm.eval.methods);
+# PER_QUERY is StreamingLLM at equal keys *per query* (not the peak): see streaming_visible.
+STREAMING_METHODS = registry.names("ppl", kinds=("baseline",))
+PER_QUERY = next(m for m in STREAMING_METHODS if registry.METHODS[m].budget == "per-query")
 
 
 @torch.no_grad()

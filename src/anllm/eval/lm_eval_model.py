@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..anchors import Marking, sentence_spans
 from ..modeling import from_pretrained, get_anchor_config
+from .methods import names
 from .scoring import MultiModeScorer
 
 _QUERY = re.compile(r"(?m)^Question:")
@@ -90,7 +91,7 @@ class AnchorLM(HFLM):
         super().__init__(pretrained=pretrained, tokenizer=tokenizer, batch_size=int(batch_size), **kwargs)
         self.mode = mode
         if scorer is None:
-            modes = [mode] if mode in ("full", "ansan", "anchor") else ["anchor", mode]
+            modes = [mode] if mode in names("qa", kinds=("cache", "mask")) else ["anchor", mode]
             scorer = MultiModeScorer(
                 self.model, modes, pad_token_id=self._pad_id(), batch_size=int(batch_size),
                 num_sink_tokens=int(num_sink_tokens),

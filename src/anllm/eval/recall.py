@@ -20,7 +20,6 @@ by default from ``data_dir``'s presidential speeches, which the study's data con
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import time
@@ -30,10 +29,21 @@ from typing import Any, Sequence
 
 import torch
 
-from ..anchors import Marking, marking_of, sentence_spans
-from ..modeling import anchor_options, is_anchor_aware
+from ..anchors import Marking, marking_of
+from ..modeling import is_anchor_aware
 from . import baselines
-from .perplexity import ppl_method, query_budgets, runnable_methods
+from . import methods as registry
+from .baselines import streaming_batch_mask
+from .budgets import query_budgets
+from .documents import SPEECHES, held_out_prose, prose_sentences
+from .methods import ppl_method, runnable_methods
+from .readers import next_token_logits
+
+__all__ = [  # streaming_batch_mask, prose_sentences, SPEECHES and next_token_logits moved; still importable here
+    "CATEGORIES", "DEFAULT_DISTANCES", "DEFAULT_METHODS", "NAMES", "SPEECHES", "SUITE", "Item", "build_items",
+    "check", "context_text", "next_token_logits", "options", "prose_sentences", "recall_rows", "run_task",
+    "streaming_batch_mask",
+]
 
 CATEGORIES: dict[str, list[str]] = {
     "favourite colour": ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "pink", "brown"],
@@ -44,9 +54,8 @@ CATEGORIES: dict[str, list[str]] = {
 NAMES = ["Maria", "James", "Aisha", "Peter", "Sofia", "Daniel", "Elena", "Samuel", "Clara", "Victor", "Nadia",
          "Oliver", "Hannah", "Lucas", "Irene", "Martin", "Grace", "Felix", "Laura", "Hugo", "Alice", "Thomas",
          "Emma", "Robert", "Julia", "Simon", "Anna", "George", "Helen", "Oscar"]
-DEFAULT_METHODS = ("full", "anchor", "streamingllm")
+DEFAULT_METHODS = registry.DEFAULTS["recall"]
 DEFAULT_DISTANCES = (0, 2, 5, 10, 20)
-SPEECHES = "pretrain_text/us_presidential_speeches_nltk.jsonl"
 
 
 @dataclass(frozen=True)
@@ -71,24 +80,6 @@ class Item:
     def context_sentences(self, k: int) -> list[str]:
         """Complete sentences before the cue, at distance ``k``."""
         return [*self.before, self.fact, *self.fillers[:k]]
-
-
-def prose_sentences(docs: Sequence[tuple[str, str]], min_chars: int = 40, max_chars: int = 200) -> list[list[str]]:
-    """Runs of consecutive, ordinary sentences (one line, a letter first, moderate length) per document."""
-    runs: list[list[str]] = []
-    for _, text in docs:
-        run: list[str] = []
-        for s, e in sentence_spans(text):
-            sent = text[s:e]
-            ok = min_chars <= len(sent) <= max_chars and "\n" not in sent and sent[0].isupper() and sent[-1] in ".!?"
-            if ok:
-                run.append(sent)
-            elif run:
-                runs.append(run)
-                run = []
-        if run:
-            runs.append(run)
-    return runs
 
 
 def build_items(
@@ -130,60 +121,6 @@ def context_text(item: Item, k: int, marking: Marking | str | None) -> str:
     if marking is not None:
         body = replace(marking, after_last=True).apply(body)  # the cue, not the fillers, is the open sentence
     return f"{body} {item.cue}"
-
-
-def _left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    L = max(len(x) for x in seqs)
-    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    for i, x in enumerate(seqs):
-        ids[i, L - len(x) :] = x
-        mask[i, L - len(x) :] = 1
-    return ids, mask
-
-
-def streaming_batch_mask(lengths: list[int], width: int, budgets: list[Any], num_sink_tokens: int) -> torch.Tensor:
-    """``[B, 1, W, W]`` StreamingLLM masks for left-padded rows (padding queries see only themselves, so
-    no fully masked row turns into NaN); a row's budget is one number or one per token."""
-    out = torch.eye(width, dtype=torch.bool).repeat(len(lengths), 1, 1)
-    for b, (n, budget) in enumerate(zip(lengths, budgets)):
-        out[b, width - n :, width - n :] = baselines.streaming_visible(n, budget, num_sink_tokens)
-    return out[:, None]
-
-
-@torch.no_grad()
-def next_token_logits(
-    model: Any, seqs: list[torch.Tensor], method: str, budgets: list[Any], pad_id: int, num_sink_tokens: int = 4,
-    position_mode: str = "true",
-) -> tuple[torch.Tensor, list[int]]:
-    """``([B, V] logits for the token after each sequence, keys each row's cache held)`` under ``method``,
-    one left-padded forward (K-norm: one forward per sequence, its ranking must not see padding)."""
-    from ..cache import AnchorCache
-    from .generation import method_attention
-
-    if method == "knorm":
-        logits = [baselines.baseline_logits(model, x, method, b)[-1] for x, b in zip(seqs, budgets)]
-        return torch.stack(logits), [min(b, len(x)) for x, b in zip(seqs, budgets)]
-    device = next(model.parameters()).device
-    ids, mask = _left_pad(seqs, pad_id)
-    ids, mask = ids.to(device), mask.to(device)
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    lengths = [len(x) for x in seqs]
-    if method in ("streamingllm", baselines.PER_QUERY):
-        am = streaming_batch_mask(lengths, ids.shape[1], budgets, num_sink_tokens).to(device)
-        with method_attention(model, "full") if is_anchor_aware(model) else contextlib.nullcontext():
-            out = model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=False, logits_to_keep=1)
-        return out.logits[:, -1], [min(int(torch.as_tensor(b).reshape(-1)[-1]), n) for b, n in zip(budgets, lengths)]
-    if method == "full":
-        with method_attention(model, "full") if is_anchor_aware(model) else contextlib.nullcontext():
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=1)
-        return out.logits[:, -1], lengths
-    cache = AnchorCache(position_mode=position_mode)  # type: ignore[arg-type]
-    rule = anchor_options(model, hide_anchors=True) if method == "sentence" else contextlib.nullcontext()
-    with method_attention(model, "anchor"), rule:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)
-    return out.logits[:, -1], [int(k) for k in cache.stats()["kept_per_row"]]
 
 
 def recall_rows(
@@ -256,20 +193,6 @@ def options(cfg: Any) -> dict[str, Any]:
     return {**defaults, **{k: v for k, v in section.items() if v is not None}}
 
 
-def held_out_prose(cfg: Any) -> list[tuple[str, str]]:
-    from ..data.split import held_out_documents
-
-    opts = options(cfg)
-    data = opts["data"]
-    if data is None:
-        if not cfg.get("data_dir"):
-            raise FileNotFoundError("The recall probe reads held-out prose: pass recall.data=<data config> or "
-                                    "data_dir=../shared/data (its presidential speeches).")
-        path = str(Path(str(cfg.get("data_dir"))).expanduser() / SPEECHES)
-        data = {"kind": "jsonl", "paths": [path], "holdout_paths": [path]}
-    return held_out_documents(data, opts["data_base_dir"])
-
-
 def check(cfg: Any) -> None:
     opts = options(cfg)
     for m in opts["methods"] or []:
@@ -290,7 +213,7 @@ def run_task(bundle: Any, cfg: Any, task: str, out_dir: Path) -> list[dict[str, 
     if skipped:
         bundle.notes.append(f"recall: no anchor settings, so {', '.join(skipped)} was skipped.")
     distances = sorted({int(k) for k in opts["distances"]})
-    items = build_items(held_out_prose(cfg), bundle.tokenizer, num_items=int(opts["num_items"]),
+    items = build_items(held_out_prose(cfg, "recall", "The recall probe"), bundle.tokenizer, num_items=int(opts["num_items"]),
                         max_distance=max(distances), num_choices=int(opts["num_choices"]),
                         num_before=int(opts["num_before"]), seed=int(opts["seed"]))
     return recall_rows(bundle.model, bundle.tokenizer, bundle.anchor, items, methods, distances,

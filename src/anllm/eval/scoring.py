@@ -66,15 +66,18 @@ from transformers.cache_utils import DynamicCache
 from ..cache import AnchorCache
 from ..modeling import anchor_attention, is_anchor_aware
 from . import baselines
+from . import methods as registry
+from .baselines import streaming_batch_mask
 from .generation import _accepts_logits_to_keep, prefill
-from .recall import streaming_batch_mask
 
-CACHE_MODES = ("full", "anchor")
-MODES = ("full", "ansan", "anchor", "stock")
-COMPRESS_BASELINES = tuple(baselines.METHODS)  # compress once, at the anchor cache's kept size
-# Streaming StreamingLLM: name -> per-query budgets (else one budget per sequence, the AnSAN peak).
-STREAM_BASELINES = {"streamingllm_stream": False, "streamingllm_stream_q": True}
+# The QA suite's methods (anllm.eval.methods): modes, and baselines that compress once at the anchor
+# cache's kept size or stream (name -> per-query budgets, else one budget per sequence, the AnSAN peak).
+MODES = registry.names("qa", kinds=("cache", "mask", "stock"))
+COMPRESS_BASELINES = tuple(m for m in registry.names("qa", kinds=("baseline",)) if registry.METHODS[m].compress_once)
+STREAM_BASELINES = {m: registry.METHODS[m].budget == "per-query" for m in registry.names("qa", kinds=("baseline",))
+                    if not registry.METHODS[m].compress_once}
 BASELINES = COMPRESS_BASELINES + tuple(STREAM_BASELINES)
+assert set(COMPRESS_BASELINES) <= set(baselines.METHODS), "a compress-once baseline without a key selector"
 
 
 @dataclass
@@ -141,7 +144,7 @@ class MultiModeScorer:
         unknown = [m for m in modes if m not in MODES + BASELINES]
         if unknown:
             raise ValueError(f"Unknown scoring mode(s) {unknown}: choose from {MODES + BASELINES}.")
-        if any(m in ("ansan", "anchor") or m in STREAM_BASELINES for m in modes) and not is_anchor_aware(model):
+        if any(registry.needs_anchors(m) for m in modes) and not is_anchor_aware(model):
             raise ValueError(
                 "Modes 'ansan'/'anchor' and the streaming baselines need an anchor-aware model (saved anchor "
                 "settings, or anchors=ep|ac to apply them): this model only supports mode 'full'."

@@ -108,5 +108,3 @@ def selected_suites(suite: str | list[str]) -> list[str]:
             raise ValueError(f"Unknown suite {n!r}: choose one of {sorted(SUITES)} or 'all'.")
     return names
 
-
-TaskRunner = Callable[[ModelBundle, DictConfig, str, Path], list[dict[str, Any]]]

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..eval.perplexity import runnable_methods
+from ..eval.methods import runnable_methods
 
 
 class Study(Protocol):

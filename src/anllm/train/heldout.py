@@ -1,7 +1,7 @@
 """The held-out check at the end of a training run: did the anchors learn?
 
 On documents the run never trained on (the data config's held-out split, :mod:`anllm.data.split`),
-the evaluation code of ``evaluate.py suite=ppl tasks=[holdout]`` (:func:`anllm.eval.perplexity.score_documents`)
+the evaluation code of ``evaluate.py suite=ppl tasks=[holdout]`` (:func:`anllm.eval.ppl_core.score_documents`)
 measures full-attention PPL, anchor-inference PPL with the AnchorCache, C⇓ and MaxKV — for the
 trained model and for the starting model (measured before training, cached under ``cache_dir`` so a
 re-run or a resumed run does not pay for it twice). The result is printed as a small table and saved
@@ -75,16 +75,16 @@ def ppl_config(c: Mapping[str, Any], s: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def documents(c: Mapping[str, Any], s: Mapping[str, Any]) -> list[tuple[str, str]]:
-    from ..eval.perplexity import documents_for
+    from ..eval.documents import documents_for
 
     return documents_for(ppl_config(c, s), "holdout")
 
 
 def measure(model: Any, tokenizer: Any, docs: list[tuple[str, str]], s: Mapping[str, Any]) -> dict[str, Any]:
-    """Full and anchor PPL (plus C⇓, MaxKV) through the perplexity suite's own code."""
+    """Full and anchor PPL (plus C⇓, MaxKV) through the perplexity suite's own scoring core."""
     import torch
 
-    from ..eval.perplexity import score_documents
+    from ..eval.ppl_core import score_documents
     from ..modeling import get_anchor_config, is_anchor_aware
 
     cfg = get_anchor_config(model)

@@ -11,7 +11,6 @@ lm-eval's own few-shot code (``sampler: first_n``).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,13 +125,6 @@ def task_spec(name: str, source: str, data_dir: str | Path | None, num_fewshot: 
     out = work_dir / f"{task.name}_{num_fewshot}shot.yaml"
     out.write_text(yaml.safe_dump(spec, sort_keys=False))
     return str(out)
-
-
-def read_local_docs(name: str, data_dir: str | Path) -> list[dict[str, Any]]:
-    """The staged documents of a task as lm-eval would read them (before its processing)."""
-    path = local_data_file(get_task(name), data_dir)
-    with path.open() as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def load_task(name: str, source: str, data_dir: str | Path | None, num_fewshot: int, work_dir: Path) -> Any:
