@@ -282,13 +282,13 @@ class MultiModeScorer:
                 rows.append(seq[:-1])
                 spans.append((len(g.ctx) - 1, cont))
         ids, mask = self._pad(rows, left=False)
-        logp = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1)
+        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # normalised per span below
         out, r = [], 0
         for g in batch:
             res = []
             for cont in g.conts:
                 start, _ = spans[r]
-                lp, greedy = _score_tokens(logp[r, start : start + len(cont)], cont)
+                lp, greedy = _score_tokens(logits[r, start : start + len(cont)], cont)
                 total = len(g.ctx) + len(cont) - 1
                 res.append(Scored(lp, greedy, total, total, total))
                 r += 1
@@ -311,7 +311,7 @@ class MultiModeScorer:
         pos = (ctx_mask.cumsum(-1) - 1).clamp_min(0)
         out = prefill(self.model, ctx_ids, ctx_mask, pos, cache, self.prefill_chunk_size, logits_to_keep=1)
         cache = out.past_key_values
-        first_logp = torch.log_softmax(out.logits[:, -1].float(), -1)  # predicts each continuation's 1st token
+        first_logits = out.logits[:, -1]  # predicts each continuation's 1st token
         ctx_len = torch.tensor([len(g.ctx) - tail for g in batch], device=self.device)
         if isinstance(cache, AnchorCache):
             stats = cache.stats()
@@ -332,7 +332,7 @@ class MultiModeScorer:
         conts = [c for g in batch for c in g.conts]
         cache.batch_select_indices(rows)
         feeds = [g.ctx[len(g.ctx) - tail :] + c[:-1] for g in batch for c in g.conts]
-        logp = None if tail else first_logp[rows][:, None]
+        logp = None if tail else first_logits[rows][:, None]  # logits; _score_tokens normalises
         if max(map(len, feeds)) > 0:
             feed, feed_mask = self._pad(feeds, left=False)
             pos = ctx_len[rows][:, None] + torch.arange(feed.shape[1], device=self.device)
@@ -340,8 +340,8 @@ class MultiModeScorer:
                 input_ids=feed, attention_mask=torch.cat([past_mask[rows], feed_mask], -1), position_ids=pos,
                 past_key_values=cache, use_cache=True,
             )
-            step = torch.log_softmax(out.logits.float(), -1)
-            logp = step if logp is None else torch.cat([logp, step], 1)
+            step = out.logits
+            logp = step if logp is None else torch.cat([logp.to(step.dtype), step], 1)
         results, r = [], 0
         for i, g in enumerate(batch):
             res = []
@@ -371,7 +371,7 @@ class MultiModeScorer:
         extra = {"logits_to_keep": K} if _accepts_logits_to_keep(self.model) else {}
         with anchor_attention(self.model, enabled=False):
             logits = self.model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=False, **extra).logits
-        logp = torch.log_softmax(logits[:, -K:].float(), -1)
+        logp = logits[:, -K:]  # logits; _score_tokens normalises the continuation's positions only
         out, r = [], 0
         for g, cs in zip(batch, counts):
             res = []
@@ -385,8 +385,12 @@ class MultiModeScorer:
         return out
 
 
-def _score_tokens(logp: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
-    """Sum of log-probabilities of ``cont`` under ``logp`` [len(cont), V]; greedy = argmax everywhere."""
+def _score_tokens(logits: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
+    """Sum of log-probabilities of ``cont`` under ``logits`` [len(cont), V]; greedy = argmax everywhere.
+
+    The fp32 log-softmax is taken here, over the continuation's positions only: never over a whole
+    5-shot context (a [batch, length, vocabulary] fp32 tensor is gigabytes at 7B vocabularies)."""
+    logp = torch.log_softmax(logits.float(), -1)
     target = torch.tensor(cont, device=logp.device)
     lp = logp.gather(-1, target[:, None]).squeeze(-1)
     return float(lp.sum()), bool((logp.argmax(-1) == target).all())
