@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,9 +14,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def make_dry(*variables: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}  # make would take PYTHON from the environment
+    return subprocess.run(["make", "-n", "install", "VENV=/tmp/anllm-dry-venv", *variables], cwd=REPO,
+                          capture_output=True, text=True, env=env)
+
+
 def dry_run(*variables: str) -> str:
-    out = subprocess.run(["make", "-n", "install", "VENV=/tmp/anllm-dry-venv", *variables], cwd=REPO,
-                         capture_output=True, text=True, check=True)
+    out = make_dry(*variables)
+    assert out.returncode == 0, out.stderr
     return out.stdout
 
 
@@ -31,6 +39,10 @@ def test_default_is_the_pinned_torch_from_pips_index_and_jit_deepspeed_ops():
         (["TORCH_INDEX=https://download.pytorch.org/whl/cu126"],
          ['pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cu126']),
         (["TORCH_SPEC=torch==2.13.0", "DS_BUILD_OPS=1"], ['pip install -q "torch==2.13.0" 2>&1', "DS_BUILD_OPS=1 "]),
+        # only the ops the recipes use, prebuilt (and not taken from pip's cache of a wheel built without them)
+        (["DS_BUILD_CPU_ADAM=1", "DS_BUILD_FUSED_ADAM=1"],
+         ['DS_BUILD_OPS=0 DS_BUILD_CPU_ADAM=1 DS_BUILD_FUSED_ADAM=1 /tmp/anllm-dry-venv/bin/python -m pip install -q '
+          '--no-build-isolation --no-cache-dir "deepspeed>=0.15"']),
     ],
 )
 def test_cluster_variables_compose_the_documented_commands(variables, expected):
@@ -49,3 +61,25 @@ def test_readme_gpu_section_names_the_attention_backends():
     for needle in ("attn_implementation", "flex_attention", "flash_attention_2", "DS_BUILD_OPS", "pip check"):
         assert needle in section
     assert re.search(r"make install TORCH_INDEX=\S+cu\d+", section)
+
+
+def test_python_knob_makes_the_venv_from_that_interpreter():
+    out = dry_run(f"PYTHON={sys.executable}")
+    lines = out.splitlines()
+    assert lines[1] == f"{sys.executable} -m venv /tmp/anllm-dry-venv"  # after the version check (line 0)
+    assert all(line.startswith(("/tmp/anllm-dry-venv/bin/python", "DS_BUILD_OPS")) for line in lines[2:]), out
+    assert dry_run().splitlines()[1] == "python3 -m venv /tmp/anllm-dry-venv"  # the default
+    assert "make install PYTHON=python3.11" in (REPO / "README.md").read_text()
+
+
+def test_an_old_or_missing_python_is_refused_with_the_knob_named(tmp_path):
+    old = tmp_path / "python3.9"  # answers like a Python 3.9: --version, and the version check fails
+    old.write_text('#!/usr/bin/env bash\nif [[ "$1" == --version ]]; then echo "Python 3.9.18"; exit 0; fi\n'
+                   '[[ "$*" == *"version_info < (3, 11)"* ]] && exit 1\nexit 3\n')
+    old.chmod(0o755)
+    for python, says in [(old, "is Python 3.9.18"), (tmp_path / "no-such-python", "is not found")]:
+        out = make_dry(f"PYTHON={python}")
+        assert out.returncode != 0
+        message = [line for line in out.stderr.splitlines() if line.startswith("make install:")]
+        assert len(message) == 1 and "Python >= 3.11" in message[0] and says in message[0]
+        assert "make install PYTHON=python3.11" in message[0]

@@ -124,19 +124,26 @@ def test_qa_paper_layout_puts_one_anchor_per_demonstration():
 
 
 def test_paper_recipe_is_one_epoch_without_packing():
+    import importlib.util
+    import sys
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    script = (repo / "slurm" / "_paper_common.sh").read_text()
-    assert "protocol=paper" in (repo / "slurm" / "anllm_ac_7b.sbatch").read_text()
-    assert "MAX_STEPS:-1661" in script  # ceil(850k documents / 512 rows per step), one epoch when streaming
-    cfg = compose("train", ["+exp=anllm_ac", "scale=paper", "protocol=paper", "model=llama2_7b", "data=redpajama_sample",
-                            "trainer.max_steps=1661"])
+    spec = importlib.util.spec_from_file_location("anllm_slurm_recipe", repo / "slurm" / "recipe.py")
+    recipes = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = recipes
+    spec.loader.exec_module(recipes)
+    recipe = recipes.load()["anllm_ac_7b"]  # what `sbatch slurm/anllm_ac_7b.sbatch` passes to train.py
+    overrides = recipe.overrides({})  # streamed: trainer.max_steps = ceil(850k documents / 512 rows per step)
+    assert "protocol=paper" in overrides and "trainer.max_steps=1661" in overrides
+    cfg = compose("train", overrides)
     assert cfg.data.packing is False and cfg.trainer.num_train_epochs == 1 and cfg.block_size == 8192
     t = cfg.trainer
-    assert t.per_device_train_batch_size * t.gradient_accumulation_steps * 32 == 512  # rows per step on 4 x 8 GPUs
-    recipe = (repo / "experiments" / "recipes" / "anllm_ac_7b.md").read_text()
-    assert "1,661" in recipe and "protocol=paper" in recipe
+    assert t.per_device_train_batch_size * t.gradient_accumulation_steps * recipe.gpus == 512  # rows per step on 4 x 8 GPUs
+    local = compose("train", recipe.overrides({"RPJ_DIR": "/data/rpj"}))  # a local copy: the epoch is counted
+    assert local.trainer.max_steps == -1 and local.trainer.num_train_epochs == 1 and local.data.packing is False
+    page = (repo / "experiments" / "recipes" / "anllm_ac_7b.md").read_text()
+    assert "1,661" in page and "protocol=paper" in page
 
 
 def test_scoring_external_outputs_needs_no_checkpoint(shared_data, tmp_path):

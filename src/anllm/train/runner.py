@@ -27,6 +27,7 @@ from .checkpoints import (
 from . import heldout
 from .config import ConfigError, plain_dict, resolve_bf16, validate
 from .distributed import barrier, env_from_submitit, is_main_process
+from .preemption import PreemptionCallback
 
 logger = logging.getLogger("anllm.train")
 
@@ -115,7 +116,7 @@ def _run_locked(c: dict[str, Any], callbacks: Sequence[Any], output_dir: Path, a
         train_dataset=ds,
         data_collator=DataCollatorForAnchors(tok),
         processing_class=tok,
-        callbacks=[AtomicCheckpointCallback(save_limit), *callbacks],
+        callbacks=[PreemptionCallback(), AtomicCheckpointCallback(save_limit), *callbacks],
         block_size=c["block_size"],
         peak_tflops=(c.get("metrics") or {}).get("peak_tflops"),
         teacher=teacher,
