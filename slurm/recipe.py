@@ -72,6 +72,10 @@ class Recipe:
         for var, overrides in self.data.items():
             if var != "default" and env.get(var):
                 return list(overrides)
+        if "default" not in self.data:
+            names = " or ".join(f"{v}=..." for v in self.data)
+            raise RecipeError(f"recipe {self.name}: set {names} before sbatch (RPJ_DIR: a local copy of "
+                              "RedPajama-Data-1T-Sample, see conf/data/redpajama_local.yaml; RPJ_STREAM=1: stream it)")
         return list(self.data["default"])
 
     def overrides(self, env: Mapping[str, str] | None = None) -> list[str]:
@@ -123,8 +127,8 @@ def load(path: Path = TABLE) -> dict[str, Recipe]:
                               f"sbatch); got {sorted(r) if isinstance(r, dict) else r!r}")
         data = r["data"]
         if isinstance(data, dict):
-            if "default" not in data:
-                raise RecipeError(f"{where}: data as a mapping needs a `default:` list")
+            if not data:
+                raise RecipeError(f"{where}: data as a mapping needs at least one ENV_VAR: [overrides] entry")
             data = {str(k): _list_of_str(v, f"{where}: data.{k}") for k, v in data.items()}
         else:
             data = _list_of_str(data, f"{where}: data")

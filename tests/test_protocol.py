@@ -134,7 +134,7 @@ def test_paper_recipe_is_one_epoch_without_packing():
     sys.modules[spec.name] = recipes
     spec.loader.exec_module(recipes)
     recipe = recipes.load()["anllm_ac_7b"]  # what `sbatch slurm/anllm_ac_7b.sbatch` passes to train.py
-    overrides = recipe.overrides({})  # streamed: trainer.max_steps = ceil(850k documents / 512 rows per step)
+    overrides = recipe.overrides({"RPJ_STREAM": "1"})  # streamed: trainer.max_steps = ceil(850k documents / 512 rows per step)
     assert "protocol=paper" in overrides and "trainer.max_steps=1661" in overrides
     cfg = compose("train", overrides)
     assert cfg.data.packing is False and cfg.trainer.num_train_epochs == 1 and cfg.block_size == 8192

@@ -209,7 +209,8 @@ class SbatchRefused(RuntimeError):
 
 
 # Variables a job reads: the test environment must not leak them in.
-JOB_VARIABLES = ("EXTRA", "RECIPE", "RPJ_DIR", "MAX_STEPS", "BASE", "LLAMA2_7B", "LLAMA2_13B", "PYTHON",
+STREAM = {"RPJ_STREAM": "1"}  # the pretraining recipes read a local copy unless the stream is asked for
+JOB_VARIABLES = ("EXTRA", "RECIPE", "RPJ_DIR", "RPJ_STREAM", "MAX_STEPS", "BASE", "LLAMA2_7B", "LLAMA2_13B", "PYTHON",
                  "GPUS_PER_NODE", "MASTER_PORT", "OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "REQUEUE_GRACE")
 
 
@@ -228,7 +229,8 @@ def sbatch(clone: Path, shims: Path, tmp: Path, script: str, *args: str, **env: 
         TMPDIR=str(tmp), SLURM_JOB_ID=JOB_ID, SLURM_JOB_NAME=name, SLURM_SUBMIT_DIR=str(clone),
         SLURM_NNODES=str(opts.get("nodes", 1)), SLURM_JOB_NODELIST="localhost",
         SLURM_CPUS_PER_TASK=str(opts.get("cpus-per-task", 1)), SLURM_GPUS_ON_NODE=str(opts.get("gpus-per-node", 0)),
-        TRAIN_DRIVER=str(shims / "driver.py"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **env,
+        TRAIN_DRIVER=str(shims / "driver.py"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+        **{**STREAM, **env},  # streamed data unless a test says otherwise (RPJ_STREAM="" = unset, as in bash)
     )
     out = open(log, "a" if opts.get("open-mode") == "append" else "w")
     proc = subprocess.Popen(["bash", script, *args], cwd=clone, env=job_env, stdout=out, stderr=subprocess.STDOUT,
@@ -283,11 +285,13 @@ def test_recipe_scripts_are_generated_from_the_table():
 
 def test_recipe_variables_come_from_the_environment():
     r = RECIPES["anllm_ac_7b"]
-    assert "model.path=/models/llama" in r.overrides({"LLAMA2_7B": "/models/llama"})
-    assert "model.path=meta-llama/Llama-2-7b-hf" in r.overrides({"LLAMA2_7B": ""})  # empty = unset, as in bash
+    assert "model.path=/models/llama" in r.overrides({"LLAMA2_7B": "/models/llama", **STREAM})
+    assert "model.path=meta-llama/Llama-2-7b-hf" in r.overrides({"LLAMA2_7B": "", **STREAM})  # empty = unset, as in bash
     local = r.overrides({"RPJ_DIR": "/data/rpj"})
     assert "data.paths=[/data/rpj/*.jsonl]" in local and not any(o.startswith("trainer.max_steps") for o in local)
-    assert "trainer.max_steps=99" in r.overrides({"MAX_STEPS": "99"})
+    assert "trainer.max_steps=99" in r.overrides({"MAX_STEPS": "99", **STREAM})
+    with pytest.raises(recipe_mod.RecipeError, match="set RPJ_DIR=... or RPJ_STREAM=..."):
+        r.overrides({})  # the local copy is the default path; streaming only when asked for
     assert recipe_mod.expand("x=${a.b}", {}) == "x=${a.b}"  # Hydra's own interpolations are left alone
     with pytest.raises(recipe_mod.RecipeError, match="needs NOPE"):
         recipe_mod.expand("x=${NOPE}", {})
@@ -303,7 +307,7 @@ def test_recipes_compose_and_the_fast_one_is_fast():
 
     cfgs = {}
     for name, r in RECIPES.items():
-        cfgs[name] = cfg = compose("train", r.overrides({}))
+        cfgs[name] = cfg = compose("train", r.overrides(STREAM))
         validate(cfg, check_files=False)
         t = cfg.trainer
         if cfg.exp_name.startswith(("anllm", "baseline")):  # the exp's batch: 512 rows per step on 4 x 8 GPUs
@@ -338,7 +342,7 @@ def test_recipe_pages_show_the_overrides_of_the_table():
             shown[m.group(1)] = (page.name, block)
     assert set(RECIPES) - set(shown) == {"sft_translation_ep_7b", "sft_translation_baseline_7b"}  # shown as "the other two"
     for name, (page, block) in shown.items():
-        assert block == RECIPES[name].overrides({}), f"{page}: the overrides of {name} differ from slurm/recipes.yaml"
+        assert block == RECIPES[name].overrides(STREAM), f"{page}: the overrides of {name} differ from slurm/recipes.yaml"
 
 
 # --- every recipe through the scripts ------------------------------------------------------------------
@@ -347,7 +351,7 @@ def test_recipe_pages_show_the_overrides_of_the_table():
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_each_recipe_reaches_torchrun_with_its_overrides(clone, shims, tmp_path, name):
     r = RECIPES[name]
-    job = sbatch(clone, shims, tmp_path, f"slurm/{name}.sbatch")  # no EXTRA: empty arrays under set -u
+    job = sbatch(clone, shims, tmp_path, f"slurm/{name}.sbatch", **STREAM)  # no EXTRA: empty arrays under set -u
     assert job.wait() == 0, job.output()
     (srun,) = job.records("srun")
     assert f"--cpus-per-task={r.common['cpus-per-task']}" in srun["options"]
@@ -357,7 +361,7 @@ def test_each_recipe_reaches_torchrun_with_its_overrides(clone, shims, tmp_path,
     argv = run["argv"]
     assert f"--nnodes={r.nodes}" in argv and f"--nproc_per_node={r.gpus_per_node}" in argv
     assert f"--rdzv_id={JOB_ID}" in argv and "--rdzv_endpoint=localhost:29742" in argv
-    assert argv[argv.index("train.py") + 1:] == r.overrides({})
+    assert argv[argv.index("train.py") + 1:] == r.overrides(STREAM)
     assert run["usr1_ignored"]  # torchrun itself must not die of (or act on) the time-limit signal
     env = run["env"]
     assert env["OMP_NUM_THREADS"] == str(int(r.common["cpus-per-task"]) // r.gpus_per_node)
@@ -383,8 +387,12 @@ def test_the_generic_script_takes_overrides_or_a_recipe(clone, shims, tmp_path):
     assert argv[argv.index("train.py") + 1:] == ["+exp=anllm_ac", "model=tiny"] and "--nnodes=1" in argv
     job = sbatch(clone, shims, tmp_path / "b", "slurm/train.sbatch", RECIPE="sft_translation_ep_7b")
     assert job.wait() == 0, job.output()
+    job = sbatch(clone, shims, tmp_path / "d", "slurm/anllm_ac_7b.sbatch", RPJ_STREAM="")  # neither copy nor stream
+    assert job.wait() == 2 and "RPJ_DIR=..." in job.output() and job.records("torchrun") == []
+    job = sbatch(clone, shims, tmp_path / "b2", "slurm/train.sbatch", RECIPE="sft_translation_ep_7b")
+    assert job.wait() == 0, job.output()
     argv = job.records("torchrun")[0]["argv"]
-    assert argv[argv.index("train.py") + 1:] == RECIPES["sft_translation_ep_7b"].overrides({})
+    assert argv[argv.index("train.py") + 1:] == RECIPES["sft_translation_ep_7b"].overrides(STREAM)
     job = sbatch(clone, shims, tmp_path / "c", "slurm/train.sbatch", "no_such_recipe")
     assert job.wait() == 2 and "choose one of" in job.output() and job.records("torchrun") == []
 

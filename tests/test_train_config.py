@@ -184,7 +184,7 @@ def _train_overrides_of(script: Path, tmp_path: Path, env: dict[str, str]) -> li
 
 @pytest.mark.parametrize("run_name", PAPER_RUNS)
 def test_paper_sbatch_scripts_compose_and_validate(run_name, tmp_path):
-    overrides = _train_overrides_of(SLURM_DIR / f"{run_name}.sbatch", tmp_path, {})
+    overrides = _train_overrides_of(SLURM_DIR / f"{run_name}.sbatch", tmp_path, {"RPJ_STREAM": "1"})
     cfg = compose_cfg(*overrides)
     validate(cfg, check_files=False)
     assert cfg.scale_name == "paper" and cfg.protocol.name == "paper"  # the authors' protocol, item by item
