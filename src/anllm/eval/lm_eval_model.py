@@ -86,8 +86,17 @@ class AnchorLM(HFLM):
         **kwargs: Any,
     ) -> None:
         if isinstance(pretrained, str):  # model_args string: load with the saved anchor settings re-applied
-            pretrained, tokenizer = from_pretrained(pretrained)
-            pretrained.eval()
+            import torch
+
+            dtype = kwargs.pop("dtype", None)  # lm-eval's --model_args dtype=bfloat16 / --device cuda:1
+            dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else None
+            pretrained, tokenizer = from_pretrained(pretrained, **({"dtype": dtype} if dtype else {}))
+            device = str(kwargs.get("device") or "cuda")
+            if device.startswith("cuda") and not torch.cuda.is_available():
+                device = "cpu"  # lm-eval's CLI defaults to cuda:0; HFLM falls back the same way
+            pretrained.to(device).eval()  # HFLM leaves a ready-made model where it is
+        if batch_size == "auto" or str(batch_size).startswith("auto"):
+            raise ValueError("batch_size=auto is not supported by the anllm model: give a number (contexts per forward).")
         super().__init__(pretrained=pretrained, tokenizer=tokenizer, batch_size=int(batch_size), **kwargs)
         self.mode = mode
         if scorer is None:
