@@ -52,6 +52,22 @@ def smollm2_dir() -> Path:
         raise  # unreachable: skip_or_fail raises
 
 
+@pytest.fixture(scope="session")
+def tiny_ep_checkpoint(tmp_path_factory, smollm2_dir) -> Path:
+    """A tiny random Llama with EP anchors and the SmolLM2 tokenizer, saved like a trained model."""
+    from transformers import AutoTokenizer
+
+    import anllm
+    from anllm.testing import tiny_llama
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model, tok = anllm.prepare_model(tiny_llama(vocab_size=len(tok) + 8), tok, mode="ep")
+    out = tmp_path_factory.mktemp("ckpt") / "tiny-ep"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from threads, and on a busy CPU two threads spin against each other."""

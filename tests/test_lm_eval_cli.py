@@ -31,16 +31,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, smollm2_dir) -> Path:
-    """A tiny random Llama with EP anchors and the SmolLM2 tokenizer, saved like a trained model."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    model, tok = anllm.prepare_model(tiny_llama(vocab_size=len(tok) + 8), tok, mode="ep")
-    out = tmp_path_factory.mktemp("ckpt") / "tiny-ep"
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+def checkpoint(tiny_ep_checkpoint) -> Path:
+    return tiny_ep_checkpoint
 
 
 def _cli(args: list[str], **env: str) -> subprocess.CompletedProcess:
