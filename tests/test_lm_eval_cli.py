@@ -18,10 +18,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-import anllm
 from anllm.eval.runner import register_resolvers, run
 from anllm.lm_eval import _pop_data_dir, add_local_tasks
-from anllm.testing import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
