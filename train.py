@@ -2,7 +2,8 @@
 
 Thin Hydra entry point; everything else lives in :mod:`anllm.train`. Config groups are in conf/
 (exp, scale, model, data, deepspeed, launcher, protocol); see conf/train.yaml and experiments/recipes/.
-Bad input exits with code 2 and one line naming the fix (:mod:`anllm.cli`).
+The config is typed (:mod:`anllm.schema`) and checked before Hydra starts the run: bad input exits
+with code 2 and one line naming the key and the fix, with nothing written (:mod:`anllm.cli`).
 """
 
 import sys
@@ -24,12 +25,22 @@ def main(cfg: DictConfig) -> None:
         fail("train.py", str(e), kind="config error")
 
 
+def check(argv: list[str]) -> None:
+    """The command line's config, composed and validated before Hydra creates anything (raises
+    :class:`anllm.cli.InputError`); then the output directory is created (Hydra writes into it)."""
+    from anllm.cli import check_command_line, check_group_choices, check_output_dir
+    from anllm.train import validate
+
+    check_group_choices(argv, GROUPS)
+    check_command_line("train", argv, validate)
+    check_output_dir(argv)
+
+
 if __name__ == "__main__":
-    from anllm.cli import InputError, check_group_choices, check_output_dir, fail
+    from anllm.cli import InputError, fail
 
     try:
-        check_group_choices(sys.argv[1:], GROUPS)
-        check_output_dir(sys.argv[1:])
+        check(sys.argv[1:])
     except InputError as e:
         fail("train.py", str(e), kind="config error")
     main()

@@ -22,3 +22,5 @@ __all__ = [
     "prepare_model",
     "sentence_spans",
 ]
+
+from . import schema as _schema  # noqa: E402,F401 - registers the config schemas with Hydra's ConfigStore

@@ -8,9 +8,10 @@ other failure is a bug and keeps its traceback (exit code 1).
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 EXIT_BAD_INPUT = 2
@@ -21,8 +22,26 @@ class InputError(ValueError):
 
 
 def fail(program: str, message: str, kind: str = "error") -> NoReturn:
+    message = re.sub(r"\s*\n\s*", " ", str(message).strip())  # the contract is one line
     print(f"{program}: {kind}: {message}", file=sys.stderr, flush=True)
     sys.exit(EXIT_BAD_INPUT)
+
+
+# A sweep (``a=1,2 b=3,4``) is checked run by run, up to this many runs.
+MAX_CHECKED_RUNS = 256
+
+
+def check_command_line(config_name: str, argv: Sequence[str], check: Callable[[Any], None],
+                       conf_dir: Path = CONF_DIR) -> None:
+    """Compose the config the command line asks for, as Hydra is about to, and ``check`` it (every run
+    of a sweep): a wrong type, an unknown key or a bad value is reported before Hydra creates its run
+    directory or anything is loaded. Command lines that ask Hydra for something else (``--help``,
+    ``--cfg job``, ...) are left to Hydra."""
+    from anllm.schema import cli_overrides, compose
+
+    runs = cli_overrides(argv)
+    for overrides in (runs or [])[:MAX_CHECKED_RUNS]:
+        check(compose(config_name, overrides, conf_dir=conf_dir))
 
 
 def check_output_dir(argv: Sequence[str]) -> None:

@@ -47,15 +47,6 @@ from .stats import MAX_SKIP_EXAMPLES, DataStats
 logger = logging.getLogger("anllm.data")
 
 KINDS = ("jsonl", "demo", "hub", "sft")
-_COMMON = {"kind", "id", "name", "base_dir", "max_documents", "holdout_fraction", "holdout_seed", "holdout_paths", "splitter",
-           "packing", "keep_remainder", "batch_size", "description"}
-KNOWN_KEYS = {
-    "jsonl": _COMMON | {"paths", "text_column", "retry"},
-    "demo": _COMMON,
-    "hub": _COMMON | {"config", "split", "streaming", "text_column", "shuffle_buffer", "revision", "data_files",
-                      "repeat", "shard_mb", "retry"},
-    "sft": _COMMON | {"alpaca_path", "parallel_path", "max_examples", "sft_template"},
-}
 
 
 def build_train_dataset(
@@ -84,9 +75,6 @@ def build_train_dataset(
     kind = cfg.get("kind")
     if kind not in KINDS:
         raise ValueError(f"Unknown data kind {kind!r}: set data.kind to one of {KINDS}.")
-    unknown = sorted(set(cfg) - KNOWN_KEYS[kind])
-    if unknown:
-        logger.warning("Data config keys %s are not used by kind %r (known: %s).", unknown, kind, sorted(KNOWN_KEYS[kind]))
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     block_size = int(block_size)

@@ -212,9 +212,30 @@ def _load_model(cfg: DictConfig) -> ModelBundle:
                       "directory of a complete saved model (config.json + weights + tokenizer).") from None
 
 
-def _run(cfg: DictConfig) -> dict[str, Any]:
+def check_config(cfg: DictConfig) -> None:
+    """Types, unknown keys and allowed values of the whole config (:mod:`anllm.schema.evaluate`)."""
+    from ..schema import check_evaluate
+
+    check_evaluate(cfg)
+
+
+def preflight(cfg: DictConfig) -> tuple[list[tuple[Suite, str]], list[str]]:
+    """Everything checked before anything is written or loaded (the config, the checkpoint and data
+    paths, the suites' own checks); returns :func:`plan_tasks`. A problem raises :class:`InputError`."""
+    try:
+        return _preflight_all(cfg)
+    except _Preflight as e:
+        raise InputError(str(e.__cause__ or e)) from e.__cause__
+
+
+def _preflight_all(cfg: DictConfig) -> tuple[list[tuple[Suite, str]], list[str]]:
+    _preflight(check_config, cfg)
     _preflight(check_paths, cfg)
-    plan, notes = _preflight(plan_tasks, cfg)
+    return _preflight(plan_tasks, cfg)
+
+
+def _run(cfg: DictConfig) -> dict[str, Any]:
+    plan, notes = _preflight_all(cfg)
     out = Path(str(cfg.output_dir)).expanduser()
     _preflight(_make_output_dir, out)
     resume = bool(cfg.get("resume", True))

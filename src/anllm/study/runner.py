@@ -33,14 +33,50 @@ log = logging.getLogger("anllm.study")
 
 
 def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """A config composed exactly as the CLIs compose it (Hydra's compose API, conf/)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    """A config composed exactly as the CLIs compose it (Hydra's compose API, conf/); a compose error
+    is one :class:`anllm.schema.ConfigError` line naming the key."""
+    from anllm.schema import compose as schema_compose
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
+    return schema_compose(config_name, overrides, conf_dir=CONF_DIR)
+
+
+def validate(cfg: DictConfig, runs: bool = False) -> None:
+    """The study config's types, keys and cross-references (:mod:`anllm.schema.study`); with ``runs``
+    also the training config of every arm and sweep candidate it names (composed and validated as
+    train.py would, data files aside), so a typo in an override fails now, not hours into the study."""
+    from anllm.schema import check_study
+
+    _, s = check_study(cfg)
+    if not runs:
+        return
+    from anllm.train.config import validate as validate_train
+
+    # the optimiser settings the arms train with: study.hp, or (before the sweep has run) its first candidate
+    optimiser = list(s.hp) if s.hp is not None else list(s.sweep.candidates[s.sweep.run[0]]) if s.sweep.run else []
+    base = [f"model={s.model}", "data=jsonl", f"block_size={s.block_size}", "trainer.max_steps=1",
+            "trainer.report_to=[]", f"output_dir={cfg.work_dir}/check", *s.train_overrides]
+    checks: list[tuple[str, list[str]]] = []
+    if s.hp is None:
+        checks += [(f"study.sweep.candidates.{n}", ["+exp=anllm_ac", *base, *s.sweep.candidates[n]]) for n in s.sweep.run]
+    for name, sw in s.sweeps.items():
+        arm = s.arm_specs[sw.arm]
+        checks += [(f"study.sweeps.{name}.candidates.{cand}", [f"+exp={arm.exp}", *base, *optimiser, *arm.overrides, *extra])
+                   for cand, extra in sw.candidates.items()]
+    for name in s.arms:
+        arm = s.arm_specs[name]
+        uses = [o for u in arm.uses or [] for o in next(iter(s.sweeps[u].candidates.values()))]
+        checks.append((f"study.arm_specs.{name}", [f"+exp={arm.exp}", *base, *optimiser, *arm.overrides, *uses]))
+    data = {**s.data, "base_dir": str(REPO)}  # as Study.data: relative paths start at the repository root
+    for what, overrides in checks:
+        try:
+            train_cfg = compose("train", overrides)
+            with open_dict(train_cfg):
+                train_cfg.data = OmegaConf.merge(train_cfg.data, data)
+            validate_train(train_cfg, check_files=False)
+        except ValueError as e:
+            from anllm.schema import ConfigError
+
+            raise ConfigError(f"{what} (its training config): {e}") from None
 
 
 @dataclass
@@ -64,6 +100,7 @@ class Study:
     """Runs the stages of ``cfg`` (``conf/study.yaml`` composed with a ``study=...`` option)."""
 
     def __init__(self, cfg: DictConfig):
+        validate(cfg)  # types, keys, cross-references (a ConfigError, which is a ValueError)
         self.cfg = cfg
         self.s = cfg.study
         self.work = (REPO / str(cfg.work_dir)).resolve() if not Path(str(cfg.work_dir)).is_absolute() else Path(str(cfg.work_dir))
@@ -76,9 +113,6 @@ class Study:
         self.results_file = self.work / "results.json"
         self.results = Results(**json.loads(self.results_file.read_text())) if self.results_file.is_file() else Results()
         self.timings_file = self.work / "timings.json"
-        unknown = [st for st in cfg.stages if st not in STAGES]
-        if unknown:
-            raise ValueError(f"Unknown study stage(s) {unknown}: choose from {STAGES}.")
 
     # ---- helpers ------------------------------------------------------------------------------
     @property
@@ -400,9 +434,22 @@ def _budget(rows: dict[str, dict[str, Any]]) -> float | None:
     return None
 
 
+def check(argv: Sequence[str]) -> DictConfig:
+    """``study.py``'s command line composed and validated, with the training config of every arm
+    (raises :class:`anllm.cli.InputError`; nothing is written)."""
+    cfg = compose("study", argv)
+    validate(cfg, runs=True)
+    return cfg
+
+
 def main(argv: Sequence[str]) -> Results:
-    """``python study.py [overrides]``: compose conf/study.yaml and run it."""
+    """``python study.py [overrides]``: compose conf/study.yaml, validate it, run it."""
+    from anllm.cli import InputError, fail
+
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cfg = compose("study", argv)
+    try:
+        cfg = check(argv)
+    except InputError as e:  # bad input: one line, exit code 2, nothing written
+        fail("study.py", str(e), kind="config error")
     return Study(cfg).run()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from ..cli import InputError
+from ..schema.core import ConfigError  # one class for every config problem (anllm.schema raises it too)
 
-
-class ConfigError(InputError):
-    """A config value that cannot work; the message names the key and the fix."""
+__all__ = ["ConfigError"]
