@@ -75,6 +75,11 @@ def build_train_dataset(
     kind = cfg.get("kind")
     if kind not in KINDS:
         raise ValueError(f"Unknown data kind {kind!r}: set data.kind to one of {KINDS}.")
+    from ..schema.train import data_keys  # the one list of a kind's keys (the config schema)
+
+    unknown = sorted(set(cfg) - set(data_keys(kind)))
+    if unknown:  # direct API callers; train.py/evaluate.py refuse unknown keys before this
+        logger.warning("Data config keys %s are not used by kind %r (known: %s).", unknown, kind, sorted(data_keys(kind)))
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     block_size = int(block_size)
