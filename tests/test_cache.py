@@ -462,6 +462,41 @@ def test_ragged_decode_moves_only_the_new_token() -> None:
             torch.testing.assert_close(layer.keys[1, :, : 2 + t], k[1, :, : 2 + t], atol=0, rtol=0)
 
 
+@torch.no_grad()
+def test_step_protocol_one_read_and_end_step_resolves_by_itself() -> None:
+    """The hook's protocol: begin_step plans on the device, resolve_step reads once (the width, the
+    moved slots and the caller's flags together), end_step compacts. A caller that never calls
+    resolve_step (a hand-written hook) gets the same cache: end_step resolves by itself."""
+    from anllm.masks import AnsanOptions
+
+    opts = AnsanOptions()
+    ids = torch.tensor([[W, W + 1, P, W + 2], [W, P, W + 1, W + 2]])
+    valid = torch.ones(2, 4, dtype=torch.bool)
+    is_anchor = ids == P
+    a, b = anllm.AnchorCache(), anllm.AnchorCache()
+    for cache in (a, b):
+        cache.begin_step(is_anchor, valid, opts)
+        assert cache.get_seq_length() == 0  # inside the first step: nothing seen before it
+    assert a.resolve_step(torch.tensor(True), None, torch.tensor(False)) == [True, None, False]
+    assert a.resolve_step(torch.tensor(True)) == [None]  # resolved already: no second read
+    for cache in (a, b):
+        cache.end_step()
+        # row 0 keeps ". c", row 1 ". b c" (anchors + open sentence)
+        assert cache.get_seq_length() == 4 and cache.tracker.layout.valid.tolist() == [[True, True, False], [True] * 3]
+        assert cache.stats()["kept_per_row"] == [2, 3] and cache.max_kept_total == 5
+    with pytest.raises(RuntimeError, match="outside a step"):
+        a.resolve_step()
+    for cache in (a, b):  # a decode step: the new token of row 1 is an anchor (row 1 drops its open slots)
+        cache.begin_step(torch.tensor([[False], [True]]), torch.ones(2, 1, dtype=torch.bool), opts)
+        assert cache.get_seq_length() == 4
+    a.resolve_step()
+    for cache in (a, b):
+        cache.end_step()
+        assert cache.tracker.layout.valid.tolist() == [[True] * 3, [True, True, False]]
+        assert cache.stats()["kept_per_row"] == [3, 2] and cache.get_seq_length() == 5
+    assert a.max_kept_total == b.max_kept_total == 5
+
+
 # --- clear errors --------------------------------------------------------------------------------
 
 

@@ -118,7 +118,8 @@ def _cxx_compiler() -> str | None:
 
 @torch.no_grad()
 def test_flex_attention_forward_agrees_with_sdpa() -> None:
-    """flex_attention (forward only: flex has no CPU backward) gets the rule as a BlockMask."""
+    """flex_attention gets the rule as a BlockMask (forward, compiled CPU kernel; the BlockMask itself,
+    its memo, training with gradient checkpointing and backward: tests/test_flex.py)."""
     if _cxx_compiler() is None:
         from conftest import skip_or_fail
 

@@ -13,6 +13,12 @@ ragged: a row with fewer kept tokens has empty (``valid=False``) slots that the 
 The cache only knows *which* tokens are anchors through the anchor-aware model (``prepare_model``);
 its forward hook calls :meth:`AnchorCache.begin_step` before and :meth:`AnchorCache.end_step` after
 each forward.
+
+Host reads: a step reads the device once (:meth:`AnchorCache.resolve_step`: the new width, the number
+of moved slots, and whatever flags the caller adds, e.g. the model's "no mask needed" test, in one
+``tolist``). Everything else stays on the device: the compaction plan (``nonzero_static`` with the
+size read in that one read), the layout, and the statistics, which are read only by :meth:`stats`.
+On a GPU, where a batch-1 decode step is bound by kernel launches, every read is a pipeline stall.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ class LayoutTracker:
         self.layout: TokenLayout | None = None  # [B, W] kept slots
         self.num_steps = 0
         self.batch_size: int | None = None
+        # Tokens fed so far: the same for every row (padding included), so a host int that needs no read.
+        self.seen_tokens = 0
 
     def extend(self, is_anchor: torch.Tensor, valid: torch.Tensor) -> tuple[TokenLayout, TokenLayout]:
         """Layout of new tokens ``[B, q]`` continuing each row; returns ``(new, keys)`` where ``keys``
@@ -53,10 +61,12 @@ class LayoutTracker:
                 f"This cache holds a batch of {self.batch_size} rows but the input has {B}. A cache belongs "
                 "to one batch: create a new AnchorCache() for each generate call (or call cache.reset())."
             )
-        if self.layout is None:
+        first = self.layout is None
+        if first:
             starts = dict(idx_start=0, seg_start=0, rank_start=0)
         else:
             starts = dict(idx_start=self.seen_idx, seg_start=self.open_seg, rank_start=self.valid_seen)
+        start = 0 if first else self.seen_tokens
         new = layout_from_tokens(
             is_anchor,
             valid,
@@ -65,15 +75,20 @@ class LayoutTracker:
             prefix=self.keep_prefix and self.num_steps == 0 and self.keep_mask is None,
             **starts,
         )
-        if self.keep_mask is not None:  # a declared prompt (possibly read in chunks), kept where the mask says
+        # A declared prompt (possibly read in chunks), kept where the mask says. Tokens after it are
+        # neither prompt nor prefix, which layout_from_tokens already says: skip the gather there.
+        if self.keep_mask is not None and start < self.keep_mask.shape[1]:
+            if self.keep_mask.device != new.idx.device:
+                self.keep_mask = self.keep_mask.to(new.idx.device)  # once, not on every step
             P = self.keep_mask.shape[1]
             in_prompt = new.idx < P
-            kept = self.keep_mask.to(new.idx.device).gather(1, new.idx.clamp(max=P - 1)) & in_prompt
+            kept = self.keep_mask.gather(1, new.idx.clamp(max=P - 1)) & in_prompt
             new = new.with_(prefix=kept, prompt=in_prompt)
         self.seen_idx = new.idx[:, -1] + 1
+        self.seen_tokens = start + is_anchor.shape[1]
         self.open_seg = new.seg[:, -1] + new.anchor[:, -1].long()
-        self.valid_seen = (0 if self.layout is None else self.valid_seen) + new.valid.long().sum(-1)
-        keys = new if self.layout is None else TokenLayout.cat([self.layout, new])
+        self.valid_seen = (0 if first else self.valid_seen) + new.valid.long().sum(-1)
+        keys = new if first else TokenLayout.cat([self.layout, new])
         return new, keys
 
     def reset(self) -> None:
@@ -205,12 +220,14 @@ class AnchorCache(Cache):
         self.position_mode = position_mode
         self.tracker: LayoutTracker | None = None
         self.copied_slots = 0  # slots moved or copied by pruning/growth, per layer (for benchmarks)
-        self._plan: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
+        self._step: dict[str, Any] | None = None  # device tensors of the step in progress (begin_step)
+        self._plan: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None  # resolve_step
         self._keys_layout: TokenLayout | None = None
+        # Statistics, on the device (read by stats(), never inside a step).
         self.num_seen: torch.Tensor | None = None
         self.num_kept: torch.Tensor | None = None
         self.max_kept: torch.Tensor | None = None
-        self.max_kept_total = 0
+        self._max_kept_total: torch.Tensor | None = None
         self._seen_before = 0
         self.keep_mask: torch.Tensor | None = None
 
@@ -228,12 +245,14 @@ class AnchorCache(Cache):
     def begin_step(
         self, is_anchor: torch.Tensor, valid: torch.Tensor, options: AnsanOptions
     ) -> tuple[TokenLayout, TokenLayout]:
-        """Register the new tokens; returns ``(query_layout, key_layout)`` for the mask."""
+        """Register the new tokens and plan the pruning on the device (no host read); returns
+        ``(query_layout, key_layout)`` for the mask. :meth:`resolve_step` (called by the model's hook,
+        else by :meth:`end_step`) reads the plan's sizes."""
         if self.tracker is None:
             self.tracker = LayoutTracker(options, self.keep_prefix, self.keep_mask)
         elif self.tracker.options != options:
             raise ValueError("This AnchorCache was filled by a model with different anchor options.")
-        if self._plan is not None:
+        if self._step is not None:
             raise RuntimeError("AnchorCache.begin_step called twice without end_step (interrupted forward?).")
         self._seen_before = self.get_seq_length()
         new, keys = self.tracker.extend(is_anchor, valid)
@@ -242,47 +261,78 @@ class AnchorCache(Cache):
         keep = reachable_later(keys, self.tracker.open_seg[:, None], keys.doc[:, -1:], options,
                                next_idx=self.tracker.seen_idx[:, None])
         counts = keep.sum(-1)
-        new_width = int(counts.max()) if B else 0
         # Destination of each kept slot: its rank among the row's kept slots.
         dst_all = keep.long().cumsum(-1) - 1
-        src_idx = torch.arange(Wq, device=keep.device).expand(B, Wq)
-        moved = keep & (dst_all != src_idx)
-        rows, src = moved.nonzero(as_tuple=True)
-        dst = dst_all[rows, src]
-        # The kept layout after this step (empty slots are invalid).
-        order = torch.sort(~keep, dim=-1, stable=True).indices[:, :new_width]
-        kept = keys.map(lambda t: t.gather(-1, order))
-        slot_ok = torch.arange(new_width, device=keep.device)[None, :] < counts[:, None]
-        self.tracker.layout = kept.with_(valid=kept.valid & slot_ok)
-        self._plan = (rows, src, dst, new_width)
-        # Statistics (real tokens only).
+        moved = keep & (dst_all != torch.arange(Wq, device=keep.device))
+        self._step = {"keep": keep, "counts": counts, "dst_all": dst_all, "moved": moved, "keys": keys}
+        # Statistics (real tokens only), kept on the device.
         seen = new.valid.long().sum(-1)
         kept_now = (keep & keys.valid).long().sum(-1)
+        total = kept_now.sum()
         self.num_seen = seen if self.num_seen is None else self.num_seen + seen
         self.num_kept = kept_now
         self.max_kept = kept_now if self.max_kept is None else torch.maximum(self.max_kept, kept_now)
-        self.max_kept_total = max(self.max_kept_total, int(kept_now.sum()))
+        self._max_kept_total = total if self._max_kept_total is None else torch.maximum(self._max_kept_total, total)
         return new, keys
+
+    def resolve_step(self, *flags: torch.Tensor | None) -> list[bool | None]:
+        """The step's one host read: the kept width (and whether every slot stays), the number of
+        slots that move, and the caller's ``flags`` (0-dim bool tensors, e.g. the model's "this step
+        needs no mask"; None stays None), all in one ``tolist``. Builds the compaction plan and the
+        kept layout; returns the flags' values. Idempotent within a step (a second call reads nothing
+        and returns Nones)."""
+        if self._step is None:
+            raise RuntimeError("AnchorCache.resolve_step called outside a step (begin_step first).")
+        if self._plan is not None:
+            return [None] * len(flags)
+        st = self._step
+        keep, counts, dst_all, moved, keys = st["keep"], st["counts"], st["dst_all"], st["moved"], st["keys"]
+        B, Wq = keep.shape
+        live = [f for f in flags if f is not None]
+        if B:
+            scalars = [counts.max(), counts.min(), moved.sum()] + [f.reshape(()).long() for f in live]
+            values = torch.stack(scalars).tolist()  # the one read
+            new_width, min_count, n_moved, got = values[0], values[1], values[2], values[3:]
+        else:
+            new_width, min_count, n_moved, got = 0, 0, 0, [int(bool(f)) for f in live]
+        if n_moved:  # which slots move where: nonzero with its size already known reads nothing more
+            where = torch.nonzero_static(moved, size=n_moved)
+            rows, src = where[:, 0], where[:, 1]
+            dst = dst_all[rows, src]
+        else:  # the usual decode step: nothing moves
+            rows = src = dst = torch.empty(0, dtype=torch.long, device=keep.device)
+        if min_count == Wq:  # every row keeps every slot (so all are valid): the layout is the keys'
+            self.tracker.layout = keys
+        else:  # slot j of a row takes its j-th kept slot; empty slots are invalid
+            order = torch.sort(~keep, dim=-1, stable=True).indices[:, :new_width]
+            kept = keys.map(lambda t: t.gather(-1, order))
+            slot_ok = torch.arange(new_width, device=keep.device)[None, :] < counts[:, None]
+            self.tracker.layout = kept.with_(valid=kept.valid & slot_ok)
+        self._plan = (rows, src, dst, new_width)
+        it = iter(got)
+        return [None if f is None else bool(next(it)) for f in flags]
 
     def end_step(self) -> None:
         """Apply the pruning planned in :meth:`begin_step` to every layer, in place."""
-        if self._plan is None:
+        if self._step is None:
             return
+        if self._plan is None:
+            self.resolve_step()
         rows, src, dst, new_width = self._plan
         for layer in self.layers:
             layer.compact(rows, src, dst, new_width)
-            self.copied_slots += int(rows.numel())
+            self.copied_slots += int(rows.shape[0])  # a host size: no read
+        self._step = None
         self._plan = None
         self._keys_layout = None
 
     def compact_positions(self, valid: torch.Tensor) -> torch.Tensor:
         """Positions of new tokens numbered from each row's kept length (the authors' scheme).
 
-        Inside a step, ``tracker.layout`` already holds the layout *after* this step (new tokens
-        included), so the base is taken from the keys before the new tokens instead.
-        """
+        Inside a step the base is taken from the keys before the new tokens (``tracker.layout`` may
+        already hold the layout after this step)."""
         base = torch.zeros(valid.shape[0], dtype=torch.long, device=valid.device)
-        if self._plan is not None and self._keys_layout is not None:
+        if self._step is not None and self._keys_layout is not None:
             base = self._keys_layout.valid[:, : self._keys_layout.shape[-1] - valid.shape[-1]].long().sum(-1)
         elif self.tracker is not None and self.tracker.layout is not None:
             base = self.tracker.layout.valid.long().sum(-1)
@@ -297,7 +347,7 @@ class AnchorCache(Cache):
         layer_idx: int,
         cache_kwargs: dict[str, Any] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._plan is None:
+        if self._step is None:
             raise RuntimeError(
                 "AnchorCache got keys/values from a model that is not anchor-aware. Call "
                 "anllm.prepare_model(model, tokenizer, mode='ac'|'ep') first (or load with anllm.from_pretrained)."
@@ -308,9 +358,9 @@ class AnchorCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens seen so far (not kept): with true positions, new tokens continue from here."""
-        if self.tracker is None or self.tracker.layout is None:
+        if self.tracker is None:
             return 0
-        return self._seen_before if self._plan is not None else int(self.tracker.seen_idx.max())
+        return self._seen_before if self._step is not None else self.tracker.seen_tokens
 
     def get_mask_sizes(self, cache_position: torch.Tensor, layer_idx: int) -> tuple[int, int]:
         width = self.layers[layer_idx].width if layer_idx < len(self.layers) else 0
@@ -329,7 +379,7 @@ class AnchorCache(Cache):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep (or repeat) the given rows, in order."""
-        if self._plan is not None:
+        if self._step is not None:
             raise RuntimeError("Cannot select rows in the middle of a forward.")
         indices = indices.to(self._device())
         for layer in self.layers:
@@ -357,6 +407,11 @@ class AnchorCache(Cache):
         return torch.device("cpu")
 
     # ---- statistics -----------------------------------------------------------------------------
+    @property
+    def max_kept_total(self) -> int:
+        """Peak keys/values held by the whole batch after any forward (a host read)."""
+        return 0 if self._max_kept_total is None else int(self._max_kept_total)
+
     @property
     def kept_width(self) -> int:
         return self.layers[0].width if self.layers else 0

@@ -24,7 +24,7 @@ evaluation, whose distance to the real rule measures what the anchors carry.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -36,6 +36,7 @@ __all__ = [
     "ansan_mask",
     "layout_from_tokens",
     "ansan_mask_mod",
+    "flex_block_mask",
 ]
 
 
@@ -284,3 +285,50 @@ def ansan_mask_mod(q: TokenLayout, k: TokenLayout, q_offset: int, options: Ansan
         return visible(q.map(lambda t: t[b, qi]), k.map(lambda t: t[b, kv_idx]), options)
 
     return mask_mod
+
+
+FLEX_BLOCK_SIZE = 128  # flex_attention's default sparse block size
+_FLEX_CHUNK_ELEMENTS = 1 << 26  # dense-mask elements evaluated at once while classifying blocks
+
+
+def flex_block_mask(q: TokenLayout, k: TokenLayout, options: AnsanOptions, block_size: int = FLEX_BLOCK_SIZE) -> Any:
+    """The rule as a flex_attention ``BlockMask`` between query and key layouts (keys in time order
+    with the queries as the last ``Lq`` keys, as for :func:`dense_mask`).
+
+    Each ``block_size`` x ``block_size`` tile is classified empty / partial / full from
+    :func:`dense_mask`, evaluated one band of query blocks at a time (memory ``band x Lk``, not
+    ``Lq x Lk``); partial tiles apply :func:`ansan_mask_mod` inside the kernel. The result is what
+    ``create_block_mask(ansan_mask_mod(...))`` gives (tiles beyond the sequence are padding, so a
+    ragged last tile is partial), but nothing is traced or compiled: a new batch, of any length,
+    never triggers a compilation here.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, Lq = q.shape
+    Lk = k.shape[1]
+    off = Lk - Lq
+    bs = block_size
+    nk = -(-Lk // bs)
+    band = max(1, _FLEX_CHUNK_ELEMENTS // max(1, B * nk * bs * bs)) * bs  # query rows per band
+    partial, full = [], []
+    for r0 in range(0, Lq, band):
+        r1 = min(Lq, r0 + band)
+        # Keys after the band's last query are invisible to it (causality): evaluate up to there only,
+        # which also keeps the band's queries the last keys, as dense_mask expects.
+        m = dense_mask(q.map(lambda t: t[:, r0:r1]), k.map(lambda t: t[:, : off + r1]), options)[:, 0]
+        m = torch.nn.functional.pad(m, (0, nk * bs - (off + r1), 0, -(r1 - r0) % bs))
+        tiles = m.view(B, -1, bs, nk, bs)
+        some, every = tiles.any(4).any(2), tiles.all(4).all(2)
+        partial.append(some & ~every)
+        full.append(every)
+
+    def ordered(dense_tiles: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        d = torch.cat(dense_tiles, dim=1)[:, None].to(torch.int32)  # [B, 1, nq, nk]
+        count = d.sum(-1).to(torch.int32)
+        return count, torch.argsort(d, dim=-1, descending=True, stable=True).to(torch.int32)
+
+    # flex numbers queries 0..Lq-1 (not by their key position): q_offset 0.
+    return BlockMask.from_kv_blocks(
+        *ordered(partial), *ordered(full), BLOCK_SIZE=(bs, bs),
+        mask_mod=ansan_mask_mod(q, k, 0, options), seq_lengths=(Lq, Lk),
+    )

@@ -4,9 +4,11 @@ Why our own loop and not ``model.generate``: ``generate`` keeps feeding finished
 tokens count as real tokens in the attention mask), which would inflate a row's cache size and so
 C⇓ and MaxKV in batched runs; the paper decodes one sentence at a time. Here a finished row's new
 tokens are masked out (``attention_mask=0``), so the anchor cache drops them and every row's counts
-are what batch-size-1 decoding would give. It also reads the cache after every step for the
-"cache size over generation steps" plot. On unfinished rows it computes exactly what greedy
-``generate`` computes (same positions from the padding mask; tested).
+are what batch-size-1 decoding would give. It also records the cache after every step for the
+"cache size over generation steps" plot (on the device during the loop, read once after it: a
+decode step reads the device twice, in the model's forward and for "are all rows done?"). On
+unfinished rows it computes exactly what greedy ``generate`` computes (same positions from the
+padding mask; tested).
 
 Methods (shared names with the other suites):
 
@@ -157,18 +159,20 @@ def greedy_generate(
 
     eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
     am = attention_mask.long()
-    trace: list[list[int]] = []
-    peak = torch.zeros(B, dtype=torch.long)
+    # Cache accounting stays on the device during decoding (a host read per step stalls a GPU);
+    # it is read once, after the loop.
+    trace: list[torch.Tensor] = []
+    peak = torch.zeros(B, dtype=torch.long, device=device)
     out_tokens: list[torch.Tensor] = []
     done = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
 
     def after_forward(step: int) -> None:
         nonlocal peak
-        kept = kept_per_row(cache, am)
-        peak = torch.maximum(peak, torch.tensor(kept))
+        kept = _kept_now(cache, am)
+        peak = torch.maximum(peak, kept)
         if isinstance(cache, AnchorCache) and cache.max_kept is not None:  # peaks between prefill chunks too
-            peak = torch.maximum(peak, cache.max_kept.cpu())
+            peak = torch.maximum(peak, cache.max_kept.to(device))
         if record_trace:
             trace.append(kept)
         if on_step is not None:
@@ -188,7 +192,7 @@ def greedy_generate(
             out_tokens.append(nxt)
             lengths += (~done).long()
             done = done | torch.isin(nxt, eos)
-            if bool(done.all()) or step == max_new_tokens:
+            if step == max_new_tokens or bool(done.all()):  # the loop's one host read per step
                 break  # like generate, the last token is returned but never fed
             # A row's EOS (and the pad after it) is fed masked out: it is never part of the cache,
             # exactly as when that row is decoded alone.
@@ -205,18 +209,28 @@ def greedy_generate(
             ).logits[:, -1]
             next_pos = next_pos + live.long()
             after_forward(step)
+    new_per_row = [int(x) for x in lengths.tolist()]  # waits for the last step: part of the timed region
     elapsed = time.perf_counter() - t0
     seen = [int(x) for x in am.sum(-1).tolist()]
     kept = kept_per_row(cache, am)
     return BatchGeneration(
         tokens=torch.stack(out_tokens, dim=1),
-        lengths=[int(x) for x in lengths.tolist()],
+        lengths=new_per_row,
         seen=seen,
         kept=kept,
         max_kept=[int(x) for x in peak.tolist()],
         time_s=elapsed,
-        trace=trace,
+        trace=[[int(x) for x in row] for row in torch.stack(trace).tolist()] if trace else [],
     )
+
+
+def _kept_now(cache: Cache, attention_mask: torch.Tensor) -> torch.Tensor:
+    """:func:`kept_per_row` as a device tensor (no host read)."""
+    if isinstance(cache, AnchorCache):
+        if cache.num_kept is None:
+            return torch.zeros(attention_mask.shape[0], dtype=torch.long, device=attention_mask.device)
+        return cache.num_kept.to(attention_mask.device)
+    return attention_mask.sum(-1)
 
 
 def _accepts_logits_to_keep(model: Any) -> bool:
