@@ -15,7 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def make_dry(*variables: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}  # make would take PYTHON from the environment
+    # make would take PYTHON from the environment; and under `make test` the outer make's MAKEFLAGS/
+    # MAKELEVEL reach this inner make and change what -n prints (the suite runs both ways)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
     return subprocess.run(["make", "-n", "install", "VENV=/tmp/anllm-dry-venv", *variables], cwd=REPO,
                           capture_output=True, text=True, env=env)
 
