@@ -335,7 +335,7 @@ def markdown(s: dict[str, Any], figures: list[str], out: Path) -> str:
     L = [
         f"# {s.get('title') or 'Do anchors learn? The anchor-learning study'}",
         "",
-        "Continual pretraining of the same model with four attention arms on the same data, token budget, seed and "
+        "Continual pretraining of the same model with several attention arms on the same data, token budget, seed and "
         "optimiser settings, evaluated on documents that training never saw: does AnSAN training make the anchors "
         "carry their sentences, and where does that beat training-free cache compression at the **same cache**?",
         "",
