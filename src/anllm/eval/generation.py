@@ -27,50 +27,34 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 
 from ..cache import AnchorCache
-from ..modeling import anchor_attention, is_anchor_aware
+from . import methods as registry
 
-METHODS = ("full", "ansan", "anchor", "anchor+src")
-ANCHOR_METHODS = ("ansan", "anchor", "anchor+src")
-# Names used in the paper/brief, accepted on the command line.
-ALIASES = {"ansan_src": "anchor+src", "anchor_src": "anchor+src", "src": "anchor+src", "causal": "full"}
+# The generation methods and their aliases come from the registry (anllm.eval.methods).
+METHODS = registry.names("translation")  # full, ansan, anchor, anchor+src
+ANCHOR_METHODS = tuple(m for m in METHODS if registry.needs_anchors(m))
+ALIASES = registry.ALIASES  # names used in the paper/brief, accepted on the command line
 
 
 def canonical_method(name: str) -> str:
-    """Validate a method name (accepting the aliases above)."""
-    m = ALIASES.get(name, name)
-    if m not in METHODS:
-        raise ValueError(f"Unknown method {name!r}: choose one of {METHODS} (aliases: {sorted(ALIASES)}).")
-    return m
+    """Validate a generation method name (accepting :data:`anllm.eval.methods.ALIASES`)."""
+    return registry.canonical(name, "translation")
 
 
 def make_cache(method: str, position_mode: str = "true") -> Cache:
     """A fresh cache for ``method`` (one per batch: a cache belongs to one batch); ``position_mode``
     is the anchor caches' (``"true"`` positions, or the authors' ``"compact"`` renumbering)."""
-    method = canonical_method(method)
-    if method == "anchor":
-        return AnchorCache(position_mode=position_mode)  # type: ignore[arg-type]
-    if method == "anchor+src":
-        return AnchorCache(keep_prefix=True, position_mode=position_mode)  # type: ignore[arg-type]
-    return DynamicCache()
+    return registry.new_cache(canonical_method(method), position_mode)
 
 
 @contextlib.contextmanager
 def method_attention(model: Any, method: str) -> Iterator[None]:
-    """Attention rule for ``method``: causal for ``full``, AnSAN for the others."""
-    method = canonical_method(method)
-    if method == "full":
-        with anchor_attention(model, enabled=False):
-            yield
-        return
-    if not is_anchor_aware(model):
-        raise ValueError(
-            f"Method {method!r} needs an anchor-aware model (AnSAN); this model has no anchor settings. "
-            "Use method 'full', or load an AnLLM checkpoint / prepare the model with anchors (mode 'ep'|'ac')."
-        )
-    yield
+    """Attention rule for ``method``: causal for ``full``, AnSAN for the others (see
+    :func:`anllm.eval.methods.attention`)."""
+    with registry.attention(model, canonical_method(method)):
+        yield
 
 
 DEFAULT_PREFILL_CHUNK = 256  # tokens per prefill forward for anchor caches (measured fastest on CPU at 4k)
