@@ -100,3 +100,18 @@ def streaming_reference(length: int, budgets: list[int], num_sink_tokens: int = 
         for k in list(range(min(s, q + 1))) + recent:
             M[q][k] = True
     return M
+
+
+def method_mask(method: str, is_anchor: list[bool], peak: int, per_query: list[int],
+                num_sink_tokens: int = 4) -> list[list[bool]]:
+    """The mask a reading ``method`` applies to one unpadded sequence, from the references above:
+    causal (``full``), StreamingLLM at the peak or per query, or the AnSAN rule (``sentence``: anchors
+    hidden)."""
+    L = len(is_anchor)
+    if method == "full":
+        return [[k <= q for k in range(L)] for q in range(L)]
+    if method == "streamingllm":
+        return streaming_reference(L, [peak] * L, num_sink_tokens)
+    if method == "streamingllm_q":
+        return streaming_reference(L, per_query, num_sink_tokens)
+    return reference_mask(is_anchor, [True] * L, hide_anchors=method == "sentence")

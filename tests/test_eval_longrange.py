@@ -162,7 +162,7 @@ def test_batched_methods_equal_one_sequence_oracles(model, tok):
     """Logits at the last n positions of each left-padded row against one unpadded sequence read with
     the loop references of tests/oracles.py (AnSAN, the sentence-only control, StreamingLLM at the
     peak over the whole sequence and per query)."""
-    from oracles import reference_mask, streaming_reference
+    from oracles import method_mask, reference_mask
 
     items = (lr.build_items("passkey", DOCS, tok, lengths=[100], depths=[0.5], num_items=1)
              + lr.build_items("multikey", DOCS, tok, lengths=[130], num_items=1, num_keys=2)
@@ -181,15 +181,7 @@ def test_batched_methods_equal_one_sequence_oracles(model, tok):
         assert got.shape[:2] == (len(seqs), n)
         for j, x in enumerate(seqs):
             L = len(x)
-            if method == "full":
-                mask = [[k <= q for k in range(L)] for q in range(L)]
-            elif method == "streamingllm":
-                mask = streaming_reference(L, [peaks[j]] * L, 4)
-            elif method == "streamingllm_q":
-                mask = streaming_reference(L, per_query[j], 4)
-            else:
-                mask = reference_mask(torch.isin(x, anchor_ids).tolist(), [True] * L,
-                                      hide_anchors=method == "sentence")
+            mask = method_mask(method, torch.isin(x, anchor_ids).tolist(), peaks[j], per_query[j])
             with anllm.anchor_attention(model, enabled=False), torch.no_grad():
                 want = model(input_ids=x[None], attention_mask=torch.tensor(mask)[None, None]).logits[0, -n:]
             torch.testing.assert_close(got[j], want, atol=1e-5, rtol=1e-5)

@@ -55,7 +55,7 @@ def test_items_are_built_from_prose_with_the_fact_after_it(tok):
 def test_batched_methods_equal_one_sequence_oracles(model, tok):
     """Each method's left-padded batch against one unpadded sequence read with the loop references of
     tests/oracles.py (the AnSAN rule, the sentence-only control, StreamingLLM at peak and per query)."""
-    from oracles import reference_mask, streaming_reference
+    from oracles import method_mask, reference_mask
 
     from anllm.eval.perplexity import query_budgets
 
@@ -73,14 +73,7 @@ def test_batched_methods_equal_one_sequence_oracles(model, tok):
         got, kept = rc.next_token_logits(model, seqs, method, given, tok.pad_token_id)
         for j, x in enumerate(seqs):
             L = len(x)
-            if method == "full":
-                mask = [[k <= q for k in range(L)] for q in range(L)]
-            elif method == "streamingllm":
-                mask = streaming_reference(L, [peaks[j]] * L, 4)
-            elif method == "streamingllm_q":
-                mask = streaming_reference(L, per_query[j], 4)
-            else:
-                mask = reference_mask(torch.isin(x, anchor_ids).tolist(), [True] * L, hide_anchors=method == "sentence")
+            mask = method_mask(method, torch.isin(x, anchor_ids).tolist(), peaks[j], per_query[j])
             with anllm.anchor_attention(model, enabled=False), torch.no_grad():
                 want = model(input_ids=x[None], attention_mask=torch.tensor(mask)[None, None]).logits[0, -1]
             torch.testing.assert_close(got[j], want, atol=1e-5, rtol=1e-5)

@@ -39,7 +39,6 @@ from typing import Any, Sequence
 import torch
 
 from ..anchors import marking_of
-from ..modeling import is_anchor_aware
 from . import baselines
 from . import methods as registry
 from .budgets import mean_keys_per_query, query_budgets, sentence_end_tokens
@@ -47,7 +46,7 @@ from .documents import held_out_prose
 from .haystacks import (
     ADJECTIVES, DEFAULT_DEPTHS, DIGITS, LETTERS, NOUNS, TASKS, Item, build_items, context_text, needle_depth,
 )
-from .methods import ppl_method, runnable_methods
+from .methods import ppl_method
 from .readers import last_logits
 
 __all__ = [  # the item builders live in anllm.eval.haystacks, last_logits in anllm.eval.readers
@@ -257,12 +256,7 @@ def check(cfg: Any) -> None:
 
 def run_task(bundle: Any, cfg: Any, task: str, out_dir: Path) -> list[dict[str, Any]]:
     opts = settings(cfg)
-    methods = [ppl_method(m) for m in (opts["methods"] or DEFAULT_METHODS)]
-    methods, skipped = runnable_methods(methods, is_anchor_aware(bundle.model))
-    if skipped:
-        note = f"longrange: no anchor settings, so {', '.join(skipped)} was skipped."
-        if note not in bundle.notes:
-            bundle.notes.append(note)
+    methods = registry.suite_methods("longrange", opts["methods"], bundle.model, bundle.notes)
     if not methods:
         raise ValueError("longrange.methods: nothing left to run on a model without anchor settings.")
     items = build_items(task, held_out_prose(cfg, "longrange", "The longrange suite"), bundle.tokenizer, lengths=opts["lengths"], depths=opts["depths"],

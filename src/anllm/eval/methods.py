@@ -139,6 +139,19 @@ def runnable_methods(methods: Sequence[str], anchor_aware: bool) -> tuple[list[s
     return [m for m in methods if not needs_anchors(m)], [m for m in methods if needs_anchors(m)]
 
 
+def suite_methods(suite: str, requested: Sequence[str] | None, model: Any, notes: list[str]) -> list[str]:
+    """The long-text readings a suite runs on ``model``: ``requested`` (else the suite's default),
+    validated, minus what needs anchors on a model without them (said once in ``notes``)."""
+    from ..modeling import is_anchor_aware
+
+    methods = [ppl_method(m) for m in (requested or DEFAULTS[suite])]
+    methods, skipped = runnable_methods(methods, is_anchor_aware(model))
+    note = f"{suite}: no anchor settings, so {', '.join(skipped)} was skipped."
+    if skipped and note not in notes:
+        notes.append(note)
+    return methods
+
+
 # ---- run config -------------------------------------------------------------------------------------
 
 

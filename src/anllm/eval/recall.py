@@ -30,13 +30,12 @@ from typing import Any, Sequence
 import torch
 
 from ..anchors import Marking, marking_of
-from ..modeling import is_anchor_aware
 from . import baselines
 from . import methods as registry
 from .baselines import streaming_batch_mask
 from .budgets import query_budgets
 from .documents import SPEECHES, held_out_prose, prose_sentences
-from .methods import ppl_method, runnable_methods
+from .methods import ppl_method
 from .readers import next_token_logits
 
 __all__ = [  # streaming_batch_mask, prose_sentences, SPEECHES and next_token_logits moved; still importable here
@@ -208,10 +207,7 @@ def check(cfg: Any) -> None:
 
 def run_task(bundle: Any, cfg: Any, task: str, out_dir: Path) -> list[dict[str, Any]]:
     opts = options(cfg)
-    methods = [ppl_method(m) for m in (opts["methods"] or DEFAULT_METHODS)]
-    methods, skipped = runnable_methods(methods, is_anchor_aware(bundle.model))
-    if skipped:
-        bundle.notes.append(f"recall: no anchor settings, so {', '.join(skipped)} was skipped.")
+    methods = registry.suite_methods("recall", opts["methods"], bundle.model, bundle.notes)
     distances = sorted({int(k) for k in opts["distances"]})
     items = build_items(held_out_prose(cfg, "recall", "The recall probe"), bundle.tokenizer, num_items=int(opts["num_items"]),
                         max_distance=max(distances), num_choices=int(opts["num_choices"]),
