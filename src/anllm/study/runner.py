@@ -282,7 +282,8 @@ class Study:
             for cand, extra in sw.candidates.items():
                 overrides = [*self.chosen_overrides(), *base.overrides, *extra]
                 run = f"sweep-{name}/{cand}"
-                out = self.train(run, base.exp, overrides, int(sw.tokens), 1)
+                # 4 checkpoints: a killed candidate resumes near where it stopped (only the last is evaluated)
+                out = self.train(run, base.exp, overrides, int(sw.tokens), 4)
                 r = self.ppl(out, self.work / run / "eval", ["full", "anchor", "streamingllm_q"])
                 done[cand] = {"overrides": list(extra), "steps": self.steps_for(sw.tokens, overrides),
                               "tokens": _tokens_seen(out), **{f"ppl_{m}": r[m]["ppl"] for m in r},
