@@ -113,6 +113,7 @@ class ProtocolSchema:
     decoding: str = spec("greedy", choices=("greedy", "paper"))
     max_new_tokens: int = spec(512, ge=1)
     translation_batch_size: Optional[int] = spec(None, ge=1)
+    pad_vocab_multiple: Optional[int] = spec(None, ge=1)
 
 
 @dataclass
@@ -168,6 +169,7 @@ class ModelSchema:
     context_length: int = spec(4096, ge=2, hint="the model's trained context")
     dtype: str = spec("float32", choices=DTYPES)
     attn_implementation: str = "sdpa"
+    pad_vocab_multiple: Optional[int] = spec(None, ge=1, hint="e.g. 64: 32,001 rows -> 32,064 (tensor-core sized output matmul)")
     tiny: Optional[TinySchema] = None
 
     def check(self, key: str) -> None:

@@ -8,6 +8,7 @@ DeepSpeed's public ``GatheredParameters``; ``prepare_model`` then finds the toke
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Mapping
 
@@ -99,6 +100,37 @@ def _add_ac_token_zero3(model: Any, tokenizer: Any, token: str) -> None:
             w[new_id] = w[src]
 
 
+def pad_vocab(model: Any, tokenizer: Any, multiple: int) -> int:
+    """Pad the embedding rows to a multiple of ``multiple`` and return the new row count.
+
+    Why: adding ``<AC>`` to Llama-2 makes 32,001 rows, an odd size for the GPU output matmul (the
+    largest one of a 7B model at this vocabulary); 32,064 runs on full tensor-core tiles. The dummy rows
+    are zero in the input and the output embeddings: no tokenizer id reaches them, and their logit is
+    exactly 0 at the start (the cross-entropy then lowers it, as they are never a target), so the real
+    tokens' logits are untouched. Works under ZeRO-3 (rows gathered on rank 0 and re-partitioned).
+    """
+    rows = len(tokenizer)
+    target = -(-rows // multiple) * multiple
+    weight = model.get_input_embeddings().weight
+    current = int(getattr(weight, "ds_shape", weight.shape)[0])
+    if current >= target and current % multiple == 0:
+        return current
+    model.resize_token_embeddings(rows, pad_to_multiple_of=multiple, mean_resizing=False)
+    weights = [model.get_input_embeddings().weight]
+    out = model.get_output_embeddings()
+    if out is not None and out.weight is not weights[0]:
+        weights.append(out.weight)
+    gather = contextlib.nullcontext()
+    if hasattr(weights[0], "ds_shape"):
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(weights, modifier_rank=0)
+    with gather, torch.no_grad():
+        for w in weights:
+            w[rows:] = 0
+    return int(getattr(weights[0], "ds_shape", weights[0].shape)[0])
+
+
 def build_model_and_tokenizer(cfg: Mapping[str, Any]) -> tuple[Any, Any]:
     """Load ``cfg.model`` and apply ``cfg.anchor`` with :func:`anllm.prepare_model`."""
     from transformers.integrations import is_deepspeed_zero3_enabled
@@ -124,6 +156,10 @@ def build_model_and_tokenizer(cfg: Mapping[str, Any]) -> tuple[Any, Any]:
         ac_after_last=bool(anchor.get("ac_after_last", True)),
         ac_join=anchor.get("ac_join"),
     )
+    multiple = model_cfg.get("pad_vocab_multiple")
+    if multiple:
+        rows = pad_vocab(model, tok, int(multiple))
+        logger.info("Vocabulary rows padded to %d (tokenizer %d, model.pad_vocab_multiple=%d)", rows, len(tok), int(multiple))
     acfg = anllm.get_anchor_config(model)
     if acfg is not None and acfg.enabled:
         shown = acfg.anchor_token_ids[:8]

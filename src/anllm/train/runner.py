@@ -218,13 +218,21 @@ def _identity(c: dict[str, Any]) -> dict[str, Any]:
     return {k: c.get(k) for k in IDENTITY_KEYS}
 
 
+def _unset_dropped(x: Any) -> Any:
+    """``x`` without null-valued mapping keys, so that an option added later with a null default (the
+    behaviour before it existed) does not make an earlier run's output_dir refuse to resume."""
+    if isinstance(x, dict):
+        return {k: _unset_dropped(v) for k, v in x.items() if v is not None}
+    return x
+
+
 def _claim_output_dir(c: dict[str, Any], output_dir: Path, resume_path: Path | None, args: Any) -> None:
     """Record what this output_dir trains; refuse to resume a different run into it."""
     run_file = output_dir / RUN_FILE
     if resume_path is not None and run_file.is_file() and resume_path.parent == output_dir:
         saved = json.loads(run_file.read_text())
         mine = json.loads(json.dumps(_identity(c)))
-        diff = sorted(k for k in IDENTITY_KEYS if saved.get(k) != mine.get(k))
+        diff = sorted(k for k in IDENTITY_KEYS if _unset_dropped(saved.get(k)) != _unset_dropped(mine.get(k)))
         if diff:
             raise ConfigError(
                 f"{output_dir} holds a run with different {', '.join(diff)} than this config, so resuming would mix "
