@@ -124,7 +124,7 @@ class EvaluateSchema:
     tasks: Any = None  # null, a task or a list of tasks
     num_fewshot: Any = 0  # an integer or a list of integers
     limit: Optional[int] = spec(None, ge=1)
-    batch_size: int = spec(1, ge=1)
+    batch_size: int = spec(8, ge=1)  # qa contexts / translation sentences per forward
     modes: List[str] = field(default_factory=lambda: ["full", "ansan", "anchor"])
     data_dir: Optional[str] = None
     output_dir: Optional[str] = None
