@@ -4,11 +4,17 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+# COMET's own environment: unbabel-comet 2.2.7 pins numpy<2, transformers<5, huggingface-hub<1, which
+# .venv (numpy 2, kvpress) cannot take; anllm scores COMET by running src/anllm/eval/comet_worker.py
+# with this interpreter (README, "COMET in its own environment").
+VENV_COMET ?= .venv-comet
+PY_COMET := $(VENV_COMET)/bin/python
+PIP_COMET := $(PY_COMET) -m pip
 # This machine's pip config lists local indexes that pip warns about; keep the log readable.
 QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: install test bench model study clean-venv
+.PHONY: install install-comet test bench model study clean-venv
 
 # Which torch: TORCH_SPEC (the version) from TORCH_INDEX (empty = pip's configured index). On this
 # project's CPU machines pip finds torch 2.13.0's CPU build on local disk; on a CUDA machine the same
@@ -33,12 +39,13 @@ DS_NO_CACHE := $(if $(filter-out 0,$(DS_BUILD_OPS) $(DS_BUILD_CPU_ADAM) $(DS_BUI
 # `make install PYTHON=python3.11`, or a module's/conda's full path). Checked before anything is made,
 # also under `make -n`.
 PYTHON ?= python3
+CHECK_PYTHON = $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { echo "make install: anllm needs Python >= 3.11, but PYTHON=$(PYTHON) is $$(command -v $(PYTHON) >/dev/null && $(PYTHON) --version 2>&1 || echo 'not found'). Pick one with PYTHON=..., e.g. make install PYTHON=python3.11" >&2; exit 1; }
 
 # From nothing: a fresh venv, torch (see above), then the package with dev extras. DeepSpeed's
 # setup.py imports torch, so it is built against the torch already installed, without build
-# isolation (which would otherwise download a second, multi-GB torch).
+# isolation (which would otherwise download a second, multi-GB torch). Then COMET's environment.
 install:
-	+@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { echo "make install: anllm needs Python >= 3.11, but PYTHON=$(PYTHON) is $$(command -v $(PYTHON) >/dev/null && $(PYTHON) --version 2>&1 || echo 'not found'). Pick one with PYTHON=..., e.g. make install PYTHON=python3.11" >&2; exit 1; }
+	+@$(CHECK_PYTHON)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "$(TORCH_SPEC)"$(TORCH_FROM) $(QUIET)
 	$(PIP) install -q "setuptools<81" wheel $(QUIET)
@@ -46,6 +53,21 @@ install:
 	$(PIP) install -q -e ".[dev]" $(QUIET)
 	$(PIP) check
 	$(PY) -c "import anllm, torch, transformers; print('anllm', anllm.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
+	$(COMET_ENV)
+
+# COMET's environment alone (e.g. beside a .venv made before it existed): the same torch build as
+# .venv (TORCH_SPEC/TORCH_INDEX), then comet/requirements.txt; anllm itself is not installed there.
+install-comet:
+	+@$(CHECK_PYTHON)
+	$(COMET_ENV)
+
+define COMET_ENV
+$(PYTHON) -m venv $(VENV_COMET)
+$(PIP_COMET) install -q "$(TORCH_SPEC)"$(TORCH_FROM) $(QUIET)
+$(PIP_COMET) install -q -r comet/requirements.txt $(QUIET)
+$(PIP_COMET) check
+$(PY_COMET) -c "import comet, torch, numpy, transformers; print('COMET env: unbabel-comet', comet.__version__, '| torch', torch.__version__, '| numpy', numpy.__version__, '| transformers', transformers.__version__)"
+endef
 
 test:
 	$(PY) -m pytest tests
@@ -62,4 +84,4 @@ model:
 	$(PY) -m anllm.models.smollm2
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VENV_COMET)

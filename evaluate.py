@@ -12,11 +12,12 @@ from omegaconf import DictConfig
 
 from anllm.cli import InputError, check_command_line, check_group_choices, check_output_dir, fail
 from anllm.eval.runner import preflight, register_resolvers, run
+from anllm.schema import CONF_DIR
 
 register_resolvers()
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)

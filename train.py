@@ -1,6 +1,6 @@
 """Continual pretraining / SFT of anchor-based LLMs: ``python train.py +exp=anllm_ac``.
 
-Thin Hydra entry point; everything else lives in :mod:`anllm.train`. Config groups are in conf/
+Thin Hydra entry point; everything else lives in :mod:`anllm.train`. Config groups are in conf/ (src/anllm/conf)
 (exp, scale, model, data, deepspeed, launcher, protocol); see conf/train.yaml and experiments/recipes/.
 The config is typed (:mod:`anllm.schema`) and checked before Hydra starts the run: bad input exits
 with code 2 and one line naming the key and the fix, with nothing written (:mod:`anllm.cli`).
@@ -11,10 +11,12 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from anllm.schema import CONF_DIR  # the configs ship inside the package (conf/ here is a link to them)
+
 GROUPS = ("exp", "scale", "model", "data", "deepspeed", "launcher", "protocol")
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
     from anllm.cli import fail
     from anllm.train import ConfigError, run

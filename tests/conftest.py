@@ -1,7 +1,8 @@
 """Shared fixtures. Tests run on CPU with tiny random models, plus SmolLM2-135M where stated.
 
 ``ANLLM_STRICT_TESTS=1`` (set by CI) turns every "cannot run here" skip into a failure: missing
-``../shared/data``, a SmolLM2 checkpoint that cannot be made, a missing DeepSpeed or C++ compiler.
+``../shared/data``, a SmolLM2 checkpoint that cannot be made, a missing DeepSpeed or C++ compiler, a
+missing COMET environment (``.venv-comet``, which ``make install`` makes).
 Without it (a contributor without the data) those tests skip and say why.
 """
 
@@ -75,3 +76,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def comet_python() -> Path:
+    """The Python of COMET's own environment (``make install`` makes ``.venv-comet``; CI has it)."""
+    from anllm.eval.metrics import CometEnvError, find_comet_python
+
+    try:
+        return find_comet_python()
+    except CometEnvError as e:
+        skip_or_fail(str(e))
+        raise  # unreachable: skip_or_fail raises
+
+
+@pytest.fixture(scope="session")
+def tiny_comet(tmp_path_factory, comet_python) -> Path:
+    """The tiny real COMET model directory, built inside COMET's environment by
+    tests/comet_tiny_model.py (deterministic: it scores as tests/data/comet_tiny_fixture.json says)."""
+    import subprocess
+
+    root = tmp_path_factory.mktemp("comet") / "tiny"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([str(comet_python), "-I", str(REPO / "tests" / "comet_tiny_model.py"), str(root)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root

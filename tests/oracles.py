@@ -1,7 +1,8 @@
 """Independent references the engine is tested against: written from the rule's wording, with loops.
 
-One place for the oracles (the AnSAN rule, and the equal-cache baselines' visibility), so that a test
-never checks the code against itself. Nothing here imports :mod:`anllm.masks`.
+One place for the oracles (the AnSAN rule, the equal-cache baselines' visibility, and kvpress used
+the way its README shows), so that a test never checks the code against itself. Nothing here imports
+:mod:`anllm.masks`.
 
 The AnSAN rule, as worded: query q may attend key k (k <= q) iff both are real tokens of the same
 packed document and (same segment, or k is an anchor and q is not); a segment ends at an anchor,
@@ -115,3 +116,31 @@ def method_mask(method: str, is_anchor: list[bool], peak: int, per_query: list[i
     if method == "streamingllm_q":
         return streaming_reference(L, per_query, num_sink_tokens)
     return reference_mask(is_anchor, [True] * L, hide_anchors=method == "sentence")
+
+
+def kvpress_reference(model, press, ctx, feed, eager: bool = False):
+    """kvpress used the way its README shows, on one unpadded sequence: ``press`` (a kvpress press, or
+    None for no compression) as a context manager around one prefill of ``ctx`` into a DynamicCache, then
+    ``feed`` decoded one token at a time without a mask (every layer attends all it holds). ``eager``:
+    the prefill runs with eager attention (presses that read attention weights). Returns ``([len(feed),
+    V] logits, entries kept per layer)``."""
+    import contextlib
+
+    import torch
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache()
+    torch.manual_seed(0)  # presses that draw random numbers: the seed anllm.eval.baselines sets per row
+    before = model.config._attn_implementation
+    with torch.no_grad():
+        if eager and press is not None:
+            model.set_attn_implementation("eager")
+        try:
+            with press(model) if press is not None else contextlib.nullcontext():
+                model(input_ids=ctx[None], past_key_values=cache, use_cache=True)
+        finally:
+            model.set_attn_implementation(before)
+        widths = [layer.keys.shape[2] for layer in cache.layers]
+        logits = [model(input_ids=t.view(1, 1), past_key_values=cache, use_cache=True,
+                        position_ids=torch.tensor([[len(ctx) + j]])).logits[0, -1] for j, t in enumerate(feed)]
+    return torch.stack(logits), widths

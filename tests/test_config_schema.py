@@ -24,10 +24,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from anllm.schema import compose
-from anllm.train.config import CONF_DIR, available_options
+from anllm.schema import CONF_DIR, available_options, compose
 
-REPO = CONF_DIR.parent
+REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["+exp=anllm_ac", "model=tiny"]
 
 # (program, overrides, the key the line must name); OUT is replaced by a fresh path per case.

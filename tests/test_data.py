@@ -504,3 +504,14 @@ def test_real_sft_slice_with_smollm2(smollm2_tokenizer, shared_data, tmp_path):
         assert (labels[:n_prompt] == -100).all() and (labels[n_prompt:] != -100).all()
         prompt = tok.decode(r["input_ids"][:n_prompt])
         assert prompt.endswith("### Response:\n") and "request.<AC>" in prompt
+
+
+def test_code_version_changes_with_the_code_unless_a_checked_reorganisation_vouches(monkeypatch):
+    """The cache key's code part: the source hash of the row-making code, or (only for a reorganisation
+    checked to write the same rows) the earlier version's key, so old entries stay valid."""
+    from anllm.data import store
+
+    h = store.source_hash()
+    assert store.code_version() == store.SAME_ROWS_AS.get(h, h)
+    monkeypatch.setattr(store, "source_hash", lambda: "0123456789abcdef")
+    assert store.code_version() == "0123456789abcdef"  # a change no entry vouches for: a new key

@@ -491,7 +491,7 @@ def test_prebuild_cli_builds_the_entry_the_training_run_loads(tmp_path, monkeypa
 
     from anllm.data.__main__ import main
     from anllm.train import run
-    from anllm.train.config import CONF_DIR
+    from anllm.schema import CONF_DIR
 
     overrides = ["+exp=anllm_ac", "model=tiny", "data=demo", "data.max_documents=40", "data.holdout_fraction=0",
                  "heldout.enabled=false", f"cache_dir={tmp_path / 'cache'}", "block_size=64"]
@@ -533,7 +533,7 @@ def test_a_resumed_streamed_training_run_trains_on_the_rows_it_had_not_seen(tmp_
 
     from anllm.data import demo_documents
     from anllm.train import run
-    from anllm.train.config import CONF_DIR
+    from anllm.schema import CONF_DIR
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

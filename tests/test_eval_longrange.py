@@ -308,3 +308,35 @@ def test_evaluate_runs_the_suite(model, tok, tmp_path):
     assert {(r["task"], r["method"]) for r in rows} == want
     assert "| Len | Depth |" in out["markdown"] and "±SE" in out["markdown"]
     assert (tmp_path / "out" / "tasks" / "longrange" / "passkey" / "predictions.jsonl").is_file()
+
+
+@pytest.mark.parametrize("method", ["tova", "pyramidkv", "knorm_press"])
+def test_presses_read_the_answer_against_the_anchor_cache_size(model, tok, tmp_path, method):
+    """A kvpress press compresses the context up to the cue's last token to what the anchor cache holds when
+    the first answer token is predicted (minus that token), then reads the cue's last token and the answer:
+    teacher-forced predictions equal kvpress's own single-sequence use (tests/oracles.py), and the rows keep
+    the anchor reading's keys at the answer."""
+    from oracles import kvpress_reference
+
+    from anllm.eval import baselines
+    from anllm.eval import methods as registry
+
+    items = (lr.build_items("passkey", DOCS, tok, lengths=[110], depths=[0.4], num_items=1)
+             + lr.build_items("vartrack", DOCS, tok, lengths=[90], num_items=1, hops=1))
+    enc = [_encode(tok, it) for it in items]
+    contexts, answers = [c for _, c, _ in enc], [a for _, _, a in enc]
+    per_query = [lr.sequence_budgets(model, tok, t, c, a) for t, c, a in enc]
+    budgets = [int(p[len(c) - 1]) for p, c in zip(per_query, contexts)]
+    assert all(b < len(c) for b, c in zip(budgets, contexts))
+    got = lr.teacher_forced(model, contexts, answers, method, budgets, tok.pad_token_id)
+    for j, (c, a, b) in enumerate(zip(contexts, answers, budgets)):
+        press = baselines.make_press(method, len(c) - 1, b - 1)
+        with anllm.anchor_attention(model, enabled=False):  # the presses read causally
+            want, _ = kvpress_reference(model, press, c[:-1], torch.cat([c[-1:], a[:-1]]), registry.METHODS[method].eager)
+        assert torch.equal(got[j], want.argmax(-1))
+    rows = lr.longrange_rows(model, tok, {"mode": "ep"}, items, ["anchor", method], progress=False, out_dir=tmp_path)
+    by = {(r["task"], r["method"]): r for r in rows}
+    for task in ("passkey", "vartrack"):
+        assert by[(task, method)]["kv_kept"] == by[(task, "anchor")]["kv_kept"]
+        assert by[(task, method)]["budget"] < by[(task, method)]["tokens"]
+        assert by[(task, method)]["mean_kv"] > by[(task, "anchor")]["mean_kv"]  # the context was read in full

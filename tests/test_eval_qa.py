@@ -488,3 +488,27 @@ def test_lm_eval_rows_report_peak_kv_for_every_mode(shared_data, tokenizer, tmp_
         assert all(k <= pk for k, pk in zip(p["streamingllm_stream"]["kv_kept"], p["streamingllm_stream"]["peak_kv"]))
     detail = next(t for t in build_tables(rows, ["qa"]) if t.name == "qa_details")
     assert "PeakKV" in detail.headers
+
+
+def test_lm_eval_rows_for_kvpress_baselines(shared_data, tokenizer, tmp_path):
+    """qa.baselines takes the press names (and aliases): one row each, at the anchor cache's kept size
+    (same C⇓ and MaxKV as anchor), with accuracy and time, in the report's tables."""
+    from anllm.eval.report import build_tables
+
+    bundle = _bundle(tokenizer, "ep")
+    presses = ["snapkv", "h2o", "pyramidkv"]  # every press in the scorer: tests/test_eval_presses.py
+    cfg = _cfg(shared_data, limit=2, modes=["full", "anchor"], qa={"baselines": presses})
+    rows = run_task(bundle, cfg, "arc_easy", tmp_path)
+    by = {r["method"]: r for r in rows}
+    names = [("observed_attention" if p == "h2o" else p) for p in presses]
+    assert set(by) == {"full", "anchor", *names}
+    for m in names:
+        assert by[m]["c_red"] == by["anchor"]["c_red"] > 0 and by[m]["max_kv"] == by["anchor"]["max_kv"], m
+        assert by[m]["acc"] is not None and by[m]["time_s"] > 0 and by[m]["peak_kv"] > by["anchor"]["peak_kv"]
+    preds = _predictions(tmp_path / "predictions_0shot.jsonl")
+    assert all(p[m]["kv_kept"] == p["anchor"]["kv_kept"] for p in preds for m in names)
+    detail = next(t for t in build_tables(rows, ["qa"]) if t.name == "qa_details")
+    from anllm.eval.methods import REGISTRY
+
+    order = [m.name for m in REGISTRY if m.name in names]
+    assert [r[2] for r in detail.rows] == ["full", "anchor", *order]  # anchor, then the presses in registry order

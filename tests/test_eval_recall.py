@@ -94,3 +94,36 @@ def test_rows_count_correct_choices(model, tok, tmp_path):
         mine = [p for p in preds if p["distance"] == r["distance"]]
         assert r["acc"] == sum(p[r["method"]] == p["answer"] for p in mine) / 6
         assert r["n"] == 6 and 0 <= r["c_red"] < 1 and (r["method"] != "full" or r["c_red"] == 0)
+
+
+@pytest.mark.parametrize("method", ["snapkv", "pyramidkv", "observed_attention", "expected_attention"])
+def test_presses_read_the_cue_against_the_anchor_cache_size(model, tok, tmp_path, method):
+    """A kvpress press compresses the item up to the cue's last token to what the anchor cache holds when the
+    value is predicted, minus that token (one prefill per row), then reads the last token: per row the
+    logits of kvpress's own single-sequence use (tests/oracles.py), the anchor reading's kept count, and
+    rows whose C⇓ is the anchor's."""
+    from oracles import kvpress_reference
+
+    from anllm.eval import baselines
+    from anllm.eval import methods as registry
+    from anllm.eval.perplexity import query_budgets
+
+    items = rc.build_items([("a", " ".join(PROSE))], tok, num_items=4, max_distance=4, seed=5)
+    texts = [rc.context_text(it, k, None) for it, k in zip(items, [0, 4, 2, 3])]
+    seqs = [torch.tensor(tok(t)["input_ids"]) for t in texts]
+    budgets = [int(query_budgets(model, tok, t, x)[-1]) for t, x in zip(texts, seqs)]
+    assert all(b < len(x) for b, x in zip(budgets, seqs))  # the budget bites
+    got, kept = rc.next_token_logits(model, seqs, method, budgets, tok.pad_token_id)
+    assert kept == budgets
+    for j, (x, b) in enumerate(zip(seqs, budgets)):
+        press = baselines.make_press(method, len(x) - 1, b - 1)
+        with anllm.anchor_attention(model, enabled=False):  # the presses read causally
+            want, _ = kvpress_reference(model, press, x[:-1], x[-1:], registry.METHODS[method].eager)
+        torch.testing.assert_close(got[j], want[-1], atol=1e-5, rtol=1e-5)
+    rows = rc.recall_rows(model, tok, {"mode": "ep"}, items, ["anchor", method], [0, 3], batch_size=3,
+                          out_dir=tmp_path, progress=False)
+    by = {(r["method"], r["distance"]): r for r in rows}
+    for k in (0, 3):
+        assert by[(method, k)]["kv_kept"] == by[("anchor", k)]["kv_kept"]
+        assert by[(method, k)]["c_red"] == by[("anchor", k)]["c_red"] > 0
+        assert by[(method, k)]["time_s"] > 0 and 0 <= by[(method, k)]["acc"] <= 1

@@ -1,5 +1,6 @@
-"""Translation suite: official WMT23 scores through our scoring path, a real (tiny) COMET model,
-greedy generation with the anchor cache (lossless vs a full cache), prompts, errors.
+"""Translation suite: official WMT23 scores through our scoring path, a real (tiny) COMET model
+(scored in COMET's own environment: tests/test_comet_env.py has the subprocess itself), greedy
+generation with the anchor cache (lossless vs a full cache), prompts, errors.
 
 Runtime: ~60 s on 2 CPU cores (most of it building/loading the tiny COMET checkpoint).
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import torch
 import anllm
 from anllm.eval import translation as tr
 from anllm.eval.generation import greedy_generate
-from anllm.eval.metrics import CometUnavailable, load_comet, sacrebleu_scores, score_translations
+from anllm.eval.metrics import CometUnavailable, resolve_comet_checkpoint, sacrebleu_scores
 from anllm.testing import tiny_llama
 from anllm.testing import bpe_tokenizer
 
@@ -78,66 +79,6 @@ def ep_model(tok, sources):
     return _ep_model(tok, [tr.build_prompt(s) for s in sources[:3]])
 
 
-@pytest.fixture(scope="module")
-def tiny_comet(tmp_path_factory) -> Path:
-    """A real COMET RegressionMetric model directory, fully offline: random tiny XLM-R encoder saved
-    locally (tokenizer + config + weights), head trained for a few steps with COMET's own Lightning
-    training loop, checkpoint saved in the layout `comet` downloads (hparams.yaml + checkpoints/)."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    import pytorch_lightning as pl
-    import yaml
-    from comet.models import RegressionMetric
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import XLMRobertaConfig, XLMRobertaModel, XLMRobertaTokenizerFast
-
-    root = tmp_path_factory.mktemp("comet")
-    enc = root / "encoder"
-    texts = ["Der Hund läuft schnell.", "The dog runs fast.", "Ein Haus am See.", "A house by the lake."] * 10
-    tk = Tokenizer(models.Unigram())
-    tk.normalizer = normalizers.NFKC()
-    tk.pre_tokenizer = pre_tokenizers.Metaspace()
-    tk.decoder = decoders.Metaspace()
-    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    tk.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=100, special_tokens=specials, unk_token="<unk>"))
-    tk.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
-    )
-    xtok = XLMRobertaTokenizerFast(
-        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
-        unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
-    )
-    xtok.save_pretrained(enc)
-    cfg = XLMRobertaConfig(
-        vocab_size=len(xtok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=514, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    XLMRobertaModel(cfg, add_pooling_layer=False).save_pretrained(enc)
-    train = root / "train.csv"
-    rows = [
-        {"src": "Der Hund läuft schnell.", "mt": "The dog runs fast.", "ref": "The dog runs fast.", "score": 0.9},
-        {"src": "Ein Haus am See.", "mt": "A dog.", "ref": "A house by the lake.", "score": 0.1},
-    ] * 4
-    with open(train, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["src", "mt", "ref", "score"])
-        w.writeheader()
-        w.writerows(rows)
-    model = RegressionMetric(
-        pretrained_model=str(enc), local_files_only=True, hidden_sizes=[16], batch_size=4,
-        train_data=[str(train)], validation_data=[str(train)], nr_frozen_epochs=0, learning_rate=1e-3,
-    )
-    trainer = pl.Trainer(
-        max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        num_sanity_val_steps=0, limit_val_batches=0, enable_model_summary=False,
-    )
-    trainer.fit(model)
-    (root / "checkpoints").mkdir()
-    trainer.save_checkpoint(root / "checkpoints" / "model.ckpt")
-    with open(root / "hparams.yaml", "w") as f:
-        yaml.safe_dump({**dict(model.hparams), "class_identifier": "regression_metric"}, f)
-    return root
-
-
 def _fake_data_dir(tmp_path: Path, srcs: list[str], refs: list[str]) -> Path:
     d = tmp_path / "data" / "wmt23_de_en"
     d.mkdir(parents=True)
@@ -185,32 +126,24 @@ def test_hypotheses_with_limit_and_bad_length(shared_data, tmp_path):
         tr.evaluate_translation(None, None, WMT23, data_dir=shared_data, hypotheses=[short], generate=False, comet_model=None)
 
 
-def test_comet_real_tiny_checkpoint(tiny_comet):
-    """Our path loads a local COMET model directory offline and reports 100 × its mean segment score."""
-    srcs = ["Der Hund läuft.", "Ein Haus am See.", "Der See."]
-    hyps = ["The dog runs.", "A cat.", "The lake."]
-    refs = ["The dog runs.", "A house by the lake.", "The lake."]
-    res = score_translations(srcs, hyps, refs, comet_model=str(tiny_comet))
-    model = load_comet(str(tiny_comet / "checkpoints" / "model.ckpt"))
-    direct = model.predict([{"src": s, "mt": h, "ref": r} for s, h, r in zip(srcs, hyps, refs)], batch_size=2, gpus=0, progress_bar=False)
-    assert res["comet_note"] is None
-    assert res["comet_segments"] == pytest.approx(direct["scores"], abs=1e-5)
-    assert res["comet"] == pytest.approx(100 * sum(direct["scores"]) / 3, abs=1e-4)
-    assert len(set(round(s, 6) for s in res["comet_segments"])) > 1  # a real model, not a constant
-
-
 def test_comet_in_suite_rows(tiny_comet, shared_data):
-    f = shared_data / "wmt23_de_en" / "system-outputs" / "generaltest2023.de-en.hyp.AIRC.en"
+    """Every system of a task gets COMET from one run of COMET's environment (the model loaded once)."""
+    d = shared_data / "wmt23_de_en" / "system-outputs"
+    files = [d / "generaltest2023.de-en.hyp.AIRC.en", d / "generaltest2023.de-en.hyp.GPT4-5shot.en"]
     rows, notes = tr.evaluate_translation(
-        None, None, WMT23, data_dir=shared_data, limit=4, hypotheses=[f], generate=False, comet_model=str(tiny_comet)
+        None, None, WMT23, data_dir=shared_data, limit=4, hypotheses=files, generate=False, comet_model=str(tiny_comet)
     )
-    assert rows[0]["comet"] is not None and rows[0]["comet_model"] == str(tiny_comet)
+    assert [r["comet_model"] for r in rows] == [str(tiny_comet)] * 2
+    assert all(isinstance(r["comet"], float) for r in rows) and rows[0]["comet"] != rows[1]["comet"]
     assert not notes
 
 
 def test_missing_comet_model_is_reported_and_bleu_still_computed(shared_data, tmp_path, monkeypatch):
+    """A model that cannot be loaded (offline, no cache) is a note, not an error: checked before COMET's
+    environment starts (any existing Python stands in for it here)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_hub"))
+    monkeypatch.setenv("ANLLM_COMET_PYTHON", sys.executable)
     f = shared_data / "wmt23_de_en" / "system-outputs" / "generaltest2023.de-en.hyp.AIRC.en"
     rows, notes = tr.evaluate_translation(
         None, None, WMT23, data_dir=shared_data, limit=5, hypotheses=[f], generate=False, comet_model="Unbabel/wmt22-comet-da"
@@ -218,10 +151,10 @@ def test_missing_comet_model_is_reported_and_bleu_still_computed(shared_data, tm
     assert rows[0]["comet"] is None and rows[0]["bleu"] > 0
     assert any("COMET not computed" in n and "translation.comet_model=PATH" in n for n in notes)
     with pytest.raises(CometUnavailable, match="does not exist"):
-        load_comet(str(tmp_path / "nope" / "model.ckpt"))
+        resolve_comet_checkpoint(str(tmp_path / "nope" / "model.ckpt"))
     (tmp_path / "notamodel").mkdir()
     with pytest.raises(CometUnavailable, match="not a COMET model directory"):
-        load_comet(str(tmp_path / "notamodel"))
+        resolve_comet_checkpoint(str(tmp_path / "notamodel"))
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path):

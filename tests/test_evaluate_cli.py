@@ -93,7 +93,7 @@ def test_failed_task_keeps_the_others_and_rerun_resumes(shared_data, checkpoint,
         (["tasks=[arc_easy,mmlu]"], InputError, r"Unknown task 'mmlu'"),
         (["suite=speech"], InputError, r"Unknown suite 'speech'"),
         (["modes=[full,fast]"], InputError, r"Unknown mode\(s\) \['fast'\]"),
-        (["qa.baselines=[h2o]"], InputError, r"Unknown baseline"),
+        (["qa.baselines=[quest]"], InputError, r"Unknown baseline"),  # h2o is observed_attention (kvpress)
     ],
 )
 def test_clear_errors_before_loading_the_model(checkpoint, shared_data, tmp_path, overrides, error, match):

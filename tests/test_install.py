@@ -18,8 +18,8 @@ def make_dry(*variables: str) -> subprocess.CompletedProcess:
     # make would take PYTHON from the environment; and under `make test` the outer make's MAKEFLAGS/
     # MAKELEVEL reach this inner make and change what -n prints (the suite runs both ways)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
-    return subprocess.run(["make", "-n", "install", "VENV=/tmp/anllm-dry-venv", *variables], cwd=REPO,
-                          capture_output=True, text=True, env=env)
+    return subprocess.run(["make", "-n", "install", "VENV=/tmp/anllm-dry-venv", "VENV_COMET=/tmp/anllm-dry-venv-comet",
+                           *variables], cwd=REPO, capture_output=True, text=True, env=env)
 
 
 def dry_run(*variables: str) -> str:
@@ -56,6 +56,26 @@ def test_cluster_variables_compose_the_documented_commands(variables, expected):
     assert "make install " + " ".join(variables) in readme
 
 
+@pytest.mark.parametrize("variables", [[], ["TORCH_INDEX=https://download.pytorch.org/whl/cu126"], ["TORCH_SPEC=torch==2.13.0"]])
+def test_comet_env_gets_the_same_torch_then_its_requirements(variables):
+    """COMET's own environment (unbabel-comet pins numpy<2): the main one's torch build, then
+    comet/requirements.txt, checked with pip check; `make clean-venv` and CI remove it too."""
+    out = dry_run(*variables)
+    main, comet = out.split("-m venv /tmp/anllm-dry-venv-comet\n")
+    torch_line = next(line for line in main.splitlines() if '"torch==' in line).replace("/tmp/anllm-dry-venv/", "")
+    comet_lines = comet.splitlines()
+    assert comet_lines[0].replace("/tmp/anllm-dry-venv-comet/", "") == torch_line
+    assert comet_lines[1].startswith("/tmp/anllm-dry-venv-comet/bin/python -m pip install -q -r comet/requirements.txt")
+    assert comet_lines[2] == "/tmp/anllm-dry-venv-comet/bin/python -m pip check"
+    reqs = (REPO / "comet" / "requirements.txt").read_text()
+    assert "unbabel-comet==2.2.7" in reqs.splitlines() and "numpy>=1.20,<2" in reqs.splitlines()
+    assert not any(line.startswith("anllm") for line in reqs.splitlines())  # anllm runs the worker by path
+    clean = subprocess.run(["make", "-n", "clean-venv", "VENV=/a", "VENV_COMET=/b"], cwd=REPO, capture_output=True, text=True)
+    assert clean.stdout.strip() == "rm -rf /a /b"
+    assert "rm -rf .venv .venv-comet" in (REPO / ".ci" / "run").read_text()
+    assert ".venv-comet/" in (REPO / ".gitignore").read_text().splitlines()
+
+
 def test_readme_gpu_section_names_the_attention_backends():
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("### Install on a GPU cluster"):]
@@ -69,7 +89,9 @@ def test_python_knob_makes_the_venv_from_that_interpreter():
     out = dry_run(f"PYTHON={sys.executable}")
     lines = out.splitlines()
     assert lines[1] == f"{sys.executable} -m venv /tmp/anllm-dry-venv"  # after the version check (line 0)
-    assert all(line.startswith(("/tmp/anllm-dry-venv/bin/python", "DS_BUILD_OPS")) for line in lines[2:]), out
+    comet = lines.index(f"{sys.executable} -m venv /tmp/anllm-dry-venv-comet")  # COMET's environment, the same Python
+    assert all(line.startswith(("/tmp/anllm-dry-venv/bin/python", "DS_BUILD_OPS")) for line in lines[2:comet]), out
+    assert all(line.startswith("/tmp/anllm-dry-venv-comet/bin/python") for line in lines[comet + 1:]), out
     assert dry_run().splitlines()[1] == "python3 -m venv /tmp/anllm-dry-venv"  # the default
     assert "make install PYTHON=python3.11" in (REPO / "README.md").read_text()
 

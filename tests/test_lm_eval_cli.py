@@ -59,7 +59,7 @@ def test_cli_gives_the_numbers_of_evaluate_py(shared_data, checkpoint, tmp_path)
     samples = {s["doc_id"]: s for s in map(json.loads, Path(samples_file).read_text().splitlines())}
 
     ev = tmp_path / "evaluate_out"
-    res = _evaluate([f"checkpoint={checkpoint}", "suite=qa", "tasks=[arc_easy]", "limit=4", "modes=[anchor]",
+    res = _evaluate([f"checkpoint={checkpoint}", "suite=qa", "tasks=[arc_easy]", "limit=4", "modes=[anchor]", "batch_size=1",
                      f"data_dir={shared_data}", f"output_dir={ev}", "qa.baselines=[]", "qa.stock=false"])
     [row] = [r for r in res["rows"] if r["method"] == "anchor"]
     assert row["n"] == len(samples) == 4 and row["source"] == "local" and row["split"] == "test"
@@ -67,7 +67,7 @@ def test_cli_gives_the_numbers_of_evaluate_py(shared_data, checkpoint, tmp_path)
     lines = (ev / "tasks" / "qa" / "arc_easy" / "predictions_0shot.jsonl").read_text().splitlines()
     preds = [json.loads(x) for x in lines]
     assert sorted(p["doc_id"] for p in preds) == sorted(samples)
-    for p in preds:  # every choice's log-likelihood, bit for bit
+    for p in preds:  # every choice's log-likelihood, bit for bit (both at batch size 1: lm-eval's default)
         assert [float(r[0][0]) for r in samples[p["doc_id"]]["resps"]] == p["anchor"]["logprobs"]
 
 

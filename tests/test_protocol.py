@@ -10,7 +10,7 @@ import torch
 
 import anllm
 from anllm.anchors import Marking, sentence_spans
-from anllm.study.runner import compose
+from anllm.schema import compose
 from anllm.testing import bpe_tokenizer, tiny_llama, word_tokenizer
 
 PARAGRAPH = ("Dr. Smith arrived at 3 p.m. on Monday. He was tired.\nThe meeting, however, went on until late! "
@@ -36,7 +36,7 @@ def test_protocol_switch_composes_both_clis():
 
 
 def test_ep_paper_anchors_are_the_period_only():
-    from anllm.train.config import plain_dict
+    from anllm.schema import plain_dict
     from anllm.train.model import build_model_and_tokenizer
 
     c = plain_dict(compose("train", ["+exp=anllm_ep", "model=tiny", "protocol=paper"]))

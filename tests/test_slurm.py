@@ -73,12 +73,15 @@ def clone(tmp_path_factory) -> Path:
     if not (REPO / ".git").exists() or shutil.which("git") is None:
         pytest.skip("not a git checkout: cannot tell what a fresh clone holds")
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--",
-                             "slurm", "slurm-logs", "conf", "train.py"],
+                             "slurm", "slurm-logs", "conf", "src/anllm/conf", "train.py"],
                             cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\0")
     root = tmp_path_factory.mktemp("clone") / "anllm"
     for rel in filter(None, listed):
         src = REPO / rel
-        if src.is_file():  # a file deleted in this checkout stays listed until the deletion is committed
+        if src.is_symlink():  # conf -> src/anllm/conf (the configs ship inside the package)
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.readlink(src), root / rel)
+        elif src.is_file():  # a file deleted in this checkout stays listed until the deletion is committed
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, root / rel)
     return root
@@ -302,7 +305,7 @@ def test_recipe_variables_come_from_the_environment():
 def test_recipes_compose_and_the_fast_one_is_fast():
     from omegaconf import OmegaConf
 
-    from anllm.study.runner import compose
+    from anllm.schema import compose
     from anllm.train import validate
 
     cfgs = {}
@@ -469,7 +472,7 @@ def test_preemption_callback_saves_a_complete_checkpoint_and_the_relaunch_resume
 
     from anllm.train import run
     from anllm.train.checkpoints import checkpoint_dirs, is_complete
-    from anllm.train.config import CONF_DIR
+    from anllm.schema import CONF_DIR
     from anllm.train.preemption import PreemptionCallback
 
     out = tmp_path / "out"

@@ -9,7 +9,8 @@ import shutil
 
 import pytest
 
-from anllm.study import Study, compose
+from anllm.schema import compose
+from anllm.study import Study
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -116,12 +117,12 @@ def test_bad_stage_is_a_clear_error(tmp_path):
 
 
 def test_recall_verdict_needs_two_standard_errors():
-    from anllm.study.report import _verdict
+    from anllm.study.findings import accuracy_verdict
 
-    assert _verdict(0.27, 0.25, 200).startswith("no clear difference")  # EP's k >= 10 gap: noise at chance
-    assert _verdict(0.60, 0.30, 200) == "anchors win"
-    assert _verdict(0.30, 0.60, 200) == "anchors lose"
-    assert _verdict(0.60, 0.30, 4).startswith("no clear difference")  # the same gap over 4 items proves nothing
+    assert accuracy_verdict(0.27, 0.25, 200).startswith("no clear difference")  # EP's k >= 10 gap: noise at chance
+    assert accuracy_verdict(0.60, 0.30, 200) == "anchors win"
+    assert accuracy_verdict(0.30, 0.60, 200) == "anchors lose"
+    assert accuracy_verdict(0.60, 0.30, 4).startswith("no clear difference")  # the same gap over 4 items proves nothing
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +175,8 @@ def test_evidence_final_sets_and_longrange_reach_the_report(evidence_run):
 
 
 def test_paired_difference_and_its_standard_error_by_hand():
-    from anllm.study.report import _paired
+    from anllm.study.findings import paired_difference
 
     rows = {"anchor": {"per_doc_nll": [1.0, 2.0, 3.0]}, "streamingllm_q": {"per_doc_nll": [1.2, 2.1, 3.3]}}
-    m, se = _paired(rows, "streamingllm_q")
+    m, se = paired_difference(rows, "streamingllm_q")
     assert m == pytest.approx(0.2) and se == pytest.approx((((0.0) ** 2 + 0.1 ** 2 + 0.1 ** 2) / 2 / 3) ** 0.5)

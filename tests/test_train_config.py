@@ -9,7 +9,9 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from anllm.train import ConfigError, available_options, validate
-from anllm.train.config import CONF_DIR
+from anllm.schema import CONF_DIR
+
+REPO = Path(__file__).resolve().parents[1]
 
 EXPS = ["anllm_ac", "anllm_ep", "baseline", "sft_translation_ac", "sft_translation_ep", "sft_translation_baseline"]
 MODELS = ["llama2_7b", "llama2_13b", "smollm2_135m", "tiny"]
@@ -150,7 +152,7 @@ def test_local_data_files_are_checked(shared_data: Path):
 
 # --- the SLURM scripts of the paper runs -----------------------------------------------------------
 
-SLURM_DIR = CONF_DIR.parent / "slurm"
+SLURM_DIR = REPO / "slurm"
 PAPER_RUNS = ["anllm_ac_7b", "anllm_ep_7b", "anllm_ac_13b", "baseline_7b",
               "sft_translation_ac_7b", "sft_translation_ep_7b", "sft_translation_baseline_7b"]
 
@@ -172,9 +174,9 @@ def _train_overrides_of(script: Path, tmp_path: Path, env: dict[str, str]) -> li
     for name in ("srun", "scontrol", "fakepython"):
         (bin_dir / name).chmod(0o755)
     full_env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(bin_dir / "fakepython"),
-                    SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node-[a-b]", SLURM_NNODES="4", SLURM_SUBMIT_DIR=str(CONF_DIR.parent),
+                    SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node-[a-b]", SLURM_NNODES="4", SLURM_SUBMIT_DIR=str(REPO),
                     **env)
-    proc = subprocess.run(["bash", str(script)], env=full_env, capture_output=True, text=True, cwd=CONF_DIR.parent)
+    proc = subprocess.run(["bash", str(script)], env=full_env, capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     argv = json.loads(capture.read_text())
     assert argv[:2] == ["-m", "torch.distributed.run"] and "--rdzv_endpoint=node-a:29742" in argv

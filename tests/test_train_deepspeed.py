@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from anllm.train.checkpoints import latest_complete_checkpoint
-from anllm.train.config import CONF_DIR
+from anllm.schema import CONF_DIR
 
 try:
     import deepspeed  # noqa: F401

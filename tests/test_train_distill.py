@@ -18,7 +18,7 @@ from anllm.testing import tiny_llama, word_tokenizer
 from anllm.train import ConfigError, run
 from anllm.train.config import validate
 from anllm.train.distill import DistillConfig, Teacher, distill_kl
-from anllm.train.throughput import AnllmTrainer
+from anllm.train.trainer import AnllmTrainer
 from test_train_run import tiny_cfg
 
 EP_WORDS = [".", "!", "?", ","] + [f"w{i}" for i in range(120)]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from anllm.study.runner import compose
+from anllm.schema import compose
 from anllm.train import ConfigError, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -54,7 +54,7 @@ def test_check_documents_never_reach_the_training_rows(checked_run):
     from anllm.data import build_train_dataset
     from anllm.train.heldout import documents
     from anllm.train.model import build_model_and_tokenizer
-    from anllm.train.config import plain_dict
+    from anllm.schema import plain_dict
 
     tmp, cfg, check = checked_run
     c = plain_dict(cfg)
@@ -108,7 +108,7 @@ def test_check_numbers_equal_an_independent_forward(checked_run):
     import torch
 
     import anllm
-    from anllm.train.config import plain_dict
+    from anllm.schema import plain_dict
     from anllm.train.heldout import documents, settings
 
     tmp, cfg, check = checked_run

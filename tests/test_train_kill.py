@@ -74,7 +74,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from transformers import TrainerCallback
 from anllm.train import run
-from anllm.train.config import CONF_DIR
+from anllm.schema import CONF_DIR
 
 marks = Path(sys.argv[1])
 

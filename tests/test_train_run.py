@@ -20,7 +20,7 @@ from transformers import Trainer, TrainerCallback
 import anllm
 from anllm.train import ConfigError, run
 from anllm.train.checkpoints import MARKER, QUARANTINE, checkpoint_dirs, is_complete, latest_complete_checkpoint, rotate
-from anllm.train.config import CONF_DIR
+from anllm.schema import CONF_DIR
 
 ONE_DOC = (
     "The river rose in the night. By morning the bridge was gone! Farmers watched from the hill. "
@@ -101,10 +101,10 @@ def test_document_ids_reach_the_model_through_the_trainer(tmp_path, data_cache):
     """The Trainer keeps the collator's document_ids (remove_unused_columns would drop them) and the
     loss it computes depends on them: tokens do not attend across packed documents."""
     from anllm.data import DataCollatorForAnchors, build_train_dataset
-    from anllm.train.config import plain_dict
+    from anllm.schema import plain_dict
     from anllm.train.model import build_model_and_tokenizer
     from anllm.train.runner import training_arguments
-    from anllm.train.throughput import AnllmTrainer
+    from anllm.train.trainer import AnllmTrainer
 
     c = plain_dict(tiny_cfg(tmp_path / "out", data_cache, "anllm_ac", "block_size=256"))
     args, _, _ = training_arguments(c, tmp_path / "out")

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from anllm.study.runner import compose
-from anllm.train.config import plain_dict
+from anllm.schema import compose, plain_dict
 from anllm.train.model import build_model_and_tokenizer, pad_vocab
 
 

@@ -13,12 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+from .errors import InputError  # noqa: F401 - the contract's error type (importers: ``anllm.cli.InputError``)
+from .schema.confdir import CONF_DIR
+
 EXIT_BAD_INPUT = 2
-
-
-class InputError(ValueError):
-    """A problem with what the user asked for (not a bug): reported as one line, exit code 2."""
 
 
 def fail(program: str, message: str, kind: str = "error") -> NoReturn:

@@ -1,7 +1,7 @@
 """Build training data from the command line.
 
 Build the cache entry a training run will load, ahead of it (e.g. in a CPU job; see
-:mod:`anllm.data.prebuild`), with the same Hydra overrides as ``train.py``::
+:mod:`anllm.train.prebuild`), with the same Hydra overrides as ``train.py``::
 
     ANLLM_CACHE=/scratch/$USER/anllm python -m anllm.data build +exp=anllm_ac model=llama2_7b \\
         data=redpajama_local preprocessing.num_proc=32
@@ -42,20 +42,18 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if argv and argv[0] == "build":
-        from .prebuild import main as prebuild_main
+        from ..train import prebuild
 
         if any(a in ("-h", "--help") for a in argv[1:]):
-            from . import prebuild
-
             print(prebuild.__doc__)
             return
-        from anllm.cli import InputError, check_group_choices, fail
-        from anllm.train import ConfigError
+        from ..cli import InputError, check_group_choices, fail
+        from ..train import ConfigError
 
         program = "python -m anllm.data build"
         try:
             check_group_choices(argv[1:], ("exp", "scale", "model", "data", "deepspeed", "launcher", "protocol"))
-            code = prebuild_main(argv[1:])
+            code = prebuild.main(argv[1:])
         except (ConfigError, InputError) as e:  # a config mistake: one clear line, exit code 2 (as train.py)
             fail(program, str(e), kind="config error")
         raise SystemExit(code)

@@ -6,12 +6,12 @@ workers); packing is one sequential, vectorised pass because a block may span ma
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from ..anchors import AC_TOKEN, AnchorConfig, ac_token_id
+from ..anchors import AC_TOKEN, AnchorConfig, Marking, ac_token_id
 
 IGNORE_INDEX = -100
 
@@ -39,6 +39,30 @@ def require_eos(tokenizer: Any) -> int:
     return int(eos)
 
 
+# --- where anchors go in text (pretraining and SFT mark text the same way) ---------------------------
+
+
+def anchor_token_for(anchor: AnchorConfig | None) -> str | None:
+    """The literal token to insert (AC), or None (EP/none: text stays as it is)."""
+    if anchor is None or anchor.mode != "ac":
+        return None
+    return anchor.anchor_token or AC_TOKEN
+
+
+def marking_for(anchor: AnchorConfig | None, splitter: str | None = None) -> Marking | None:
+    """How text is marked for ``anchor`` (None unless AC), with an optional splitter override."""
+    marking = anchor.marking() if anchor is not None else None
+    if marking is not None and splitter:
+        marking = replace(marking, splitter=splitter)
+    return marking
+
+
+def mark_sentences(text: str, marking: Marking | None) -> str:
+    """``<AC>`` after every sentence of ``text`` as ``marking`` says (unchanged when None)."""
+    return text if marking is None else marking.apply(text)
+
+
+
 @dataclass
 class TextProcessor:
     """Batched map function: insert ``<AC>`` after every sentence (AC), tokenise, end with EOS.
@@ -55,8 +79,6 @@ class TextProcessor:
     splitter: str | None = None  # None: the anchor config's
 
     def __post_init__(self) -> None:
-        from .sft import marking_for
-
         self.eos_id = require_eos(self.tokenizer)
         self.mode = self.anchor.mode if self.anchor is not None else "none"
         self.token = (self.anchor.anchor_token or AC_TOKEN) if self.mode == "ac" else None

@@ -15,11 +15,11 @@ Evaluation must build prompts with :func:`build_alpaca_prompt` so they match tra
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-from ..anchors import AC_TOKEN, AnchorConfig, Marking
-from .processing import IGNORE_INDEX, require_eos
+from ..anchors import AnchorConfig, Marking
+from .processing import IGNORE_INDEX, anchor_token_for, mark_sentences, marking_for, require_eos
 
 PREAMBLE_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -29,26 +29,6 @@ PREAMBLE_NO_INPUT = "Below is an instruction that describes a task. Write a resp
 PROMPT_INPUT = "{preamble}\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 PROMPT_NO_INPUT = "{preamble}\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 TEMPLATES = ("anllm", "paper")
-
-
-def anchor_token_for(anchor: AnchorConfig | None) -> str | None:
-    """The literal token to insert (AC), or None (EP/none: text stays as it is)."""
-    if anchor is None or anchor.mode != "ac":
-        return None
-    return anchor.anchor_token or AC_TOKEN
-
-
-def marking_for(anchor: AnchorConfig | None, splitter: str | None = None) -> Marking | None:
-    """How text is marked for ``anchor`` (None unless AC), with an optional splitter override."""
-    marking = anchor.marking() if anchor is not None else None
-    if marking is not None and splitter:
-        marking = replace(marking, splitter=splitter)
-    return marking
-
-
-def mark_sentences(text: str, marking: Marking | None) -> str:
-    """``<AC>`` after every sentence of ``text`` as ``marking`` says (unchanged when None)."""
-    return text if marking is None else marking.apply(text)
 
 
 def build_alpaca_prompt(instruction: str, input: str = "", marking: Marking | None = None, template: str = "anllm") -> str:

@@ -22,6 +22,19 @@ logger = logging.getLogger("anllm.data")
 MAX_WARNINGS = 10  # per build; the rest are counted silently
 
 
+def default_base_dir() -> Path:
+    """Hydra's original working directory when running under Hydra, else the current one."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.utils import get_original_cwd
+
+        if HydraConfig.initialized():
+            return Path(get_original_cwd())
+    except ImportError:  # pragma: no cover
+        pass
+    return Path.cwd()
+
+
 def resolve_paths(patterns: str | Sequence[str], base_dir: str | Path | None = None) -> list[Path]:
     """Expand files and globs; relative ones are taken from ``base_dir`` (default: the current dir).
 

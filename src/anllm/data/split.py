@@ -54,6 +54,14 @@ def split_indices(n: int, fraction: float, seed: int, split: str) -> np.ndarray:
     return np.sort(perm[:n_hold] if split == "holdout" else perm[n_hold:])
 
 
+def select_split(ds: Any, cfg: dict, split: str) -> Any:
+    """The rows of ``split`` among documents sampled by ``holdout_fraction`` (a ``datasets.Dataset`` of documents in reading order)."""
+    frac, seed, _ = holdout_settings(cfg)
+    if frac == 0.0 and split == "train":
+        return ds
+    return ds.select(split_indices(len(ds), frac, seed, split).tolist())
+
+
 def partition_files(files: list[Path], cfg: Mapping[str, Any], base_dir: str | Path) -> tuple[list[Path], list[Path]]:
     """``(sampled_files, held_files)``: files held out entirely (``holdout_paths``) vs the others.
 

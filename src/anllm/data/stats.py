@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 logger = logging.getLogger("anllm.data")
 
@@ -120,3 +121,11 @@ class DataStats:
         log.info(self.summary())
         if self.skipped:
             log.warning("Skipped %d documents %s; first: %s", self.num_skipped, self.skipped, self.skipped_examples[:5])
+
+
+def timed(stats: DataStats, stage: str) -> Callable[[float], None]:
+    """``done(t0)`` records the seconds since ``t0`` as ``stats.stage_seconds[stage]``."""
+    def done(t0: float) -> None:
+        stats.stage_seconds[stage] = round(time.perf_counter() - t0, 4)
+
+    return done

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from . import baselines
+from .methods import press_of
 
 
 def document_budget(model: Any, tokenizer: Any, text: str, ids: torch.Tensor) -> int:
@@ -44,14 +45,22 @@ def query_budgets(model: Any, tokenizer: Any, text: str, ids: torch.Tensor, hide
 
 
 def keys_per_query(method: str, length: int, budget: int | None, per_query: torch.Tensor | None,
-                   sentence: torch.Tensor | None) -> torch.Tensor:
+                   sentence: torch.Tensor | None, context_len: int | None = None) -> torch.Tensor:
     """``[L]``: the keys each token of a document attends under ``method`` (``full``: every earlier
     token; ``anchor``/``ansan``: the AnSAN rule's row; ``sentence``: the control's; StreamingLLM and
-    K-norm: their budget, capped by the tokens read so far). Its mean is the attention cost and mean
+    K-norm: their budget, capped by the tokens read so far; a kvpress press: every earlier token while
+    the first ``context_len - 1`` tokens are read, then the kept cache the anchor reading holds at
+    token ``context_len - 1`` plus what came after it). Its mean is the attention cost and mean
     memory, its max the peak a token-by-token reader holds."""
     q = torch.arange(1, length + 1)
     if method == "full":
         return q
+    if press_of(method) is not None:
+        if context_len is None or per_query is None:
+            raise ValueError(f"Method {method!r} compresses once after the context: give context_len and per_query.")
+        c = context_len - 1  # the token read against the compressed cache first
+        after = int(per_query[c]) + torch.arange(length - c)
+        return torch.cat([q[:c], torch.minimum(after, q[c:])])
     if method in ("anchor", "ansan", baselines.PER_QUERY):
         return per_query
     if method == "sentence":
@@ -60,9 +69,9 @@ def keys_per_query(method: str, length: int, budget: int | None, per_query: torc
 
 
 def mean_keys_per_query(method: str, length: int, budget: int | None, per_query: torch.Tensor | None,
-                        sentence: torch.Tensor | None) -> float:
+                        sentence: torch.Tensor | None, context_len: int | None = None) -> float:
     """The mean of :func:`keys_per_query`."""
-    return float(keys_per_query(method, length, budget, per_query, sentence).double().mean())
+    return float(keys_per_query(method, length, budget, per_query, sentence, context_len).double().mean())
 
 
 def sentence_end_tokens(tokenizer: Any, text: str, length: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..anchors import sentence_spans
+from ..schema.core import plain
 from .methods import opt
 
 # task -> file under data_dir
@@ -122,13 +123,6 @@ def documents_for(cfg: Any, task: str) -> list[tuple[str, str]]:
     if where is not None and not isinstance(where, dict):
         raise ValueError(f"ppl.where must be a mapping such as {{meta.source: nltk_inaugural}}, got {where!r}.")
     return load_documents(task, opt(cfg, "data_dir"), limit=limit, where=where, select=select, min_chars=min_chars)
-
-
-def plain(x: Any) -> Any:
-    """A config node as plain Python (dicts and lists); anything else unchanged."""
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(x, resolve=True) if OmegaConf.is_config(x) else x
 
 
 def held_out_prose(cfg: Any, section: str, reader: str) -> list[tuple[str, str]]:

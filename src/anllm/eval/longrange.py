@@ -18,7 +18,12 @@ Methods as in the recall probe and the perplexity suite: ``full`` (causal, every
 AnSAN mask without a cache), and the equal-cache baselines: ``streamingllm`` / ``knorm`` at the
 anchor reading's peak over the whole sequence (answer tokens included), ``streamingllm_q`` with, token
 by token, the keys the anchor reading attends (:func:`anllm.eval.budgets.query_budgets`; a model
-without anchors gets the budgets of its sentence ends and skips the anchor methods).
+without anchors gets the budgets of its sentence ends and skips the anchor methods); and the kvpress
+presses (``snapkv``, ``tova``, ``observed_attention``, ``expected_attention``, ``pyramidkv``,
+``streamingllm_press``, ``knorm_press``, ...): the context up to the cue's last token is read with full
+attention and its cache compressed once to what the anchor cache holds when the first answer token is
+predicted (the keys the cue's last token attends, minus itself); the cue's last token and the answer
+are then read against it.
 
 Rows: one per (task, method, length[, depth]) with accuracy, its binomial standard error, C⇓ (1 −
 kept/seen keys when the first answer token is predicted), the baselines' budget, the mean keys per
@@ -47,7 +52,7 @@ from .haystacks import (
     ADJECTIVES, DEFAULT_DEPTHS, DIGITS, LETTERS, NOUNS, TASKS, Item, build_items, context_text, needle_depth,
 )
 from .methods import ppl_method
-from .readers import last_logits
+from .readers import last_logits, press_logits
 
 __all__ = [  # the item builders live in anllm.eval.haystacks, last_logits in anllm.eval.readers
     "ADJECTIVES", "DEFAULT_DEPTHS", "DEFAULT_LENGTHS", "DEFAULT_METHODS", "DIGITS", "LETTERS", "NOUNS", "SUITE",
@@ -66,9 +71,14 @@ def teacher_forced(
     """Per row, the model's argmax at every answer position given the true prefix (context + the answer
     tokens before it), read in one forward over context + answer. The row is exact iff it equals the
     answer: then greedy decoding produces exactly the answer."""
-    seqs = [torch.cat([c, a]) for c, a in zip(contexts, answers)]
     n = max(len(a) for a in answers) + 1
-    logits = last_logits(model, seqs, method, budgets, pad_id, n, num_sink_tokens, position_mode)
+    if registry.press_of(method) is not None:  # budgets: the anchor cache when the 1st answer token is predicted
+        feeds = [torch.cat([c[-1:], a]) for c, a in zip(contexts, answers)]
+        logits, _ = press_logits(model, [c[:-1] for c in contexts], feeds, method, [int(b) - 1 for b in budgets],
+                                 pad_id, n, num_sink_tokens)
+    else:
+        seqs = [torch.cat([c, a]) for c, a in zip(contexts, answers)]
+        logits = last_logits(model, seqs, method, budgets, pad_id, n, num_sink_tokens, position_mode)
     return [logits[j, n - len(a) - 1 : n - 1].argmax(-1).cpu() for j, a in enumerate(answers)]
 
 
@@ -96,7 +106,7 @@ def keys_at_answer(method: str, context_len: int, peak: int, per_query: torch.Te
     q = context_len - 1
     if method in ("full", "ansan"):
         return context_len
-    if method in ("anchor", baselines.PER_QUERY):
+    if method in ("anchor", baselines.PER_QUERY) or registry.press_of(method) is not None:
         return int(per_query[q])
     if method == "sentence":
         assert sentence is not None
@@ -116,6 +126,8 @@ def longrange_rows(
 
     marking = marking_of(anchor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if any(registry.press_of(m) for m in methods):
+        baselines.load_kvpress()  # imported before the timed reads
     enc = []
     for item in items:
         text = context_text(item, marking)
@@ -149,7 +161,10 @@ def longrange_rows(
         contexts = [enc[i][0] for i in rows_]
         answers = [enc[i][1] for i in rows_]
         for m in methods:
-            given = [enc[i][2] if m == baselines.PER_QUERY else enc[i][4] for i in rows_]
+            press = registry.press_of(m) is not None
+            # presses: the anchor cache at the answer; streamingllm_q: keys per query; else the peak
+            given = [int(enc[i][2][len(enc[i][0]) - 1]) if press else enc[i][2] if m == baselines.PER_QUERY
+                     else enc[i][4] for i in rows_]
             t0 = time.perf_counter()
             got = teacher_forced(model, contexts, answers, m, given, pad_id, num_sink_tokens, position_mode)
             s = stats[(m, key)]
@@ -160,9 +175,9 @@ def longrange_rows(
                 s["correct"] += int(ok)
                 s["kept"] += keys_at_answer(m, len(ctx), peak, per_query, sentence)
                 s["seen"] += len(ctx)
-                s["budget"] += peak
+                s["budget"] += given[j] if press else peak
                 s["tokens"] += len(ctx)
-                s["mean_kv"] += mean_keys_per_query(m, len(ctx) + len(ans), peak, per_query, sentence)
+                s["mean_kv"] += mean_keys_per_query(m, len(ctx) + len(ans), peak, per_query, sentence, len(ctx))
                 preds[i].update({m: tokenizer.decode(got[j].tolist()), f"{m}_ok": ok})
     rows = []
     for m in methods:
@@ -221,7 +236,7 @@ def settings(cfg: Any) -> dict[str, Any]:
     opts = options(cfg)
     for m in opts["methods"] or []:
         try:
-            ppl_method(m)
+            ppl_method(m, "longrange")
         except ValueError as e:
             raise ValueError(f"longrange.methods: {e}") from None
     out = dict(opts)

@@ -45,9 +45,10 @@ from pathlib import Path
 from typing import Any
 
 from ..modeling import is_anchor_aware
+from ..schema.core import plain
 from . import methods as registry
 from .budgets import document_budget, keys_per_query, mean_keys_per_query, query_budgets, sentence_end_tokens
-from .documents import HOLDOUT_TASK, SELECT, TASKS, documents_for, load_documents, plain, select_documents
+from .documents import HOLDOUT_TASK, SELECT, TASKS, documents_for, load_documents, select_documents
 from .methods import NEEDS_ANCHORS, PPL_METHODS, opt, ppl_method, runnable_methods
 from .ppl_core import (
     DocScore, full_sequence_token_nll, mean_se, perplexity_rows, score_document, score_documents,

@@ -13,11 +13,15 @@ prefill before compressing, streaming baselines their budget; see :mod:`anllm.ev
 predicted choice equals the reference mode's: ``ansan`` for ``anchor``, ``full`` for the rest).
 Per-example predictions go to ``<task dir>/predictions_<k>shot.jsonl``.
 
-Baselines (``qa.baselines``, anchor models only): ``streamingllm`` and ``knorm`` compress the
-prefilled context's cache once to the anchor cache's kept size (KV-press style: peak = the full
-context); ``streamingllm_stream`` reads context and continuation with a StreamingLLM cache bounded
-from the start by the anchor reading's peak, and ``streamingllm_stream_q`` with the AnSAN rule's
-keys per token (equal attention cost).
+Baselines (``qa.baselines``, anchor models only): ``streamingllm``, ``knorm`` and the kvpress
+presses (``snapkv``, ``tova``, ``observed_attention`` alias ``h2o``, ``expected_attention``,
+``pyramidkv``, ``streamingllm_press``, ``knorm_press``, ``keydiff``, ``lagkv``, ``curkv``, ``leverage``,
+``compactor``, ``capkv``, ``noncausal_attention``, ``criticalkv``, ``random``; see
+:mod:`anllm.eval.methods`) compress the prefilled context's cache once, with NVIDIA kvpress, to
+the anchor cache's kept size for the same example (peak = the full context); ``streamingllm_stream``
+reads context and continuation with a StreamingLLM cache bounded from the start by the anchor
+reading's peak, and ``streamingllm_stream_q`` with the AnSAN rule's keys per token (equal attention
+cost).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from .methods import ALIASES
 from .scoring import BASELINES, MODES, MultiModeScorer, Scored
 from .suites import ModelBundle, Suite
 from .tasks import PAPER_ORDER, QA_TASKS, get_task, task_spec
@@ -65,7 +70,7 @@ def check_config(cfg: DictConfig) -> None:
     bad = [m for m in (cfg.get("modes") or []) if m not in MODES]
     if bad:
         raise ValueError(f"Unknown mode(s) {bad}: choose from {list(MODES)}.")
-    bad = [b for b in (opts["baselines"] or []) if b not in BASELINES]
+    bad = [b for b in (opts["baselines"] or []) if ALIASES.get(b, b) not in BASELINES]
     if bad:
         raise ValueError(f"Unknown baseline(s) {bad} (qa.baselines): choose from {list(BASELINES)}.")
     if opts["source"] not in ("auto", "local", "hub"):
@@ -80,6 +85,7 @@ def resolve_modes(bundle: ModelBundle, modes: list[str], baselines: list[str]) -
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise ValueError(f"Unknown mode(s) {bad}: choose from {list(MODES)}.")
+    baselines = [ALIASES.get(b, b) for b in baselines]  # e.g. h2o -> observed_attention
     bad = [b for b in baselines if b not in BASELINES]
     if bad:
         raise ValueError(f"Unknown baseline(s) {bad}: choose from {list(BASELINES)}.")

@@ -11,7 +11,10 @@ teacher-forced answers) read their items this way; the methods are those of :mod
   :class:`anllm.AnchorCache`, one forward;
 * ``streamingllm`` / ``streamingllm_q``: causal attention with each row's StreamingLLM mask
   (:func:`anllm.eval.baselines.streaming_batch_mask`); ``knorm``: one forward per sequence (its key
-  ranking must not see padding).
+  ranking must not see padding);
+* the kvpress presses (``snapkv``, ``tova``, ..., :func:`anllm.eval.methods.press_of`): each row's
+  prefix is read and its cache compressed once to the row's budget (one prefill per row), then the
+  rest of the row is fed in one left-padded batch (:func:`press_logits`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 import torch
 
 from . import baselines
-from .methods import attention
+from .methods import attention, press_of
 
 
 def left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,6 +47,10 @@ def next_token_logits(
     one left-padded forward (K-norm: one forward per sequence, its ranking must not see padding)."""
     from ..cache import AnchorCache
 
+    if press_of(method) is not None:  # budget: the keys the last token attends (the anchor cache then)
+        logits, kept = press_logits(model, [x[:-1] for x in seqs], [x[-1:] for x in seqs], method,
+                                    [int(b) - 1 for b in budgets], pad_id, 1, num_sink_tokens)
+        return logits[:, -1], [k + 1 for k in kept]
     if method == "knorm":
         logits = [baselines.baseline_logits(model, x, method, b)[-1] for x, b in zip(seqs, budgets)]
         return torch.stack(logits), [min(b, len(x)) for x, b in zip(seqs, budgets)]
@@ -97,3 +104,24 @@ def last_logits(
     cache = AnchorCache(position_mode=position_mode)  # type: ignore[arg-type]
     with attention(model, method):
         return model(attention_mask=mask, past_key_values=cache, use_cache=True, **kw).logits[:, -n:]
+
+
+@torch.no_grad()
+def press_logits(
+    model: Any, prefixes: list[torch.Tensor], feeds: list[torch.Tensor], method: str, budgets: list[int], pad_id: int,
+    n: int, num_sink_tokens: int = 4,
+) -> tuple[torch.Tensor, list[int]]:
+    """``([B, n, V] logits at the last n fed positions, context entries kept per row)``: each prefix is
+    read causally and compressed by ``method``'s kvpress press to ``budgets[b]`` entries
+    (:func:`anllm.eval.baselines.press_prefill`: one prefill per row), then the feeds (left-padded,
+    ``n`` at most their longest length) are read against the compressed caches at their true positions."""
+    device = next(model.parameters()).device
+    pressed = baselines.press_prefill(model, method, prefixes, budgets, num_sink_tokens)
+    ids, mask = left_pad([f.reshape(-1) for f in feeds], pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    if n > ids.shape[1]:
+        raise ValueError(f"Asked for the logits of {n} positions, but the longest feed has {ids.shape[1]} tokens.")
+    start = torch.tensor(pressed.lengths, device=device)[:, None]
+    pos = start + (mask.cumsum(-1) - 1).clamp_min(0)
+    out = pressed.forward(model, ids, mask, pos, logits_to_keep=n)
+    return out.logits[:, -n:], list(pressed.kept)

@@ -12,7 +12,12 @@ fact), ``sentence`` (control: no earlier anchors either), and the equal-cache ba
 ``streamingllm`` / ``knorm`` where every token attends at most the anchor cache's peak for that
 item, and ``streamingllm_q`` where every token attends as many keys as it does in the anchor reading
 (see :mod:`anllm.eval.baselines`). A window loses the fact once the fillers exceed it; anchors
-keep it only if training taught them to carry it.
+keep it only if training taught them to carry it. The kvpress presses (``snapkv``, ``tova``,
+``observed_attention``, ``expected_attention``, ``pyramidkv``, ``streamingllm_press``, ``knorm_press``,
+...) read the item up to the cue's last token with full attention and compress that cache once to
+what the anchor cache holds when the value is predicted (the keys the cue's last token attends under
+the anchor reading, minus that token itself), then read the cue's last token against it: the
+field's methods, which see the whole text before choosing, at the anchor cache's size.
 
 Prose comes from the held-out split of ``recall.data`` (a training data config, as ``ppl.data``), or
 by default from ``data_dir``'s presidential speeches, which the study's data config holds out whole.
@@ -135,6 +140,8 @@ def recall_rows(
 
     marking = marking_of(anchor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if any(registry.press_of(m) for m in methods):
+        baselines.load_kvpress()  # imported before the timed reads
     distances = sorted(distances)
     texts = {(i, k): context_text(item, k, marking) for i, item in enumerate(items) for k in distances}
     ids = {key: torch.tensor(tokenizer(t)["input_ids"]) for key, t in texts.items()}
@@ -151,7 +158,12 @@ def recall_rows(
         budgets = [budgets_of[(i, k)] for i in rows_]
         for m in methods:
             t0 = time.perf_counter()
-            given = [per_query[(i, k)] for i in rows_] if m == baselines.PER_QUERY else budgets
+            if registry.press_of(m) is not None:  # the anchor cache when the value is predicted
+                given = [int(per_query[(i, k)][-1]) for i in rows_]
+            elif m == baselines.PER_QUERY:
+                given = [per_query[(i, k)] for i in rows_]
+            else:
+                given = budgets
             logits, kept = next_token_logits(model, seqs, m, given, pad_id, num_sink_tokens, position_mode)
             s = stats[(m, k)]
             s["time"] += time.perf_counter() - t0
@@ -160,7 +172,7 @@ def recall_rows(
                 s["correct"] += int(pick == items[i].answer)
                 s["kept"] += kept[j]
                 s["seen"] += len(seqs[j])
-                s["budget"] += budgets[j]
+                s["budget"] += given[j] if registry.press_of(m) is not None else budgets[j]
                 preds[(i, k)].update({m: items[i].choices[pick], "tokens": len(seqs[j]), "budget": budgets[j]})
     n = len(items)
     rows = []
@@ -195,7 +207,7 @@ def options(cfg: Any) -> dict[str, Any]:
 def check(cfg: Any) -> None:
     opts = options(cfg)
     for m in opts["methods"] or []:
-        ppl_method(m)
+        ppl_method(m, "recall")
     if int(opts["num_items"]) < 1 or int(opts["num_choices"]) < 2:
         raise ValueError("recall.num_items must be >= 1 and recall.num_choices >= 2.")
     if any(int(k) < 0 for k in opts["distances"]):

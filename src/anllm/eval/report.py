@@ -63,7 +63,8 @@ QA_CAPTION = (
     "the context for every choice (the paper's baseline). Scoring compute on the same examples, modes run "
     "batch by batch side by side after a warm-up. full = causal attention with a full cache; ansan = AnSAN mask over "
     "whole sequences (no cache); anchor = AnSAN + anchor-pruned cache (prefill once, score every choice); "
-    "streamingllm/knorm = causal attention with the context cache compressed once to the anchor cache's size, "
+    "streamingllm/knorm and the kvpress presses (snapkv, tova, observed_attention, expected_attention, pyramidkv, "
+    "...) = causal attention with the context cache compressed once (NVIDIA kvpress) to the anchor cache's size, "
     "per example. "
     "streamingllm_stream = StreamingLLM bounded from the start: every token attends at most the anchor reading's "
     "peak keys (sinks + most recent); _q: as many keys per token as under AnSAN. MaxKV: the largest cache a choice "
@@ -83,16 +84,30 @@ CAPTIONS = {
         "earlier anchors hidden (control); streamingllm/knorm: every token attends at most Budget keys (the anchor "
         "cache's peak per document)."
     ),
-    "recall": "Accuracy: the fact's value ranked first among the choices, k sentences after the fact.",
+    "recall": (
+        "Accuracy: the fact's value ranked first among the choices, k sentences after the fact. C⇓: 1 − kept/seen "
+        "keys when the value is predicted. streamingllm/knorm: every token attends at most Budget keys (the anchor "
+        "reading's peak); kvpress presses (snapkv, tova, ...): the text before the cue's last token read in full, "
+        "its cache compressed once to the anchor cache's size (Budget)."
+    ),
     "longrange": (
         "Acc: teacher-forced exact match (every answer token the model's argmax, i.e. greedy decoding gives the "
         "answer) ± its binomial standard error. Len: context tokens N; Depth: the pass key's relative position. "
         "C⇓: 1 − kept/seen keys when the first answer token is predicted; streamingllm: every token attends at most "
-        "Budget keys (the anchor reading's peak); streamingllm_q: as many keys per token as the anchor reading."
+        "Budget keys (the anchor reading's peak); streamingllm_q: as many keys per token as the anchor reading; "
+        "kvpress presses (snapkv, tova, ...): the context read in full, its cache compressed once to the anchor "
+        "cache's size at the answer (Budget)."
     ),
 }
-METHOD_ORDER = ("full", "stock", "ansan", "anchor", "anchor+src", "sentence", "streamingllm", "knorm",
-                "streamingllm_stream", "streamingllm_stream_q")
+def _method_order() -> tuple[str, ...]:
+    from .methods import REGISTRY
+
+    first = ("full", "stock", "ansan", "anchor", "anchor+src", "sentence", "streamingllm", "knorm",
+             "streamingllm_stream", "streamingllm_stream_q")
+    return first + tuple(m.name for m in REGISTRY if m.kind == "press")  # then the kvpress presses, in registry order
+
+
+METHOD_ORDER = _method_order()
 
 
 # ---- per-task files ---------------------------------------------------------------------------

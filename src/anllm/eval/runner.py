@@ -17,14 +17,16 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from ..cli import InputError
+from ..errors import InputError
 from . import report
-from .suites import ModelBundle, Suite, load_suite, selected_suites
+from .suites import ModelBundle, Suite, TaskInputError, load_suite, selected_suites
 
 log = logging.getLogger(__name__)
 
 # Settings that change a task's results (besides the suite's own section).
 FINGERPRINT_KEYS = ("checkpoint", "anchors", "num_fewshot", "limit", "modes", "data_dir", "batch_size", "dtype", "seed")
+# Keys of a suite's section that say where something runs, not what it computes: not fingerprinted.
+RUN_ONLY_KEYS = {"translation": ("comet_python", "comet_cache_dir")}
 
 
 def register_resolvers() -> None:
@@ -104,6 +106,8 @@ def _settings(cfg: DictConfig, suite: str) -> dict[str, Any]:
         s["checkpoint"] = str(ckpt.resolve()) if ckpt.exists() else str(s["checkpoint"])
     section = cfg.get(suite)
     s[suite] = OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else section
+    if isinstance(s[suite], dict):
+        s[suite] = {k: v for k, v in s[suite].items() if k not in RUN_ONLY_KEYS.get(suite, ())}
     if str(cfg.get("position_mode") or "true") != "true":  # only a non-default value changes the fingerprint
         s["position_mode"] = str(cfg.position_mode)
     return s
@@ -254,6 +258,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     else:
         bundle = _preflight(_load_model, cfg) if todo else None
     records: dict[tuple[str, str], dict[str, Any]] = dict(saved)
+    input_errors: list[str] = []
     for suite, task in tqdm(todo, desc="tasks", unit="task", disable=not todo):
         assert bundle is not None
         task_dir = out / "tasks" / suite.name / task
@@ -262,6 +267,10 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         try:
             rows = suite.run_task(bundle, cfg, task, task_dir)
             rec.update(status="ok", rows=rows)
+        except TaskInputError as e:  # partial rows kept and reported; the run then exits 2 (see below)
+            log.error("task %s/%s incomplete: %s", suite.name, task, e)
+            rec.update(status="incomplete", error=str(e), rows=e.rows)
+            input_errors.append(f"{suite.name}/{task}: {e}")
         except Exception as e:  # one task's failure must not lose the others
             log.error("task %s/%s failed: %s", suite.name, task, e)
             rec.update(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(),
@@ -285,4 +294,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     text = report.write_report(out, info, rows, suites, list(dict.fromkeys(notes)))
     print(text)
     print(f"Results: {out / 'results.md'} (JSON: results.json, CSV: results_*.csv)")
+    if input_errors:  # after the other results are saved and reported
+        raise InputError(f"{input_errors[0]} The other results are in {out / 'results.md'}; a re-run with the "
+                         "same output_dir retries only what is missing.")
     return {**info, "rows": rows, "markdown": text}

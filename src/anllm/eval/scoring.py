@@ -10,11 +10,13 @@ and the continuations to score after it (the choices of a multiple-choice item).
 * ``anchor`` — AnSAN + :class:`anllm.AnchorCache`: prefill the context once, prune, then
   ``batch_select_indices`` the pruned rows to one per continuation and score all continuations in
   one forward whose ``attention_mask`` covers every token seen. Lossless: same scores as ``ansan``.
-* compress-once baselines (``streamingllm``, ``knorm``) — causal attention; the context's full cache
-  is compressed to the number of entries the ``anchor`` cache kept for that same group (equal kept
-  budget), then the continuations are scored against it (see :mod:`anllm.eval.baselines`), as
-  KV-press methods work: the kept keys were computed over the whole context, and the peak memory is
-  the full context cache.
+* compress-once baselines (``streamingllm``, ``knorm`` and every kvpress press of the registry:
+  ``snapkv``, ``tova``, ``observed_attention``, ``expected_attention``, ``pyramidkv``, ...) — causal
+  attention; the context's full cache is compressed by the method's kvpress press to the number of
+  entries the ``anchor`` cache kept for that same group (equal kept budget), then the continuations
+  are scored against it (see :mod:`anllm.eval.baselines`): the kept keys were computed over the whole
+  context, and the peak memory is the full context cache. A press sees one unpadded context, so
+  these contexts are prefilled one group at a time (the continuations are still scored in one batch).
 * streaming baselines (``streamingllm_stream``, ``streamingllm_stream_q``) — StreamingLLM with a
   cache bounded from the start, as anchor inference is: causal attention (the anchor rule off) where
   every token of ``context + continuation`` attends at most ``budget`` keys, the attention sinks plus
@@ -73,11 +75,12 @@ from .generation import _accepts_logits_to_keep, prefill
 # The QA suite's methods (anllm.eval.methods): modes, and baselines that compress once at the anchor
 # cache's kept size or stream (name -> per-query budgets, else one budget per sequence, the AnSAN peak).
 MODES = registry.names("qa", kinds=("cache", "mask", "stock"))
-COMPRESS_BASELINES = tuple(m for m in registry.names("qa", kinds=("baseline",)) if registry.METHODS[m].compress_once)
+COMPRESS_BASELINES = tuple(m for m in registry.names("qa", kinds=("baseline", "press"))
+                           if registry.METHODS[m].compress_once)
 STREAM_BASELINES = {m: registry.METHODS[m].budget == "per-query" for m in registry.names("qa", kinds=("baseline",))
                     if not registry.METHODS[m].compress_once}
 BASELINES = COMPRESS_BASELINES + tuple(STREAM_BASELINES)
-assert set(COMPRESS_BASELINES) <= set(baselines.METHODS), "a compress-once baseline without a key selector"
+assert all(registry.METHODS[m].press for m in COMPRESS_BASELINES), "a compress-once baseline without a kvpress press"
 
 
 @dataclass
@@ -151,6 +154,8 @@ class MultiModeScorer:
             )
         if any(m in COMPRESS_BASELINES for m in modes) and "anchor" not in modes:
             raise ValueError("Baselines at equal cache budget need mode 'anchor' (it sets the budget).")
+        if any(m in COMPRESS_BASELINES for m in modes):
+            baselines.load_kvpress()  # they compress with kvpress presses: imported before anything is timed
         # anchor first: the baselines read its budget.
         self.modes = sorted(dict.fromkeys(modes), key=lambda m: (m in BASELINES, m != "anchor"))
         self.model = model
@@ -301,45 +306,52 @@ class MultiModeScorer:
         """Prefill every context once (left-padded), then score all continuations against the cache.
 
         With ``compress=(method, budgets)`` (baselines) the context *minus its last token* is
-        prefilled causally and compressed to ``budget - 1`` entries; the last context token is then
-        fed with the continuations, so the first continuation token is also predicted from the
-        compressed cache and the cache at scoring time holds ``budget + len(cont) - 1`` entries,
-        exactly like the anchor cache it is compared with.
+        prefilled causally, one group at a time, and compressed by the method's kvpress press to
+        ``budget - 1`` entries; the last context token is then fed with the continuations, so the
+        first continuation token is also predicted from the compressed cache and the cache at scoring
+        time holds ``budget + len(cont) - 1`` entries, exactly like the anchor cache it is compared with.
         """
         tail = 1 if compress is not None else 0
-        ctx_ids, ctx_mask = self._pad([g.ctx[: len(g.ctx) - tail] for g in batch], left=True)
-        pos = (ctx_mask.cumsum(-1) - 1).clamp_min(0)
-        out = prefill(self.model, ctx_ids, ctx_mask, pos, cache, self.prefill_chunk_size, logits_to_keep=1)
-        cache = out.past_key_values
-        first_logits = out.logits[:, -1]  # predicts each continuation's 1st token
         ctx_len = torch.tensor([len(g.ctx) - tail for g in batch], device=self.device)
-        if isinstance(cache, AnchorCache):
-            stats = cache.stats()
-            kept_ctx = [int(k) for k in stats["kept_per_row"]]
-            peak_ctx = [int(k) for k in stats["max_kept_per_row"]]  # after each prefill forward
-            past_mask = ctx_mask
-        elif compress is not None:
+        pressed = None
+        if compress is not None:
             method, budgets = compress
-            budget = [budgets[i] - 1 for i in range(len(batch))]
-            peak_ctx = [int(x) for x in ctx_mask.sum(-1).tolist()]  # the full cache, before compression
-            cache, past_mask = baselines.compress(method, cache, ctx_mask, budget, self.num_sink_tokens)
-            kept_ctx = [int(x) + 1 for x in past_mask.sum(-1).tolist()]
+            pressed = baselines.press_prefill(self.model, method, [g.ctx[:-1] for g in batch],
+                                              [budgets[i] - 1 for i in range(len(batch))], self.num_sink_tokens)
+            peak_ctx = list(pressed.lengths)  # the full cache, before compression
+            kept_ctx = [k + 1 for k in pressed.kept]
         else:
-            kept_ctx = [len(g.ctx) for g in batch]
-            peak_ctx = kept_ctx
+            ctx_ids, ctx_mask = self._pad([g.ctx for g in batch], left=True)
+            pos = (ctx_mask.cumsum(-1) - 1).clamp_min(0)
+            out = prefill(self.model, ctx_ids, ctx_mask, pos, cache, self.prefill_chunk_size, logits_to_keep=1)
+            cache = out.past_key_values
+            first_logits = out.logits[:, -1]  # predicts each continuation's 1st token
             past_mask = ctx_mask
+            if isinstance(cache, AnchorCache):
+                stats = cache.stats()
+                kept_ctx = [int(k) for k in stats["kept_per_row"]]
+                peak_ctx = [int(k) for k in stats["max_kept_per_row"]]  # after each prefill forward
+            else:
+                kept_ctx = [len(g.ctx) for g in batch]
+                peak_ctx = kept_ctx
         rows = torch.tensor([i for i, g in enumerate(batch) for _ in g.conts], device=self.device)
         conts = [c for g in batch for c in g.conts]
-        cache.batch_select_indices(rows)
+        if pressed is not None:
+            pressed.select(rows)
+        else:
+            cache.batch_select_indices(rows)
         feeds = [g.ctx[len(g.ctx) - tail :] + c[:-1] for g in batch for c in g.conts]
         logp = None if tail else first_logits[rows][:, None]  # logits; _score_tokens normalises
         if max(map(len, feeds)) > 0:
             feed, feed_mask = self._pad(feeds, left=False)
             pos = ctx_len[rows][:, None] + torch.arange(feed.shape[1], device=self.device)
-            out = self.model(
-                input_ids=feed, attention_mask=torch.cat([past_mask[rows], feed_mask], -1), position_ids=pos,
-                past_key_values=cache, use_cache=True,
-            )
+            if pressed is not None:
+                out = pressed.forward(self.model, feed, feed_mask, pos)
+            else:
+                out = self.model(
+                    input_ids=feed, attention_mask=torch.cat([past_mask[rows], feed_mask], -1), position_ids=pos,
+                    past_key_values=cache, use_cache=True,
+                )
             step = out.logits
             logp = step if logp is None else torch.cat([logp.to(step.dtype), step], 1)
         results, r = [], 0

@@ -24,6 +24,16 @@ from typing import Any, Callable, Protocol
 from omegaconf import DictConfig
 
 
+class TaskInputError(Exception):
+    """A task computed what it could (``rows``), but the rest needs the user to fix their setup (e.g.
+    COMET's environment is missing: ``make install``). The runner saves and reports the rows, marks
+    the task for a retry on the next run, then ``evaluate.py`` exits with code 2 and this message."""
+
+    def __init__(self, message: str, rows: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.rows = rows
+
+
 @dataclass
 class ModelBundle:
     """Everything a suite needs about the model under evaluation (loaded once per run)."""

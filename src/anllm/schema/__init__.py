@@ -19,13 +19,13 @@ from typing import Any, Callable, Sequence
 
 from hydra.core.config_store import ConfigStore
 
-from .core import ConfigError, check_section, from_hydra
+from .confdir import CONF_DIR, available_options
+from .core import ConfigError, check_section, from_hydra, plain, plain_dict
 from .evaluate import EvaluateSchema, check_evaluate
 from .study import StudyRootSchema, StudySchema, check_study
 from .train import DATA_SCHEMAS, ModelSchema, TrainSchema, check_data, check_model, data_keys
 from .trainer import ANLLM_TRAINER_KEYS, check_deepspeed, check_trainer, training_argument_types
 
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 ROOTS: dict[str, type] = {"train": TrainSchema, "evaluate": EvaluateSchema, "study": StudyRootSchema}
 
 
@@ -66,8 +66,9 @@ def _train_unknown_key(key: str, value: str | None) -> str | None:
 
 def compose(config_name: str, overrides: Sequence[str] = (), conf_dir: Path | str = CONF_DIR,
             return_hydra_config: bool = False) -> Any:
-    """Hydra's compose of ``conf/<config_name>.yaml`` with ``overrides``; a compose error (a wrong type,
-    a key the config lacks, a bad override) becomes one :class:`ConfigError` line naming the key."""
+    """Hydra's compose of ``<conf_dir>/<config_name>.yaml`` with ``overrides``, exactly as the CLIs compose
+    (the one compose of the package: CLIs, study, prebuild, tests); a compose error (a wrong type, a key
+    the config lacks, a bad override) becomes one :class:`ConfigError` line naming the key."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -111,7 +112,7 @@ def cli_overrides(argv: Sequence[str]) -> list[list[str]] | None:
 
 
 __all__ = [
-    "ConfigError", "EvaluateSchema", "ModelSchema", "StudyRootSchema", "StudySchema", "TrainSchema", "check_data",
+    "CONF_DIR", "ConfigError", "EvaluateSchema", "ModelSchema", "StudyRootSchema", "StudySchema", "TrainSchema", "check_data",
     "check_deepspeed", "check_evaluate", "check_model", "check_section", "check_study", "check_trainer", "cli_overrides",
-    "compose", "register",
+    "available_options", "compose", "plain", "plain_dict", "register",
 ]

@@ -27,7 +27,7 @@ from omegaconf.errors import (
     ValidationError,
 )
 
-from ..cli import InputError
+from ..errors import InputError
 
 
 class ConfigError(InputError):
@@ -80,13 +80,19 @@ def join(prefix: str, key: str) -> str:
 
 
 def plain(node: Any, key: str = "") -> Any:
-    """``node`` as plain Python containers, interpolations resolved (a failure names the key)."""
+    """``node`` as plain Python containers, interpolations resolved (a failure names the key); anything
+    that is not a config node comes back unchanged. The one conversion of configs to plain data."""
     if not isinstance(node, (DictConfig, ListConfig)):
         return node
     try:
         return OmegaConf.to_container(node, resolve=True)
     except OmegaConfBaseException as e:
         raise from_omegaconf(e, None, None, key) from None
+
+
+def plain_dict(cfg: Any) -> dict[str, Any]:
+    """A config section (a ``DictConfig`` or any mapping) as a new plain ``dict``, interpolations resolved."""
+    return dict(plain(cfg))
 
 
 # ---- types: what a field takes, in words ----------------------------------------------------------

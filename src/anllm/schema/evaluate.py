@@ -37,6 +37,8 @@ class TranslationSchema:
     batch_size: Optional[int] = spec(None, ge=1)
     comet_model: Optional[str] = "Unbabel/wmt22-comet-da"
     comet_batch_size: int = spec(8, ge=1)
+    comet_python: Optional[str] = None  # COMET's environment (null: $ANLLM_COMET_PYTHON, <repo>/.venv-comet)
+    comet_cache_dir: Optional[str] = None
     hypotheses: Any = None  # a path, a list of paths, or "a,b"
     generate: Optional[bool] = None
     instruction: str = "Translate the following sentences from German to English."

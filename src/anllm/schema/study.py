@@ -20,12 +20,12 @@ SELECT = ("first", "last", "spread")
 LONGRANGE_TASKS = ("passkey", "multikey", "vartrack")
 
 
-def _methods(methods: Any, key: str) -> None:
+def _methods(methods: Any, key: str, suite: str = "ppl") -> None:
     from ..eval.methods import ppl_method
 
     for i, m in enumerate(methods or []):
         try:
-            ppl_method(m)
+            ppl_method(m, suite)
         except ValueError as e:
             raise ConfigError(f"{key}[{i}]={fmt(m)}: {e}") from None
 
@@ -112,7 +112,7 @@ class StudyRecallSchema:
     num_choices: Optional[int] = spec(None, ge=2)
 
     def check(self, key: str) -> None:
-        _methods(self.methods, f"{key}.methods")
+        _methods(self.methods, f"{key}.methods", "recall")
 
 
 @dataclass
@@ -126,7 +126,7 @@ class StudyLongrangeSchema:
     batch_size: Optional[int] = spec(None, ge=1)
 
     def check(self, key: str) -> None:
-        _methods(self.methods, f"{key}.methods")
+        _methods(self.methods, f"{key}.methods", "longrange")
 
 
 @dataclass
@@ -175,7 +175,7 @@ class StudySchema:
     qa: StudyQASchema = field(default_factory=StudyQASchema)
 
     def check(self, key: str) -> None:
-        from ..train.config import available_options
+        from .confdir import available_options
 
         models, exps = available_options("model"), available_options("exp")
         if self.model not in models:

@@ -173,7 +173,7 @@ class ModelSchema:
     tiny: Optional[TinySchema] = None
 
     def check(self, key: str) -> None:
-        from ..train.config import available_options
+        from .confdir import available_options
 
         if self.source not in MODEL_SOURCES:
             raise ConfigError(f"{key}.source={fmt(self.source)}: choose one of {choices_text(MODEL_SOURCES)} "
@@ -291,7 +291,7 @@ def data_keys(kind: str) -> tuple[str, ...]:
 def check_data(data: Mapping[str, Any] | None, key: str = "data") -> DataSchema:
     """A data config (a training run's ``data``, or ``ppl.data``/``recall.data``/... of evaluate.py),
     by the schema of its ``kind``."""
-    from ..train.config import available_options
+    from .confdir import available_options
 
     data = data if isinstance(data, Mapping) else {}
     kind = data.get("kind")

@@ -20,80 +20,17 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-REPO = Path(__file__).resolve().parents[3]
-CONF_DIR = REPO / "conf"
-STAGES = ("sweep", "sweeps", "arms", "final", "recall", "longrange", "qa")
+from ..schema import compose
+from .config import REPO, STAGES, check, validate  # noqa: F401 - STAGES: the stage names (the schema keeps a copy)
+from .results import Results, complete_checkpoints, finished, tokens_seen
+
 log = logging.getLogger("anllm.study")
-
-
-def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """A config composed exactly as the CLIs compose it (Hydra's compose API, conf/); a compose error
-    is one :class:`anllm.schema.ConfigError` line naming the key."""
-    from anllm.schema import compose as schema_compose
-
-    return schema_compose(config_name, overrides, conf_dir=CONF_DIR)
-
-
-def validate(cfg: DictConfig, runs: bool = False) -> None:
-    """The study config's types, keys and cross-references (:mod:`anllm.schema.study`); with ``runs``
-    also the training config of every arm and sweep candidate it names (composed and validated as
-    train.py would, data files aside), so a typo in an override fails now, not hours into the study."""
-    from anllm.schema import check_study
-
-    _, s = check_study(cfg)
-    if not runs:
-        return
-    from anllm.train.config import validate as validate_train
-
-    # the optimiser settings the arms train with: study.hp, or (before the sweep has run) its first candidate
-    optimiser = list(s.hp) if s.hp is not None else list(s.sweep.candidates[s.sweep.run[0]]) if s.sweep.run else []
-    base = [f"model={s.model}", "data=jsonl", f"block_size={s.block_size}", "trainer.max_steps=1",
-            "trainer.report_to=[]", f"output_dir={cfg.work_dir}/check", *s.train_overrides]
-    checks: list[tuple[str, list[str]]] = []
-    if s.hp is None:
-        checks += [(f"study.sweep.candidates.{n}", ["+exp=anllm_ac", *base, *s.sweep.candidates[n]]) for n in s.sweep.run]
-    for name, sw in s.sweeps.items():
-        arm = s.arm_specs[sw.arm]
-        checks += [(f"study.sweeps.{name}.candidates.{cand}", [f"+exp={arm.exp}", *base, *optimiser, *arm.overrides, *extra])
-                   for cand, extra in sw.candidates.items()]
-    for name in s.arms:
-        arm = s.arm_specs[name]
-        uses = [o for u in arm.uses or [] for o in next(iter(s.sweeps[u].candidates.values()))]
-        checks.append((f"study.arm_specs.{name}", [f"+exp={arm.exp}", *base, *optimiser, *arm.overrides, *uses]))
-    data = {**s.data, "base_dir": str(REPO)}  # as Study.data: relative paths start at the repository root
-    for what, overrides in checks:
-        try:
-            train_cfg = compose("train", overrides)
-            with open_dict(train_cfg):
-                train_cfg.data = OmegaConf.merge(train_cfg.data, data)
-            validate_train(train_cfg, check_files=False)
-        except ValueError as e:
-            from anllm.schema import ConfigError
-
-            raise ConfigError(f"{what} (its training config): {e}") from None
-
-
-@dataclass
-class Results:
-    """What the study has measured so far (the report is written from this)."""
-
-    sweep: dict[str, dict[str, Any]] = field(default_factory=dict)
-    chosen: str | None = None
-    arms: dict[str, dict[str, Any]] = field(default_factory=dict)
-    recall: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    qa: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    # Evidence II: named sweeps of arm options (window, distillation weight) and their winners,
-    # the final equal-cache perplexity sets per arm, and the long-range tasks.
-    sweeps: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
-    choices: dict[str, str] = field(default_factory=dict)
-    final: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
-    longrange: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 class Study:
@@ -102,7 +39,7 @@ class Study:
     def __init__(self, cfg: DictConfig):
         validate(cfg)  # types, keys, cross-references (a ConfigError, which is a ValueError)
         self.cfg = cfg
-        self.s = cfg.study
+        self.settings = cfg.study  # the ``study`` section: model, arms, sweeps, budgets, evaluations
         self.work = (REPO / str(cfg.work_dir)).resolve() if not Path(str(cfg.work_dir)).is_absolute() else Path(str(cfg.work_dir))
         self.report_dir = Path(str(cfg.get("report_dir") or cfg.study.report_dir))
         if not self.report_dir.is_absolute():
@@ -118,7 +55,7 @@ class Study:
     @property
     def data(self) -> dict[str, Any]:
         """The training data config (relative paths start at the repository root)."""
-        d = OmegaConf.to_container(self.s.data, resolve=True)
+        d = OmegaConf.to_container(self.settings.data, resolve=True)
         d["base_dir"] = str(REPO)
         return d
 
@@ -140,26 +77,29 @@ class Study:
     def timings(self) -> dict[str, float]:
         return json.loads(self.timings_file.read_text()) if self.timings_file.is_file() else {}
 
-    def steps_for(self, tokens: int, overrides: Sequence[str]) -> int:
-        """Optimizer steps that train on ``tokens`` (rows per step = batch x accumulation; last override wins)."""
-        given = dict(o.split("=", 1) for o in [*self.s.train_overrides, *overrides] if "=" in o)
-        rows = int(given.get("trainer.per_device_train_batch_size", 1)) * int(given.get("trainer.gradient_accumulation_steps", 1))
-        return max(1, int(tokens) // (int(self.s.block_size) * rows))
+    def rows_per_step(self, exp: str, overrides: Sequence[str]) -> int:
+        """Rows one optimiser step trains on (batch x accumulation), read from the run's composed config."""
+        trainer = self.train_config("rows-per-step", exp, overrides, 1, 1).trainer
+        return int(trainer.get("per_device_train_batch_size") or 1) * int(trainer.get("gradient_accumulation_steps") or 1)
+
+    def steps_for(self, tokens: int, exp: str, overrides: Sequence[str]) -> int:
+        """Optimizer steps that train on ``tokens`` with the run ``exp`` + ``overrides``."""
+        return max(1, int(tokens) // (int(self.settings.block_size) * self.rows_per_step(exp, overrides)))
 
     def anchored(self, arm: str) -> bool:
         """Whether ``arm`` trains with anchors (its composed config's ``anchor.mode``), before it has run."""
-        spec = self.s.arm_specs[arm]
-        cfg = compose("train", [f"+exp={spec.exp}", *self.s.train_overrides, *spec.overrides])
+        spec = self.settings.arm_specs[arm]
+        cfg = compose("train", [f"+exp={spec.exp}", *self.settings.train_overrides, *spec.overrides])
         return str(cfg.anchor.mode) != "none"
 
     def train_config(self, run: str, exp: str, overrides: Sequence[str], steps: int, save_steps: int) -> DictConfig:
         ov = [
-            f"+exp={exp}", f"model={self.s.model}", "data=jsonl", f"block_size={self.s.block_size}",
+            f"+exp={exp}", f"model={self.settings.model}", "data=jsonl", f"block_size={self.settings.block_size}",
             f"output_dir={self.work / run}", f"trainer.max_steps={steps}", f"trainer.save_steps={save_steps}",
             "trainer.save_total_limit=null", "trainer.report_to=[]", "trainer.disable_tqdm=true",
             f"trainer.logging_steps={max(1, steps // 20)}", "trainer.warmup_steps=0",
-            f"trainer.warmup_ratio={self.s.sweep.warmup_ratio}", "heldout.enabled=false",  # the study evaluates itself
-            *self.s.train_overrides, *overrides,
+            f"trainer.warmup_ratio={self.settings.sweep.warmup_ratio}", "heldout.enabled=false",  # the study evaluates itself
+            *self.settings.train_overrides, *overrides,
         ]
         cfg = compose("train", ov)
         with open_dict(cfg):
@@ -168,12 +108,12 @@ class Study:
 
     def train(self, run: str, exp: str, overrides: Sequence[str], tokens: int, checkpoints: int) -> Path:
         """Train (or resume, or skip a finished) run; returns its output dir."""
-        from anllm.train import run as train_run
+        from ..train import run as train_run
 
-        steps = self.steps_for(tokens, overrides)
+        steps = self.steps_for(tokens, exp, overrides)
         save_steps = max(1, steps // max(1, checkpoints))
         out = self.work / run
-        if _finished(out, steps):
+        if finished(out, steps):
             return out
         cfg = self.train_config(run, exp, overrides, steps, save_steps)
         log.info("training %s: %d steps (%s)", run, steps, " ".join(overrides))
@@ -187,8 +127,8 @@ class Study:
 
     def step0(self, run: str, exp: str, overrides: Sequence[str]) -> Path:
         """The starting model with this arm's anchors (untrained ``<AC>``), saved once."""
-        from anllm.train.config import plain_dict
-        from anllm.train.model import build_model_and_tokenizer
+        from ..schema import plain_dict
+        from ..train.model import build_model_and_tokenizer
 
         out = self.work / run / "step-0"
         if (out / "config.json").is_file():
@@ -204,7 +144,7 @@ class Study:
 
     def evaluate(self, checkpoint: Path, out_dir: Path, overrides: Sequence[str], updates: dict[str, Any]) -> list[dict[str, Any]]:
         """``evaluate.py checkpoint=... <overrides>`` in this process (resumes saved tasks)."""
-        from anllm.eval.runner import register_resolvers, run
+        from ..eval.runner import register_resolvers, run
 
         register_resolvers()
         ov = [f"checkpoint={checkpoint}", f"output_dir={out_dir}", f"data_dir={self.data_dir}", *overrides]
@@ -223,7 +163,7 @@ class Study:
         return record["rows"]
 
     def ppl(self, checkpoint: Path, out_dir: Path, methods: Sequence[str]) -> dict[str, dict[str, Any]]:
-        p = self.s.ppl
+        p = self.settings.ppl
         rows = self.evaluate(
             checkpoint, out_dir, ["suite=ppl", "tasks=[holdout]", f"limit={p.num_documents}"],
             {"ppl.data": self.data, "ppl.methods": list(methods), "ppl.max_tokens": p.max_tokens,
@@ -249,15 +189,15 @@ class Study:
     def sweep(self) -> None:
         """Short AC runs with each optimiser candidate; the lowest held-out anchor PPL wins (nothing to do
         when ``study.hp`` fixes the optimiser settings)."""
-        if self.s.get("hp") is not None or not self.s.sweep.run:
+        if self.settings.get("hp") is not None or not self.settings.sweep.run:
             return
-        for name in self.s.sweep.run:
-            overrides = self.s.sweep.candidates[name]
+        for name in self.settings.sweep.run:
+            overrides = self.settings.sweep.candidates[name]
             run = f"sweep/{name}"
-            out = self.train(run, "anllm_ac", list(overrides), int(self.s.sweep.tokens), 1)
+            out = self.train(run, "anllm_ac", list(overrides), int(self.settings.sweep.tokens), 1)
             r = self.ppl(out, self.work / run / "eval", ["full", "anchor"])
-            self.results.sweep[name] = {"overrides": list(overrides), "steps": self.steps_for(self.s.sweep.tokens, overrides),
-                                        "tokens": _tokens_seen(out), "ppl_full": r["full"]["ppl"],
+            self.results.sweep[name] = {"overrides": list(overrides), "steps": self.steps_for(self.settings.sweep.tokens, "anllm_ac", overrides),
+                                        "tokens": tokens_seen(out), "ppl_full": r["full"]["ppl"],
                                         "ppl_anchor": r["anchor"]["ppl"]}
             log.info("sweep %s: full %.2f anchor %.2f", name, r["full"]["ppl"], r["anchor"]["ppl"])
         self.results.chosen = min(self.results.sweep, key=lambda n: self.results.sweep[n]["ppl_anchor"])
@@ -265,19 +205,19 @@ class Study:
     def chosen_overrides(self) -> list[str]:
         """The optimiser settings every arm uses: ``study.hp`` when fixed (Evidence II reuses the first
         study's winner), else the optimiser sweep's winner."""
-        if self.s.get("hp") is not None:
-            return list(self.s.hp)
+        if self.settings.get("hp") is not None:
+            return list(self.settings.hp)
         if self.results.chosen is None:
             self.sweep()
-        return list(self.s.sweep.candidates[self.results.chosen])
+        return list(self.settings.sweep.candidates[self.results.chosen])
 
     def option_sweeps(self) -> None:
         """Short runs of one arm with each candidate option set (``study.sweeps.<name>``, e.g. the window
         W or the distillation weight λ); the winner has the best anchor reading *against StreamingLLM at
         equal keys per query* (lowest log PPL(anchor) − log PPL(streamingllm_q)): the quantity the
         study is about, not anchor PPL alone (a bigger window always lowers that)."""
-        for name, sw in (self.s.get("sweeps") or {}).items():
-            base = self.s.arm_specs[sw.arm]
+        for name, sw in (self.settings.get("sweeps") or {}).items():
+            base = self.settings.arm_specs[sw.arm]
             done = self.results.sweeps.setdefault(name, {})
             for cand, extra in sw.candidates.items():
                 overrides = [*self.chosen_overrides(), *base.overrides, *extra]
@@ -285,8 +225,8 @@ class Study:
                 # 4 checkpoints: a killed candidate resumes near where it stopped (only the last is evaluated)
                 out = self.train(run, base.exp, overrides, int(sw.tokens), 4)
                 r = self.ppl(out, self.work / run / "eval", ["full", "anchor", "streamingllm_q"])
-                done[cand] = {"overrides": list(extra), "steps": self.steps_for(sw.tokens, overrides),
-                              "tokens": _tokens_seen(out), **{f"ppl_{m}": r[m]["ppl"] for m in r},
+                done[cand] = {"overrides": list(extra), "steps": self.steps_for(sw.tokens, base.exp, overrides),
+                              "tokens": tokens_seen(out), **{f"ppl_{m}": r[m]["ppl"] for m in r},
                               "mean_kv": r["anchor"].get("mean_kv"), "max_kv": r["anchor"].get("peak_kv"),
                               "margin": math.log(r["anchor"]["ppl"]) - math.log(r["streamingllm_q"]["ppl"]),
                               "train_s": self.timings().get(f"train/{run}")}
@@ -297,28 +237,28 @@ class Study:
 
     def arm_overrides(self, arm: str) -> list[str]:
         """An arm's overrides: the optimiser settings, its own, then the winners of the sweeps it uses."""
-        spec = self.s.arm_specs[arm]
+        spec = self.settings.arm_specs[arm]
         out = [*self.chosen_overrides(), *spec.overrides]
         for name in spec.get("uses") or []:
             if name not in self.results.choices:
                 self.option_sweeps()
-            out += list(self.s.sweeps[name].candidates[self.results.choices[name]])
+            out += list(self.settings.sweeps[name].candidates[self.results.choices[name]])
         return out
 
     def arms(self) -> None:
         """Every arm: step 0, training, held-out PPL at every saved checkpoint."""
-        for arm in self.s.arms:
-            spec = self.s.arm_specs[arm]
+        for arm in self.settings.arms:
+            spec = self.settings.arm_specs[arm]
             overrides = self.arm_overrides(arm)
-            methods = list(self.s.ppl.methods)
+            methods = list(self.settings.ppl.methods)
             points = [(0, self.step0(arm, spec.exp, overrides))]
-            out = self.train(arm, spec.exp, overrides, int(self.s.tokens), int(self.s.checkpoints))
-            points += [(step, path) for step, path in _checkpoints(out)]
+            out = self.train(arm, spec.exp, overrides, int(self.settings.tokens), int(self.settings.checkpoints))
+            points += [(step, path) for step, path in complete_checkpoints(out)]
             curve: dict[str, Any] = {"steps": [], "tokens": [], "ppl": {}, "rows": []}
             for step, path in points:
                 rows = self.ppl(path, out / "eval" / f"step-{step}", methods)
                 curve["steps"].append(step)
-                curve["tokens"].append(0 if step == 0 else _tokens_seen(path))
+                curve["tokens"].append(0 if step == 0 else tokens_seen(path))
                 curve["rows"].append(rows)
                 for m, r in rows.items():
                     curve["ppl"].setdefault(m, []).append(r["ppl"])
@@ -326,7 +266,7 @@ class Study:
             run_summary = out / "anllm_train_summary.json"
             distill = json.loads(run_summary.read_text()).get("distill") if run_summary.is_file() else None
             curve.update(exp=spec.exp, overrides=overrides, final_dir=str(out), distill=distill,
-                         c_red=(final.get("anchor") or {}).get("c_red"), budget=_budget(final),
+                         c_red=(final.get("anchor") or {}).get("c_red"), budget=equal_cache_budget(final),
                          train_s=self.timings().get(f"train/{arm}"))
             self.results.arms[arm] = curve
             self.publish()
@@ -334,12 +274,12 @@ class Study:
     def final(self) -> None:
         """The final checkpoint of every arm on the larger equal-cache sets (``study.final``: e.g. 32
         documents of 1,024 and of 4,096 tokens, the tail after 2,048), all methods, per-document scores."""
-        for arm in self.s.arms:
+        for arm in self.settings.arms:
             out = self.work / arm
-            if not _finished(out, None):
+            if not finished(out, None):
                 log.warning("final: arm %s has not finished training; skipped", arm)
                 continue
-            for name, f in (self.s.get("final") or {}).items():
+            for name, f in (self.settings.get("final") or {}).items():
                 rows = self.evaluate(
                     out, out / "eval" / f"final-{name}", ["suite=ppl", "tasks=[holdout]", f"limit={f.num_documents}"],
                     {"ppl.data": self.data, "ppl.methods": list(f.methods), "ppl.max_tokens": f.max_tokens,
@@ -357,12 +297,12 @@ class Study:
 
     def longrange(self) -> None:
         """Passkey, multi-key needle and variable tracking (``evaluate.py suite=longrange``) on final checkpoints."""
-        lr = self.s.get("longrange")
+        lr = self.settings.get("longrange")
         if not lr:
             return
-        for arm in [a for a in self.s.arms if a in (lr.get("arms") or self.s.arms)]:
+        for arm in [a for a in self.settings.arms if a in (lr.get("arms") or self.settings.arms)]:
             out = self.work / arm
-            if not _finished(out, None):
+            if not finished(out, None):
                 log.warning("longrange: arm %s has not finished training; skipped", arm)
                 continue
             tasks = "[" + ",".join(lr.tasks) + "]"
@@ -373,11 +313,11 @@ class Study:
             self.publish()
 
     def recall(self) -> None:
-        r = self.s.recall
-        arms = r.get("arms") or self.s.arms  # a subset when the budget is short (the decisive arms first)
-        for arm in [a for a in self.s.arms if a in arms]:
+        r = self.settings.recall
+        arms = r.get("arms") or self.settings.arms  # a subset when the budget is short (the decisive arms first)
+        for arm in [a for a in self.settings.arms if a in arms]:
             out = self.work / arm
-            if not _finished(out, None):
+            if not finished(out, None):
                 log.warning("recall: arm %s has not finished training; skipped", arm)
                 continue
             rows = self.evaluate(out, out / "eval" / "recall", ["suite=recall"],
@@ -387,11 +327,11 @@ class Study:
             self.results.recall[arm] = rows
 
     def qa(self) -> None:
-        q = self.s.qa
+        q = self.settings.qa
         for arm in q.arms:
             spec = q.modes[arm]
             out = self.work / arm
-            if not _finished(out, None):
+            if not finished(out, None):
                 log.warning("qa: arm %s has not finished training; skipped", arm)
                 continue
             modes = "[" + ",".join(spec.modes) + "]"
@@ -403,49 +343,9 @@ class Study:
             self.results.qa[arm] = rows
 
 
-def _finished(out: Path, steps: int | None) -> bool:
-    """The run's summary exists (and, when given, it reached ``steps``)."""
-    summary = out / "anllm_train_summary.json"
-    if not summary.is_file():
-        return False
-    return steps is None or int(json.loads(summary.read_text()).get("global_step", -1)) >= steps
-
-
-def _checkpoints(out: Path) -> list[tuple[int, Path]]:
-    from anllm.train.checkpoints import checkpoint_dirs, is_complete
-
-    return [(step, p) for step, p in checkpoint_dirs(out) if is_complete(p)]
-
-
-def _tokens_seen(path: Path) -> int:
-    """Tokens trained at a checkpoint (its completion marker) or at the end of a run (its summary)."""
-    from anllm.train.checkpoints import MARKER
-
-    for name, key in ((MARKER, "num_input_tokens_seen"), ("anllm_train_summary.json", "num_input_tokens_seen")):
-        f = path / name
-        if f.is_file():
-            return int(json.loads(f.read_text()).get(key) or 0)
-    return 0
-
-
-def _budget(rows: dict[str, dict[str, Any]]) -> float | None:
-    for m in ("streamingllm", "knorm"):
-        if m in rows and rows[m].get("budget") is not None:
-            return rows[m]["budget"]
-    return None
-
-
-def check(argv: Sequence[str]) -> DictConfig:
-    """``study.py``'s command line composed and validated, with the training config of every arm
-    (raises :class:`anllm.cli.InputError`; nothing is written)."""
-    cfg = compose("study", argv)
-    validate(cfg, runs=True)
-    return cfg
-
-
 def main(argv: Sequence[str]) -> Results:
     """``python study.py [overrides]``: compose conf/study.yaml, validate it, run it."""
-    from anllm.cli import InputError, fail
+    from ..cli import InputError, fail
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -454,3 +354,14 @@ def main(argv: Sequence[str]) -> Results:
     except InputError as e:  # bad input: one line, exit code 2, nothing written
         fail("study.py", str(e), kind="config error")
     return Study(cfg).run()
+
+
+def equal_cache_budget(rows: dict[str, dict[str, Any]]) -> float | None:
+    """Keys per token of the equal-peak-cache baselines (the registry's ``budget="peak"`` methods, in
+    registry order), from the first of them that the checkpoint's rows measured."""
+    from ..eval.methods import METHODS, names
+
+    for m in names("ppl"):
+        if METHODS[m].budget == "peak" and m in rows and rows[m].get("budget") is not None:
+            return rows[m]["budget"]
+    return None

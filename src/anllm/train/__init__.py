@@ -3,7 +3,8 @@
 ``run(cfg)`` trains from a composed config; ``validate(cfg)`` checks one without training.
 """
 
-from .config import ConfigError, available_options, validate
+from ..schema.confdir import available_options
+from .config import ConfigError, validate
 from .runner import TrainResult, run
 
 __all__ = ["ConfigError", "TrainResult", "available_options", "run", "validate"]

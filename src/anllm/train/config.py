@@ -6,38 +6,16 @@ seconds, not the hour it takes to load Llama-2 and tokenise RedPajama.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError  # noqa: F401 - re-exported: callers catch anllm.train.ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-CONF_DIR = REPO_ROOT / "conf"
-
 # The keys each section takes live in the schemas (anllm.schema); these names stay for importers.
 from ..schema.train import DATA_KINDS, MODEL_SOURCES, NO_ANSAN_BACKENDS  # noqa: E402,F401
 from ..schema.trainer import ANLLM_TRAINER_KEYS, RESUME_WORDS  # noqa: E402,F401
-
-
-def available_options(group: str) -> list[str]:
-    """Options of a config group (``exp``, ``model``, ...), from Hydra when it runs, else from conf/."""
-    try:
-        from hydra.core.global_hydra import GlobalHydra
-
-        gh = GlobalHydra.instance()
-        if gh.is_initialized():
-            return sorted(gh.config_loader().get_group_options(group))
-    except Exception:  # pragma: no cover - Hydra internals differ; fall back to the files
-        pass
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-
-
-def _plain(node: Any) -> Any:
-    if isinstance(node, DictConfig):
-        return OmegaConf.to_container(node, resolve=True)
-    return node
+from ..schema.confdir import available_options  # noqa: E402
 
 
 def resolve_bf16(value: Any) -> bool:
@@ -136,6 +114,3 @@ def training_argument_names() -> set[str]:
     return set(training_argument_types())
 
 
-def plain_dict(cfg: DictConfig | Mapping) -> dict[str, Any]:
-    """The resolved config as plain Python containers."""
-    return _plain(cfg) if isinstance(cfg, DictConfig) else dict(cfg)

@@ -65,10 +65,10 @@ def validate(c: Mapping[str, Any]) -> None:
 
 def ppl_config(c: Mapping[str, Any], s: Mapping[str, Any]) -> dict[str, Any]:
     """The same check as ``evaluate.py suite=ppl tasks=[holdout]`` with these keys (for reproducing it)."""
-    from ..data.build import _default_base_dir
+    from ..data.sources import default_base_dir
 
     data = {k: v for k, v in c["data"].items() if k != "id"}
-    data["base_dir"] = str(data.get("base_dir") or _default_base_dir())
+    data["base_dir"] = str(data.get("base_dir") or default_base_dir())
     return {"limit": int(s["num_documents"]), "ppl": {"data": data, "data_base_dir": data.get("base_dir"),
             "select": "spread", "min_chars": int(s["min_chars"]), "max_tokens": int(s["max_tokens"]),
             "chunk_size": int(s["chunk_size"]), "methods": None}}

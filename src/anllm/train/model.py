@@ -14,8 +14,8 @@ from typing import Any, Mapping
 
 import torch
 
-import anllm
-from anllm.anchors import AC_TOKEN
+from ..anchors import AC_TOKEN
+from ..modeling import get_anchor_config, prepare_model
 
 logger = logging.getLogger("anllm.train")
 
@@ -34,7 +34,7 @@ def load_base_model(model_cfg: Mapping[str, Any]) -> tuple[Any, Any]:
         model, tok = tiny_model_and_tokenizer(**dict(model_cfg.get("tiny") or {}), context_length=ctx, attn_implementation=impl)
         return model.to(dtype), tok
     if source == "smollm2":
-        from anllm.models.smollm2 import smollm2_path
+        from ..models.smollm2 import smollm2_path
 
         path = str(model_cfg.get("path") or smollm2_path())
     else:
@@ -142,7 +142,7 @@ def build_model_and_tokenizer(cfg: Mapping[str, Any]) -> tuple[Any, Any]:
     token = anchor.get("token") or AC_TOKEN
     if anchor["mode"] == "ac" and is_deepspeed_zero3_enabled():
         _add_ac_token_zero3(model, tok, token)
-    model, tok = anllm.prepare_model(
+    model, tok = prepare_model(
         model,
         tok,
         mode=anchor["mode"],
@@ -160,7 +160,7 @@ def build_model_and_tokenizer(cfg: Mapping[str, Any]) -> tuple[Any, Any]:
     if multiple:
         rows = pad_vocab(model, tok, int(multiple))
         logger.info("Vocabulary rows padded to %d (tokenizer %d, model.pad_vocab_multiple=%d)", rows, len(tok), int(multiple))
-    acfg = anllm.get_anchor_config(model)
+    acfg = get_anchor_config(model)
     if acfg is not None and acfg.enabled:
         shown = acfg.anchor_token_ids[:8]
         logger.info(

@@ -24,8 +24,9 @@ from .checkpoints import (
     latest_complete_checkpoint,
     quarantine_incomplete,
 )
+from ..schema.core import plain_dict
 from . import heldout
-from .config import ConfigError, plain_dict, resolve_bf16, validate
+from .config import ConfigError, resolve_bf16, validate
 from .distributed import barrier, env_from_submitit, is_main_process
 from .preemption import PreemptionCallback
 
@@ -85,14 +86,14 @@ def _run_locked(c: dict[str, Any], callbacks: Sequence[Any], output_dir: Path, a
     resume_path = resolve_resume(resume, output_dir, args)
     _claim_output_dir(c, output_dir, resume_path, args)
 
-    from anllm import get_anchor_config
-    from anllm.data import DataCollatorForAnchors, build_train_dataset, is_resumable, resume_stream
-    from anllm.data.prebuild import train_data_kwargs
     from datasets import IterableDataset
 
+    from ..data import DataCollatorForAnchors, build_train_dataset, is_resumable, resume_stream
+    from ..modeling import get_anchor_config
     from .distill import DistillConfig, build_teacher
     from .model import build_model_and_tokenizer
-    from .throughput import AnllmTrainer
+    from .prebuild import train_data_kwargs
+    from .trainer import AnllmTrainer
 
     model, tok = build_model_and_tokenizer(c)
     distill = DistillConfig.from_dict(c["trainer"].get("distill"))

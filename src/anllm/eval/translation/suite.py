@@ -11,8 +11,17 @@ from typing import Any, Sequence
 from ...data.sources import TRANSLATION_INSTRUCTION
 from ...modeling import is_anchor_aware
 from .. import methods as registry
-from ..metrics import DEFAULT_COMET_MODEL, CometUnavailable, load_comet, score_translations
+from ..metrics import (
+    DEFAULT_COMET_MODEL,
+    CometEnvError,
+    CometUnavailable,
+    comet_score_systems,
+    find_comet_python,
+    resolve_comet_checkpoint,
+    sacrebleu_scores,
+)
 from ..methods import opt
+from ..suites import TaskInputError
 from .decode import TranslationRun, translate
 from .prompts import PROMPT_FORMATS
 from .testsets import TASKS, hypothesis_files, load_hypotheses, load_test_set, system_name, write_lines
@@ -22,16 +31,23 @@ log = logging.getLogger("anllm.eval.translation")
 DEFAULT_METHODS = registry.DEFAULTS["translation"]
 
 
-def _comet_once(spec: str | None, notes: list[str]) -> Any:
+def _comet_check(spec: str | None, python: str | None, cache_dir: str | None,
+                 notes: list[str]) -> tuple[str | None, CometEnvError | None]:
+    """Before any generation: is COMET's environment there and its model loadable? Returns (the model
+    to score with or None, the environment's error to raise once the other metrics are saved)."""
     if not spec:
         notes.append("translation: COMET disabled (translation.comet_model=null); BLEU/chrF reported.")
-        return None
+        return None, None
     try:
-        return load_comet(spec)
+        find_comet_python(python)
+        resolve_comet_checkpoint(spec, cache_dir)
+        return spec, None
+    except CometEnvError as e:
+        return None, e
     except CometUnavailable as e:
         notes.append(f"translation: COMET not computed — {e} BLEU/chrF are reported.")
         log.warning(notes[-1])
-        return None
+        return None, None
 
 
 def evaluate_translation(
@@ -49,6 +65,10 @@ def evaluate_translation(
     max_new_tokens: int = 512,
     comet_model: str | None = DEFAULT_COMET_MODEL,
     comet_batch_size: int = 8,
+    comet_python: str | None = None,
+    comet_cache_dir: str | None = None,
+    device: str | None = None,
+    num_threads: int | None = None,
     instruction: str = TRANSLATION_INSTRUCTION,
     splitter: str | None = None,
     prompt_format: str = "alpaca",
@@ -58,20 +78,27 @@ def evaluate_translation(
     **generation: Any,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Run one translation task; returns (rows, notes). Writes hypotheses/per-segment files/plots
-    to ``out_dir`` when given."""
+    to ``out_dir`` when given.
+
+    COMET scores every system at the end, in one run of COMET's own environment (``comet_python``, on
+    ``device``; :func:`anllm.eval.metrics.comet_score_systems`). A missing or broken environment
+    raises :class:`~anllm.eval.metrics.CometEnvError` after everything else is done, with the rows
+    (BLEU, chrF, cache metrics) and notes in its ``rows``/``notes``."""
     srcs, refs = load_test_set(task, data_dir, limit)
     notes: list[str] = []
-    comet = _comet_once(comet_model, notes)
-    comet_label = comet_model if comet is not None else None
+    comet_label, comet_error = _comet_check(comet_model, comet_python, comet_cache_dir, notes)
     rows: list[dict[str, Any]] = []
+    hyps_of: list[list[str]] = []  # per row, for COMET at the end
     runs: list[TranslationRun] = []
 
     def metrics_row(method: str, hyps: list[str]) -> dict[str, Any]:
-        scores = score_translations(srcs, hyps, refs, comet_model=comet_label, comet=comet, comet_batch_size=comet_batch_size)
+        scores = sacrebleu_scores(hyps, refs).as_dict()
         row: dict[str, Any] = {"suite": "translation", "task": task, "method": method, "split": "test", "n": len(srcs)}
-        for k in ("bleu", "chrf", "comet", "bleu_signature", "chrf_signature"):
+        for k in ("bleu", "chrf", "bleu_signature", "chrf_signature"):
             row[k] = scores[k]
-        row["comet_model"] = comet_label
+        row["comet"] = None
+        row["comet_model"] = None
+        hyps_of.append(list(hyps))
         return row
 
     if hypotheses:
@@ -112,6 +139,22 @@ def evaluate_translation(
                 _save_run(Path(out_dir), run, srcs, refs)
     if out_dir is not None and plots and runs:
         _plots(Path(out_dir), runs, model, tokenizer)
+    if comet_label and rows:
+        try:
+            systems = {str(i): (srcs, hyps, refs) for i, hyps in enumerate(hyps_of)}
+            scores = comet_score_systems(systems, comet_label, batch_size=comet_batch_size, device=device,
+                                         python=comet_python, cache_dir=comet_cache_dir, num_threads=num_threads)
+            for i, row in enumerate(rows):
+                row["comet"], row["comet_model"] = scores[str(i)].system, comet_label
+        except CometUnavailable as e:
+            notes.append(f"translation: COMET not computed — {e} BLEU/chrF are reported.")
+            log.warning(notes[-1])
+        except CometEnvError as e:
+            comet_error = e
+    if comet_error is not None:
+        notes.append(f"translation: COMET not computed — {comet_error} BLEU/chrF are reported.")
+        comet_error.rows, comet_error.notes = rows, notes
+        raise comet_error
     return rows, notes
 
 
@@ -161,7 +204,29 @@ def run_task(bundle: Any, cfg: Any, task: str, out_dir: Path) -> list[dict[str, 
     model = getattr(bundle, "model", None)
     anchor_aware = model is not None and is_anchor_aware(model)
     methods, notes = registry.resolve_methods(tcfg, opt(cfg, "modes"), anchor_aware, "translation")
-    rows, run_notes = evaluate_translation(
+    comet_error: CometEnvError | None = None
+    try:
+        rows, run_notes = _evaluate(bundle, cfg, tcfg, task, out_dir, model, methods, hyp_files, generate)
+    except CometEnvError as e:  # the other metrics are done: save and report them, then exit 2
+        rows, run_notes, comet_error = e.rows, e.notes, e
+    notes = notes + run_notes
+    bundle_notes = getattr(bundle, "notes", None)
+    if bundle_notes is not None:
+        for note in notes:
+            if note not in bundle_notes:
+                bundle_notes.append(note)
+    if notes and rows:
+        for row in rows:
+            if row.get("comet") is None and not row.get("note"):
+                row["note"] = "no COMET model (see notes)"
+    if comet_error is not None:
+        raise TaskInputError(str(comet_error), rows)
+    return rows
+
+
+def _evaluate(bundle: Any, cfg: Any, tcfg: Any, task: str, out_dir: Path, model: Any, methods: Sequence[str],
+              hyp_files: Sequence[Path], generate: bool) -> tuple[list[dict[str, Any]], list[str]]:
+    return evaluate_translation(
         model,
         getattr(bundle, "tokenizer", None),
         task,
@@ -175,6 +240,10 @@ def run_task(bundle: Any, cfg: Any, task: str, out_dir: Path) -> list[dict[str, 
         max_new_tokens=int(opt(tcfg, "max_new_tokens", 512)),
         comet_model=tcfg.get("comet_model", DEFAULT_COMET_MODEL) if hasattr(tcfg, "get") else DEFAULT_COMET_MODEL,
         comet_batch_size=int(opt(tcfg, "comet_batch_size", 8)),
+        comet_python=opt(tcfg, "comet_python"),
+        comet_cache_dir=opt(tcfg, "comet_cache_dir"),
+        device=str(opt(cfg, "device", "auto")),
+        num_threads=opt(cfg, "num_threads"),
         instruction=str(opt(tcfg, "instruction", TRANSLATION_INSTRUCTION)),
         splitter=opt(tcfg, "splitter"),
         prompt_format=str(opt(tcfg, "prompt_format", "alpaca")),
@@ -187,17 +256,6 @@ def run_task(bundle: Any, cfg: Any, task: str, out_dir: Path) -> list[dict[str, 
         decoding=str(opt(tcfg, "decoding", "greedy")),
         seed=int(opt(tcfg, "seed", 0)),
     )
-    notes = notes + run_notes
-    bundle_notes = getattr(bundle, "notes", None)
-    if bundle_notes is not None:
-        for note in notes:
-            if note not in bundle_notes:
-                bundle_notes.append(note)
-    if notes and rows:
-        for row in rows:
-            if row.get("comet") is None and not row.get("note"):
-                row["note"] = "no COMET model (see notes)"
-    return rows
 
 
 def _selected_tasks(cfg: Any, known: Sequence[str], default: Sequence[str]) -> list[str]:

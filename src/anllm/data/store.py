@@ -1,8 +1,10 @@
-"""On-disk cache of processed datasets, keyed by everything that determines their content.
+"""The dataset store: processed datasets on disk, keyed by everything that determines their content.
+
+(Not the KV cache of generation, :mod:`anllm.cache`.)
 
 The key hashes the data config, the identity of the input files (path, size, mtime), the tokenizer
 (name, size, special ids and its full serialised model), the anchor config, the block size and the
-source of this package (so a code change invalidates old caches). Entries are written to a private
+source of the code that makes the rows (so a code change invalidates old caches: :func:`code_version`). Entries are written to a private
 temporary directory and renamed into place, so an interrupted or concurrent build never leaves a
 half-written entry that a later run would trust.
 """
@@ -16,25 +18,42 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from .stats import DataStats
 from ..utils import file_lock
+from .stats import DataStats
+
+if TYPE_CHECKING:
+    from ..anchors import AnchorConfig
 
 logger = logging.getLogger("anllm.data")
 
 _DONE = "stats.json"  # written last inside the entry; its presence marks a complete entry
 _CODE_FILES = ("anchors.py",)  # engine files whose behaviour the data depends on (the splitter)
+# Source hashes of reorganisations checked to write exactly the rows of an earlier version (same ids,
+# labels, document ids and counts, on every kind), mapped to that version's key, so moving code
+# around does not rebuild every cache. Only add an entry after such a check.
+SAME_ROWS_AS = {
+    "b390fd37efeb8a40": "de6b0b8f8254df9f",  # issue 18: data/build.py split by job, data/cache.py -> data/store.py
+}
 
 
-def code_version() -> str:
-    """Hash of this package's source and of the anchor-insertion code."""
+def source_hash() -> str:
+    """Hash of the code that makes rows: every module of this package but this one (the store decides
+    keys and files, not rows; it holds :data:`SAME_ROWS_AS`), and the anchor-insertion code."""
     h = hashlib.sha256()
     here = Path(__file__).resolve().parent
-    for path in sorted(here.glob("*.py")) + [here.parent / f for f in _CODE_FILES]:
+    modules = sorted(p for p in here.glob("*.py") if p.name != Path(__file__).name)
+    for path in modules + [here.parent / f for f in _CODE_FILES]:
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
+
+
+def code_version() -> str:
+    """The code part of every key: :func:`source_hash`, or the earlier version it writes the same rows as."""
+    h = source_hash()
+    return SAME_ROWS_AS.get(h, h)
 
 
 def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
@@ -65,9 +84,36 @@ def file_identity(paths: list[Path]) -> list[list[Any]]:
     return out
 
 
+def anchor_identity(anchor: AnchorConfig | None) -> dict[str, Any]:
+    """The anchor settings that change the rows (attention-only options such as sinks reuse the entry)."""
+    return {k: v for k, v in (anchor.to_dict() if anchor else {}).items()
+            if k in ("mode", "anchor_token", "anchor_token_ids", "ac_after_last", "ac_join")}
+
+
 def cache_key(parts: Mapping[str, Any]) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def check_space(cache_dir: Path, files: list[Path]) -> None:
+    """Warn when the cache is about to fill a home directory or a disk (it needs 2-3x the input's size)."""
+    size = sum(p.stat().st_size for p in files)
+    if size < 2**30:
+        return
+    need = 3 * size
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(cache_dir).free
+    except OSError:
+        return
+    home = Path.home().resolve()
+    if home in cache_dir.resolve().parents:
+        logger.warning("The dataset cache %s is under $HOME and this build needs about %.1f GB (2-3x the %.1f GB of "
+                       "input). Put it on scratch: export ANLLM_CACHE=/scratch/$USER/anllm (or cache_dir=...).",
+                       cache_dir, need / 2**30, size / 2**30)
+    if free < need:
+        logger.warning("The dataset cache %s has %.1f GB free; this build needs about %.1f GB.", cache_dir,
+                       free / 2**30, need / 2**30)
 
 
 def load_entry(entry: Path) -> tuple[Any, DataStats] | None:

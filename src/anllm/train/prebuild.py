@@ -1,5 +1,8 @@
 """Build a training run's dataset cache ahead of the run, in a CPU job: ``python -m anllm.data build ...``.
 
+It lives with the training code because it composes a training config and makes the run's tokenizer
+the way training does (the data package stays below training and never imports it).
+
 It takes the same Hydra overrides as ``train.py`` and builds exactly the cache entry that run will
 look up (same data config, tokenizer with its anchor token, anchor settings, block size), without the
 model's weights: the model is made on PyTorch's ``meta`` device, so a 7B tokenizer + anchor setup
@@ -23,7 +26,7 @@ import logging
 import os
 from typing import Any, Iterator, Mapping, Sequence
 
-logger = logging.getLogger("anllm.data")
+logger = logging.getLogger("anllm.data")  # the data pipeline's logger: its messages are about the data
 
 
 def train_data_kwargs(c: Mapping[str, Any], seed: int, *, world_size: int | None = None,
@@ -78,34 +81,30 @@ def _weightless_models() -> Iterator[None]:
 
 def tokenizer_and_anchor(c: Mapping[str, Any]) -> tuple[Any, Any]:
     """The tokenizer and anchor config of the training run, made by the training code without weights."""
-    import anllm
-    from anllm.train.model import build_model_and_tokenizer
+    from ..modeling import get_anchor_config
+    from .model import build_model_and_tokenizer
 
     with _weightless_models():
         model, tok = build_model_and_tokenizer(c)
-    return tok, anllm.get_anchor_config(model)
+    return tok, get_anchor_config(model)
 
 
-def compose(overrides: Sequence[str]) -> Any:
-    """The ``train.py`` config for ``overrides`` (Hydra compose API, validated like a run)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+def train_config(overrides: Sequence[str]) -> Any:
+    """The ``train.py`` config for ``overrides`` (composed as the CLI composes it, validated like a run)."""
+    from ..schema import compose
+    from .config import validate
 
-    from anllm.train.config import CONF_DIR, validate
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose("train", overrides=list(overrides))
+    cfg = compose("train", overrides)
     validate(cfg)
     return cfg
 
 
 def prebuild(overrides: Sequence[str]) -> Any:
     """Build (or find) the cache entry of the run ``train.py <overrides>`` would make; returns its DataStats."""
-    from anllm.train.config import plain_dict
+    from ..data import build_train_dataset
+    from ..schema import plain_dict
 
-    from . import build_train_dataset
-
-    c = plain_dict(compose(overrides))
+    c = plain_dict(train_config(overrides))
     if c["data"].get("kind") == "hub":
         logger.info("data.kind=hub streams while training: nothing to build ahead (row counts of the stream's shards "
                     "are recorded under %s/streams as the run reads them).", c["cache_dir"])

@@ -1,0 +1,164 @@
+"""The study's ``README.md``: tables, figures and the computed findings, from ``summary.json``'s content."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from .findings import findings, paired_difference, paired_verdict, pooled_accuracy, ratio_to_full
+from .titles import PPL_ORDER, arm_title, method_title
+
+
+def _f(x: Any, fmt: str = "{:.2f}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def markdown(s: dict[str, Any], figures: list[str], out: Path) -> str:
+    L = [
+        f"# {s.get('title') or 'Do anchors learn? The anchor-learning study'}",
+        "",
+        "Continual pretraining of the same model with several attention arms on the same data, token budget, seed and "
+        "optimiser settings, evaluated on documents that training never saw: does AnSAN training make the anchors "
+        "carry their sentences, and where does that beat training-free cache compression at the **same cache**?",
+        "",
+        f"- **Command**: `{s['command']}` (resumes where it stopped; `make study` runs the CPU study)",
+        f"- **Machine**: {s['machine']}",
+        f"- **Date**: {s['date']}; compute so far {s['wall_s'] / 3600:.2f} h (training + evaluation, measured by the study)",
+        f"- **Model**: {s['model']}; block {s['block_size']} tokens; {s['tokens_per_arm']:,} tokens per arm",
+        f"- **Data**: `{', '.join(s['data']['paths'])}` minus a fixed held-out split: "
+        f"{', '.join('`' + p + '`' for p in s['data'].get('holdout_paths') or []) or 'no whole file'} held out entirely "
+        f"plus {100 * float(s['data'].get('holdout_fraction') or 0):g}% of the other documents (`anllm.data.split`); "
+        "every evaluation below reads only held-out documents.",
+        "- **Equal cache**, two ways: *same peak cache* — StreamingLLM (4 sinks + recent window) and K-norm "
+        "(lowest-norm keys per layer and head) let every token attend at most the anchor cache's peak for that "
+        "document/item (what a fixed-memory deployment faces); *same keys per query* — StreamingLLM gives each token "
+        "exactly as many keys as the anchor reading lets it attend (equal attention cost and mean memory) "
+        "(`anllm.eval.baselines`). *Sentence only* hides earlier anchors, so *sentence − anchor* is what the anchors carry.",
+        "",
+    ]
+    L += option_sweeps_md(s) + final_md(s) + longrange_md(s)
+    if s["sweep"]:
+        L += ["## Sweep (AnLLM-AC, short runs)", "",
+              "| candidate | settings | steps | tokens | PPL full | PPL anchor | anchor/full |", "|---|---|---:|---:|---:|---:|---:|"]
+        for name, r in s["sweep"].items():
+            mark = " **(chosen)**" if name == s["chosen"] else ""
+            L.append(f"| {name}{mark} | `{' '.join(r['overrides'])}` | {r['steps']} | {r['tokens']:,} | {r['ppl_full']:.2f} | "
+                     f"{r['ppl_anchor']:.2f} | {r['ppl_anchor'] / r['ppl_full']:.2f} |")
+        L.append("")
+    if s["arms"]:
+        L += ["## Learning curves (held-out perplexity)", ""]
+        if "learning_curves.png" in figures:
+            L += ["![learning curves](learning_curves.png)", ""]
+        L += ["| arm | tokens | " + " | ".join(method_title(m) for m in PPL_ORDER) + " | anchor/full | C⇓ % | budget |",
+              "|---|---:|" + "---:|" * (len(PPL_ORDER) + 3)]
+        for arm, a in s["arms"].items():
+            for i, t in enumerate(a["tokens"]):
+                vals = [_f(a["ppl"][m][i]) if m in a["ppl"] else "–" for m in PPL_ORDER]
+                last = i == len(a["tokens"]) - 1
+                L.append(f"| {arm_title(arm)} | {t:,} | " + " | ".join(vals) + f" | {_f(ratio_to_full(a, 'anchor', i))} | "
+                         f"{_f(a['c_red'] * 100 if last and a['c_red'] is not None else None, '{:.1f}')} | {_f(a['budget'] if last else None, '{:.1f}')} |")
+        L += ["", "C⇓: 1 − kept/seen keys/values of the anchor cache after each document. Budget: mean keys per "
+              "token given to the equal-cache baselines (the anchor cache's peak per document).", ""]
+        pending = [arm_title(a) for a, v in s["arms"].items() if v["status"] == "pending"]
+        if pending:
+            L += [f"Not trained yet: {', '.join(pending)} (the study resumes with the same command).", ""]
+    if s["recall"]:
+        L += ["## Long-range recall", "",
+              "A fact sentence in held-out prose (“Maria's favourite colour is green.”), then k filler sentences, then "
+              f"the cue “Maria's favourite colour is”; accuracy = the right value ranked first among {s['num_choices']} "
+              f"(chance {100 / s['num_choices']:.0f}%).", ""]
+        if "recall.png" in figures:
+            L += ["![recall](recall.png)", ""]
+        ks = sorted({k for arm in s["recall"].values() for m in arm.values() for k in m["k"]})
+        L += ["| arm | method | " + " | ".join(f"k={k}" for k in ks) + " | C⇓ % (k=max) |", "|---|---|" + "---:|" * (len(ks) + 1)]
+        for arm, rec in s["recall"].items():
+            for m, d in rec.items():
+                acc = dict(zip(d["k"], d["acc"]))
+                L.append(f"| {arm_title(arm)} | {method_title(m)} | " + " | ".join(_f(100 * acc[k], '{:.0f}') if k in acc else "–" for k in ks)
+                         + f" | {_f(100 * d['c_red'][-1], '{:.1f}')} |")
+        L.append("")
+    if s["qa"]:
+        L += [f"## QA ({s['qa_shots']}-shot)", "", "| arm | task | method | acc | acc_norm | C⇓ % | n |", "|---|---|---|---:|---:|---:|---:|"]
+        for arm, tasks in s["qa"].items():
+            for task, methods in tasks.items():
+                for m, r in methods.items():
+                    L.append(f"| {arm_title(arm)} | {task} | {m} | {_f(100 * r['acc'] if r['acc'] is not None else None, '{:.1f}')} | "
+                             f"{_f(100 * r['acc_norm'] if r.get('acc_norm') is not None else None, '{:.1f}')} | "
+                             f"{_f(100 * r['c_red'] if r.get('c_red') is not None else None, '{:.1f}')} | {r.get('n') or '–'} |")
+        L += ["", "StreamingLLM here is the QA suite's compress-once baseline (prefill, then keep sinks + the most recent "
+              "tokens up to the anchor cache's size), the way KV-press methods are used.", ""]
+    facts = findings(s)
+    L += ["## Findings (computed)", ""] + ([f"- {f}" for f in facts] or ["- (no finished arm yet)"]) + [""]
+    conclusion = out / "conclusion.md"
+    if conclusion.is_file():
+        L += ["## Conclusion", "", conclusion.read_text(encoding="utf-8").strip(), ""]
+    else:
+        L += ["## Conclusion", "", "(pending: the study has not finished)", ""]
+    L += ["## Timings (seconds, measured by the study)", "", "| stage | s |", "|---|---:|"]
+    L += [f"| {k} | {v:.0f} |" for k, v in s["timings_s"].items()] + [""]
+    return "\n".join(L)
+
+
+def option_sweeps_md(s: dict[str, Any]) -> list[str]:
+    L: list[str] = []
+    for name, cands in (s.get("sweeps") or {}).items():
+        if not cands:
+            continue
+        L += [f"## Sweep: {name} (short runs of AC + sinks)", "",
+              "The winner has the lowest log PPL(anchor) − log PPL(StreamingLLM, same keys per query): the margin over a "
+              "window at equal attention cost, not anchor PPL alone (a bigger window always lowers that).", "",
+              "| candidate | settings | tokens | PPL full | PPL anchor | StreamingLLM (same keys/query) | margin | mean keys | peak keys |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for cand, r in cands.items():
+            mark = " **(chosen)**" if s.get("choices", {}).get(name) == cand else ""
+            L.append(f"| {cand}{mark} | `{' '.join(r['overrides'])}` | {r['tokens']:,} | {_f(r.get('ppl_full'))} | "
+                     f"{_f(r.get('ppl_anchor'))} | {_f(r.get('ppl_streamingllm_q'))} | {_f(r.get('margin'), '{:+.3f}')} | "
+                     f"{_f(r.get('mean_kv'), '{:.1f}')} | {_f(r.get('max_kv'), '{:.1f}')} |")
+        L.append("")
+    return L
+
+
+def final_md(s: dict[str, Any]) -> list[str]:
+    final = s.get("final") or {}
+    if not final:
+        return []
+    L = ["## Held-out perplexity at equal cache (final checkpoints)", "",
+         "Mean keys: keys a token attends, averaged over the document's tokens; peak keys: the most any token attends. "
+         "Δ vs anchor: mean over documents of log-PPL(method) − log-PPL(anchor) ± its standard error (positive: the "
+         "anchor reading is better; a win needs more than 2 s.e.).", "",
+         "| arm | set | method | PPL | PPL after 2,048 | mean keys | peak keys | Δ vs anchor | Δ after 2,048 |",
+         "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for arm, sets in final.items():
+        for name, rows in sets.items():
+            for m in PPL_ORDER:
+                if m not in rows:
+                    continue
+                r = rows[m]
+                d = paired_verdict(paired_difference(rows, m)) if m != "anchor" else "–"
+                dt = paired_verdict(paired_difference(rows, m, tail=True)) if m != "anchor" and r.get("ppl_tail") else "–"
+                L.append(f"| {arm_title(arm)} | {name} | {method_title(m)} | {_f(r['ppl'])} | "
+                         f"{_f(r.get('ppl_tail'))} | {_f(r.get('mean_kv'), '{:.1f}')} | {_f(r.get('peak_kv'), '{:.1f}')} | {d} | {dt} |")
+    L.append("")
+    return L
+
+
+def longrange_md(s: dict[str, Any]) -> list[str]:
+    lr = s.get("longrange") or {}
+    if not lr:
+        return []
+    lengths = sorted({c["length"] for arm in lr.values() for t in arm.values() for cells in t.values() for c in cells})
+    L = ["## Long-range tasks (passkey, multi-key needle, variable tracking)", "",
+         "Teacher-forced exact match (greedy decoding would produce the answer); passkey pooled over depths 10–90%. "
+         "± binomial standard error.", "",
+         "| arm | task | method | " + " | ".join(f"{n:,} tokens" for n in lengths) + " |", "|---|---|---|" + "---:|" * len(lengths)]
+    for arm, tasks in lr.items():
+        for task, methods in tasks.items():
+            for m, cells in methods.items():
+                vals = []
+                for n in lengths:
+                    acc, k = pooled_accuracy([c for c in cells if c["length"] == n])
+                    vals.append("–" if not k else f"{100 * acc:.0f} ± {100 * math.sqrt(acc * (1 - acc) / k):.0f}")
+                L.append(f"| {arm_title(arm)} | {task} | {method_title(m)} | " + " | ".join(vals) + " |")
+    L.append("")
+    return L

@@ -1,0 +1,28 @@
+"""Names the study's report gives arms and methods, and the order it lists methods in.
+
+The order is the evaluation registry's (:mod:`anllm.eval.methods`): the long-text readings that keep a
+cache or bound one (kinds ``cache`` and ``baseline``); the ``ansan`` mask reading is left out because it
+reads exactly what ``anchor`` reads (the cache is lossless), so a column of it would repeat anchor's.
+"""
+
+from __future__ import annotations
+
+from ..eval.methods import names
+
+# The reading methods of the report's perplexity tables and figures, in registry order.
+PPL_ORDER: tuple[str, ...] = names("ppl", kinds=("cache", "baseline"))
+ARM_TITLES = {"baseline": "baseline (full attention)", "ep": "AnLLM-EP", "ac": "AnLLM-AC", "ac_sink": "AnLLM-AC + 4 sinks",
+              "ac_sink_window": "AC + sinks + window", "ac_sink_distill": "AC + sinks + distillation",
+              "ac_sink_window_distill": "AC + sinks + window + distillation"}
+# Short table/legend titles (the registry's ``describe`` is a sentence); a method without one is shown by name.
+_METHOD_TITLES = {"full": "full attention", "anchor": "anchor (AnchorCache)", "sentence": "sentence only (control)",
+                  "streamingllm": "StreamingLLM, same peak cache", "streamingllm_q": "StreamingLLM, same keys per query",
+                  "knorm": "K-norm, same cache", "ansan": "AnSAN mask (no cache)"}
+
+
+def arm_title(arm: str) -> str:
+    return ARM_TITLES.get(arm, arm)
+
+
+def method_title(method: str) -> str:
+    return _METHOD_TITLES.get(method, method)
