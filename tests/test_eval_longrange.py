@@ -318,7 +318,7 @@ def test_presses_read_the_answer_against_the_anchor_cache_size(model, tok, tmp_p
     the anchor reading's keys at the answer."""
     from oracles import kvpress_reference
 
-    from anllm.eval import baselines
+    from anllm.eval import presses
     from anllm.eval import methods as registry
 
     items = (lr.build_items("passkey", DOCS, tok, lengths=[110], depths=[0.4], num_items=1)
@@ -330,7 +330,7 @@ def test_presses_read_the_answer_against_the_anchor_cache_size(model, tok, tmp_p
     assert all(b < len(c) for b, c in zip(budgets, contexts))
     got = lr.teacher_forced(model, contexts, answers, method, budgets, tok.pad_token_id)
     for j, (c, a, b) in enumerate(zip(contexts, answers, budgets)):
-        press = baselines.make_press(method, len(c) - 1, b - 1)
+        press = presses.make_press(method, len(c) - 1, b - 1)
         with anllm.anchor_attention(model, enabled=False):  # the presses read causally
             want, _ = kvpress_reference(model, press, c[:-1], torch.cat([c[-1:], a[:-1]]), registry.METHODS[method].eager)
         assert torch.equal(got[j], want.argmax(-1))

@@ -11,12 +11,12 @@ from transformers.cache_utils import DynamicCache
 
 import anllm
 from anllm.anchors import AnchorConfig
-from anllm.eval import baselines
+from anllm.eval import baselines, presses
 from anllm.eval import methods as registry
 from anllm.eval.readers import press_logits
 from anllm.testing import tiny_llama
 
-baselines.load_kvpress()  # a dependency: missing, this fails (and transformers' attention stays its own)
+presses.load_kvpress()  # a dependency: missing, this fails (and transformers' attention stays its own)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PRESSES = [m.name for m in registry.REGISTRY if m.kind == "press"]
@@ -65,7 +65,7 @@ def _kvpress_reference(model, method, ctx, keep, feed):
     """kvpress's own single-sequence use (tests/oracles.py) with the press this project builds for it."""
     from oracles import kvpress_reference
 
-    press = baselines.make_press(method, len(ctx), keep, SINKS) if keep < len(ctx) else None
+    press = presses.make_press(method, len(ctx), keep, SINKS) if keep < len(ctx) else None
     return kvpress_reference(model, press, ctx, feed, registry.METHODS[method].eager)
 
 
@@ -81,7 +81,7 @@ def test_the_required_presses_are_one_registry_entry_each_in_qa_recall_longrange
 
     for m in registry.REGISTRY:
         if m.press:
-            assert isinstance(baselines.make_press(m.name, 40, 10), getattr(kvpress, m.press)), m.name
+            assert isinstance(presses.make_press(m.name, 40, 10), getattr(kvpress, m.press)), m.name
 
 
 @pytest.mark.parametrize("method", PRESSES)
@@ -91,7 +91,7 @@ def test_each_press_keeps_the_requested_count_of_real_keys_per_row(model, method
     layers), every kept entry is one of that row's own keys, and the rows are left-padded into one cache."""
     ctxs = _rows([37, 50, 21, 12, 9, 57])
     budgets = [11, 40, 5, 30, 0, 30]
-    pressed = baselines.press_prefill(model, method, ctxs, budgets, SINKS)
+    pressed = presses.press_prefill(model, method, ctxs, budgets, SINKS)
     n_layers = model.config.num_hidden_layers
     want = [min(b, len(c)) for b, c in zip(budgets, ctxs)]
     assert pressed.kept == want and pressed.lengths == [len(c) for c in ctxs]
@@ -160,11 +160,11 @@ def test_kvpress_streamingllm_keeps_what_our_streaming_reading_holds(model, keep
     L = len(ctx)
     full = _full_keys(model, ctx)
     ours = baselines.streaming_visible(L, keep, SINKS)[L - 1].nonzero().flatten().tolist()
-    pressed = baselines.press_prefill(model, "streamingllm_press", [ctx], [keep], SINKS)
+    pressed = presses.press_prefill(model, "streamingllm_press", [ctx], [keep], SINKS)
     for layer in range(model.config.num_hidden_layers):
         assert all(p == ours for p in _kept_positions(pressed, 0, layer, full))
     # QA's compress-once streamingllm is the same press
-    again = baselines.press_prefill(model, "streamingllm", [ctx], [keep], SINKS)
+    again = presses.press_prefill(model, "streamingllm", [ctx], [keep], SINKS)
     assert torch.equal(again.cache.layers[0].keys, pressed.cache.layers[0].keys)
 
 
@@ -176,7 +176,7 @@ def test_kvpress_knorm_keeps_what_our_knorm_reading_holds(model, keep):
     ids = _rows([31], seed=6)[0]
     ctx, L = ids[:-1], len(ids) - 1
     full_next = _full_keys(model, ids)  # the context's keys (causal: the same) and the next token's
-    pressed = baselines.press_prefill(model, "knorm_press", [ctx], [keep], SINKS)
+    pressed = presses.press_prefill(model, "knorm_press", [ctx], [keep], SINKS)
     for layer in range(model.config.num_hidden_layers):
         row = baselines.knorm_visible(full_next[layer][None], keep + 1)[0, :, L, :L]  # [H, L]: besides itself
         ours = [row[h].nonzero().flatten().tolist() for h in range(row.shape[0])]
@@ -244,7 +244,7 @@ def test_loading_kvpress_leaves_transformers_attention_functions_as_they_were():
     code = (
         "from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as A\n"
         "before = dict(A.items())\n"
-        "from anllm.eval.baselines import load_kvpress\n"
+        "from anllm.eval.presses import load_kvpress\n"
         "load_kvpress()\n"
         "assert 'kvpress' in __import__('sys').modules\n"
         "changed = [k for k, f in before.items() if A[k] is not f]\n"

@@ -104,7 +104,7 @@ def test_presses_read_the_cue_against_the_anchor_cache_size(model, tok, tmp_path
     rows whose C⇓ is the anchor's."""
     from oracles import kvpress_reference
 
-    from anllm.eval import baselines
+    from anllm.eval import presses
     from anllm.eval import methods as registry
     from anllm.eval.perplexity import query_budgets
 
@@ -116,7 +116,7 @@ def test_presses_read_the_cue_against_the_anchor_cache_size(model, tok, tmp_path
     got, kept = rc.next_token_logits(model, seqs, method, budgets, tok.pad_token_id)
     assert kept == budgets
     for j, (x, b) in enumerate(zip(seqs, budgets)):
-        press = baselines.make_press(method, len(x) - 1, b - 1)
+        press = presses.make_press(method, len(x) - 1, b - 1)
         with anllm.anchor_attention(model, enabled=False):  # the presses read causally
             want, _ = kvpress_reference(model, press, x[:-1], x[-1:], registry.METHODS[method].eager)
         torch.testing.assert_close(got[j], want[-1], atol=1e-5, rtol=1e-5)

@@ -44,7 +44,7 @@ from typing import Any, Sequence
 import torch
 
 from ..anchors import marking_of
-from . import baselines
+from . import baselines, presses
 from . import methods as registry
 from .budgets import mean_keys_per_query, query_budgets, sentence_end_tokens
 from .documents import held_out_prose
@@ -127,7 +127,7 @@ def longrange_rows(
     marking = marking_of(anchor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if any(registry.press_of(m) for m in methods):
-        baselines.load_kvpress()  # imported before the timed reads
+        presses.load_kvpress()  # imported before the timed reads
     enc = []
     for item in items:
         text = context_text(item, marking)

@@ -10,7 +10,7 @@ method lists, aliases and the "needs an anchor-aware model" rule from here, so a
   ``sentence`` (the AnSAN rule with earlier anchors hidden: every token sees its own sentence);
 * ``cache``: ``full`` (a ``DynamicCache``: every key kept), ``anchor`` (:class:`anllm.AnchorCache`),
   ``anchor+src`` (``AnchorCache(keep_prefix=True)``: the prompt stays cached) or ``None`` (the
-  baselines read with a bounded mask, or compress a full cache, see :mod:`anllm.eval.baselines`);
+  baselines read with a bounded mask, or compress a full cache, see :mod:`anllm.eval.baselines` and :mod:`anllm.eval.presses`);
 * ``budget``: keys per token of an equal-cache baseline: ``peak`` (the anchor reading's peak, one
   number per sequence: equal peak memory), ``per-query`` (each token attends as many keys as under
   the AnSAN rule: equal attention cost) or ``kept`` (a kvpress press: the context's cache is
@@ -19,7 +19,7 @@ method lists, aliases and the "needs an anchor-aware model" rule from here, so a
 * ``press``: the NVIDIA kvpress class that compresses (``kind="press"``: in every suite that lists
   it; ``streamingllm``/``knorm``: in QA only, their long-text readings stay this project's
   every-token-bounded ones), with fixed ``press_options``; ``eager``: the press reads the prefill's
-  attention weights, so the prefill runs with eager attention. See :mod:`anllm.eval.baselines`.
+  attention weights, so the prefill runs with eager attention. See :mod:`anllm.eval.presses`.
 
 This module imports nothing from the suites (they all import it), and the model-side helpers
 (:func:`new_cache`, :func:`attention`) import ``anllm.cache``/``anllm.modeling`` only when called.

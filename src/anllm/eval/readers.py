@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from . import baselines
+from . import baselines, presses
 from .methods import attention, press_of
 
 
@@ -113,10 +113,10 @@ def press_logits(
 ) -> tuple[torch.Tensor, list[int]]:
     """``([B, n, V] logits at the last n fed positions, context entries kept per row)``: each prefix is
     read causally and compressed by ``method``'s kvpress press to ``budgets[b]`` entries
-    (:func:`anllm.eval.baselines.press_prefill`: one prefill per row), then the feeds (left-padded,
+    (:func:`anllm.eval.presses.press_prefill`: one prefill per row), then the feeds (left-padded,
     ``n`` at most their longest length) are read against the compressed caches at their true positions."""
     device = next(model.parameters()).device
-    pressed = baselines.press_prefill(model, method, prefixes, budgets, num_sink_tokens)
+    pressed = presses.press_prefill(model, method, prefixes, budgets, num_sink_tokens)
     ids, mask = left_pad([f.reshape(-1) for f in feeds], pad_id)
     ids, mask = ids.to(device), mask.to(device)
     if n > ids.shape[1]:

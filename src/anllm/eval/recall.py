@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import torch
 
 from ..anchors import Marking, marking_of
-from . import baselines
+from . import baselines, presses
 from . import methods as registry
 from .baselines import streaming_batch_mask
 from .budgets import query_budgets
@@ -141,7 +141,7 @@ def recall_rows(
     marking = marking_of(anchor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if any(registry.press_of(m) for m in methods):
-        baselines.load_kvpress()  # imported before the timed reads
+        presses.load_kvpress()  # imported before the timed reads
     distances = sorted(distances)
     texts = {(i, k): context_text(item, k, marking) for i, item in enumerate(items) for k in distances}
     ids = {key: torch.tensor(tokenizer(t)["input_ids"]) for key, t in texts.items()}

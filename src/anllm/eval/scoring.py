@@ -14,7 +14,7 @@ and the continuations to score after it (the choices of a multiple-choice item).
   ``snapkv``, ``tova``, ``observed_attention``, ``expected_attention``, ``pyramidkv``, ...) — causal
   attention; the context's full cache is compressed by the method's kvpress press to the number of
   entries the ``anchor`` cache kept for that same group (equal kept budget), then the continuations
-  are scored against it (see :mod:`anllm.eval.baselines`): the kept keys were computed over the whole
+  are scored against it (see :mod:`anllm.eval.presses`): the kept keys were computed over the whole
   context, and the peak memory is the full context cache. A press sees one unpadded context, so
   these contexts are prefilled one group at a time (the continuations are still scored in one batch).
 * streaming baselines (``streamingllm_stream``, ``streamingllm_stream_q``) — StreamingLLM with a
@@ -67,7 +67,7 @@ from transformers.cache_utils import DynamicCache
 
 from ..cache import AnchorCache
 from ..modeling import anchor_attention, is_anchor_aware
-from . import baselines
+from . import baselines, presses
 from . import methods as registry
 from .baselines import streaming_batch_mask
 from .generation import _accepts_logits_to_keep, prefill
@@ -155,7 +155,7 @@ class MultiModeScorer:
         if any(m in COMPRESS_BASELINES for m in modes) and "anchor" not in modes:
             raise ValueError("Baselines at equal cache budget need mode 'anchor' (it sets the budget).")
         if any(m in COMPRESS_BASELINES for m in modes):
-            baselines.load_kvpress()  # they compress with kvpress presses: imported before anything is timed
+            presses.load_kvpress()  # they compress with kvpress presses: imported before anything is timed
         # anchor first: the baselines read its budget.
         self.modes = sorted(dict.fromkeys(modes), key=lambda m: (m in BASELINES, m != "anchor"))
         self.model = model
@@ -316,7 +316,7 @@ class MultiModeScorer:
         pressed = None
         if compress is not None:
             method, budgets = compress
-            pressed = baselines.press_prefill(self.model, method, [g.ctx[:-1] for g in batch],
+            pressed = presses.press_prefill(self.model, method, [g.ctx[:-1] for g in batch],
                                               [budgets[i] - 1 for i in range(len(batch))], self.num_sink_tokens)
             peak_ctx = list(pressed.lengths)  # the full cache, before compression
             kept_ctx = [k + 1 for k in pressed.kept]
