@@ -275,16 +275,17 @@ def test_training_arguments_check_has_no_side_effects(tmp_path, monkeypatch):
 
     from anllm.schema.trainer import build_training_arguments
 
+    from accelerate.state import PartialState
+
     monkeypatch.chdir(tmp_path)
     before = dict(os.environ)
+    state = dict(PartialState._shared_state)  # empty unless an earlier test in this process trained
     args = build_training_arguments({"learning_rate": 1e-4, "bf16": "auto", "torch_compile": True,
                                      "report_to": ["wandb"], "logging_steps": 1})
     assert dict(os.environ) == before
     assert not Path(args.output_dir).exists() and not any(tmp_path.iterdir())
     assert not torch.cuda.is_initialized()
-    from accelerate.state import PartialState
-
-    assert not PartialState._shared_state  # no device / process group set up
+    assert PartialState._shared_state == state  # no device / process group set up (or changed)
 
 
 def test_compose_errors_are_one_line_naming_the_key():

@@ -136,6 +136,14 @@ def evidence_run(tmp_path_factory, shared_data):
     return tmp, Study(compose("study", overrides)).run()
 
 
+def test_a_control_is_never_chosen_even_with_the_lowest_margin():
+    from anllm.study.runner import choose
+
+    done = {"l0.5": {"margin": 0.05}, "l0.25": {"margin": 0.02}, "l0": {"margin": -0.10, "control": True}}
+    assert choose(done, {"l0.5": [], "l0.25": []}) == "l0.25"
+    assert choose({**done, "stale": {"margin": -1.0}}, {"l0.5": [], "l0.25": []}) == "l0.25"  # not a candidate now
+
+
 def test_evidence_sweeps_pick_by_margin_and_arms_use_the_winners(evidence_run):
     """The option sweeps pick the lowest anchor − StreamingLLM(same keys per query) margin, and an arm
     that names a sweep trains with its winner (visible in the run's own saved config)."""
@@ -145,6 +153,9 @@ def test_evidence_sweeps_pick_by_margin_and_arms_use_the_winners(evidence_run):
     for r in win.values():
         assert r["margin"] == pytest.approx(__import__("math").log(r["ppl_anchor"] / r["ppl_streamingllm_q"]))
     assert results.choices["distill"] == "l0.5"
+    control = results.sweeps["distill"]["l0"]  # run and reported like a candidate, never chosen
+    assert control["control"] is True and control["overrides"] == ["trainer.distill.weight=0"]
+    assert "| l0 (control) |" in (tmp / "report" / "README.md").read_text()
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(tmp / "work" / "ac_sink_window_distill" / "anllm_train_config.yaml")

@@ -66,15 +66,21 @@ class SweepSchema:
 
 @dataclass
 class OptionSweepSchema:
-    """``study.sweeps.<name>``: candidate option sets on one arm."""
+    """``study.sweeps.<name>``: candidate option sets on one arm, and controls (e.g. λ = 0) run and
+    reported the same way but never chosen, so a sweep says how much its option helps, not only which
+    value is best."""
 
     arm: str = "ac_sink"
     tokens: int = spec(49152, ge=1)
     candidates: Dict[str, List[str]] = field(default_factory=dict)
+    controls: Dict[str, List[str]] = field(default_factory=dict)
 
     def check(self, key: str) -> None:
         if not self.candidates:
             raise ConfigError(f"{key}.candidates is empty: give at least one option set.")
+        both = sorted(set(self.candidates) & set(self.controls))
+        if both:
+            raise ConfigError(f"{key}: {both} named both a candidate and a control; give each option set one name.")
 
 
 @dataclass

@@ -107,11 +107,12 @@ def option_sweeps_md(s: dict[str, Any]) -> list[str]:
             continue
         L += [f"## Sweep: {name} (short runs of AC + sinks)", "",
               "The winner has the lowest log PPL(anchor) − log PPL(StreamingLLM, same keys per query): the margin over a "
-              "window at equal attention cost, not anchor PPL alone (a bigger window always lowers that).", "",
+              "window at equal attention cost, not anchor PPL alone (a bigger window always lowers that). A control is run "
+              "and reported the same way but never chosen.", "",
               "| candidate | settings | tokens | PPL full | PPL anchor | StreamingLLM (same keys/query) | margin | mean keys | peak keys |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for cand, r in cands.items():
-            mark = " **(chosen)**" if s.get("choices", {}).get(name) == cand else ""
+            mark = " **(chosen)**" if s.get("choices", {}).get(name) == cand else " (control)" if r.get("control") else ""
             L.append(f"| {cand}{mark} | `{' '.join(r['overrides'])}` | {r['tokens']:,} | {_f(r.get('ppl_full'))} | "
                      f"{_f(r.get('ppl_anchor'))} | {_f(r.get('ppl_streamingllm_q'))} | {_f(r.get('margin'), '{:+.3f}')} | "
                      f"{_f(r.get('mean_kv'), '{:.1f}')} | {_f(r.get('max_kv'), '{:.1f}')} |")

@@ -219,7 +219,8 @@ class Study:
         for name, sw in (self.settings.get("sweeps") or {}).items():
             base = self.settings.arm_specs[sw.arm]
             done = self.results.sweeps.setdefault(name, {})
-            for cand, extra in sw.candidates.items():
+            controls = dict(sw.get("controls") or {})
+            for cand, extra in [*sw.candidates.items(), *controls.items()]:
                 overrides = [*self.chosen_overrides(), *base.overrides, *extra]
                 run = f"sweep-{name}/{cand}"
                 # 4 checkpoints: a killed candidate resumes near where it stopped (only the last is evaluated)
@@ -229,11 +230,12 @@ class Study:
                               "tokens": tokens_seen(out), **{f"ppl_{m}": r[m]["ppl"] for m in r},
                               "mean_kv": r["anchor"].get("mean_kv"), "max_kv": r["anchor"].get("peak_kv"),
                               "margin": math.log(r["anchor"]["ppl"]) - math.log(r["streamingllm_q"]["ppl"]),
-                              "train_s": self.timings().get(f"train/{run}")}
+                              "train_s": self.timings().get(f"train/{run}"),
+                              **({"control": True} if cand in controls else {})}
                 log.info("sweep %s/%s: anchor %.2f streamingllm_q %.2f", name, cand, r["anchor"]["ppl"],
                          r["streamingllm_q"]["ppl"])
                 self.publish()
-            self.results.choices[name] = min(done, key=lambda c: done[c]["margin"])
+            self.results.choices[name] = choose(done, sw.candidates)
 
     def arm_overrides(self, arm: str) -> list[str]:
         """An arm's overrides: the optimiser settings, its own, then the winners of the sweeps it uses."""
@@ -354,6 +356,13 @@ def main(argv: Sequence[str]) -> Results:
     except InputError as e:  # bad input: one line, exit code 2, nothing written
         fail("study.py", str(e), kind="config error")
     return Study(cfg).run()
+
+
+def choose(done: dict[str, dict[str, Any]], candidates: Any) -> str:
+    """The option sweep's winner: the candidate (never a control) with the lowest margin
+    log PPL(anchor) − log PPL(StreamingLLM at equal keys per query)."""
+    eligible = [c for c in done if c in candidates and not done[c].get("control")]
+    return min(eligible, key=lambda c: done[c]["margin"])
 
 
 def equal_cache_budget(rows: dict[str, dict[str, Any]]) -> float | None:
