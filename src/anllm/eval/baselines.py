@@ -99,18 +99,30 @@ def _knorm_attention_forward(module: Any, query: torch.Tensor, key: torch.Tensor
 
 
 @contextlib.contextmanager
+def attention_backend(model: Any, impl: str | None) -> Iterator[None]:
+    """Run ``model`` with another attention backend (``None``: leave it), restored afterwards."""
+    before = model.config._attn_implementation
+    if impl is None or impl == before:
+        yield
+        return
+    model.set_attn_implementation(impl)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
+@contextlib.contextmanager
 def knorm_attention(model: Any, budget: int) -> Iterator[None]:
     """Run ``model`` with the streaming K-norm baseline (attention interface, restored afterwards)."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(KNORM_ATTENTION, _knorm_attention_forward)
-    before = model.config._attn_implementation
     token = _KNORM_BUDGET.set(int(budget))
-    model.set_attn_implementation(KNORM_ATTENTION)
     try:
-        yield
+        with attention_backend(model, KNORM_ATTENTION):
+            yield
     finally:
-        model.set_attn_implementation(before)
         _KNORM_BUDGET.reset(token)
 
 

@@ -45,6 +45,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from . import methods as registry
+from .baselines import attention_backend
 
 SNAPKV_WINDOW = 64  # kvpress's default observation window (SnapKV, PyramidKV)
 _SINK_FIELDS = ("n_sink", "num_sinks", "sink_size_start")
@@ -126,20 +127,6 @@ def _scorer(cls: type, opts: dict[str, Any], length: int, keep: int, num_sink_to
     return cls(compression_ratio=ratio, **opts)
 
 
-@contextlib.contextmanager
-def _attn_implementation(model: Any, impl: str | None) -> Iterator[None]:
-    """Run ``model`` with another attention backend (``None``: leave it), restored afterwards."""
-    before = model.config._attn_implementation
-    if impl is None or impl == before:
-        yield
-        return
-    model.set_attn_implementation(impl)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(before)
-
-
 def _decoder(model: Any) -> Any:
     """The decoder stack the press hooks (kvpress reads ``model.model.layers``): the prefill runs it
     alone, without the LM head, whose logits nobody reads."""
@@ -204,7 +191,7 @@ def _layer_mask_attention_forward(module: Any, query: torch.Tensor, key: torch.T
 
     masks = _LAYER_MASKS.get()
     if masks is None:
-        raise RuntimeError("anllm_layer_masks attention runs only inside anllm.eval.baselines.layer_masks().")
+        raise RuntimeError("anllm_layer_masks attention runs only inside anllm.eval.presses.layer_masks().")
     return sdpa_attention_forward(module, query, key, value, masks[module.layer_idx], **kwargs)
 
 
@@ -217,7 +204,7 @@ def layer_masks(model: Any, masks: list[torch.Tensor]) -> Iterator[None]:
     AttentionInterface.register(LAYER_MASK_ATTENTION, _layer_mask_attention_forward)
     token = _LAYER_MASKS.set(masks)
     try:
-        with _attn_implementation(model, LAYER_MASK_ATTENTION):
+        with attention_backend(model, LAYER_MASK_ATTENTION):
             yield
     finally:
         _LAYER_MASKS.reset(token)
@@ -255,7 +242,7 @@ def press_prefill(model: Any, method: str, contexts: Sequence[Sequence[int] | to
             cache = DynamicCache()
             press = make_press(method, L, n, num_sink_tokens) if n < L else None
             with (press(model) if press is not None else contextlib.nullcontext()), \
-                    _attn_implementation(model, "eager" if spec.eager and press is not None else None):
+                    attention_backend(model, "eager" if spec.eager and press is not None else None):
                 decoder(input_ids=ids[None], past_key_values=cache, use_cache=True)
             layers = [(layer.keys, layer.values) for layer in cache.layers]
             widths = [k.shape[2] for k, _ in layers]
