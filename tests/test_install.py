@@ -14,12 +14,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_dry(*variables: str) -> subprocess.CompletedProcess:
+def make_n(target: str, *variables: str) -> subprocess.CompletedProcess:
+    """`make -n target`: what make would run, as a fresh shell's make prints it."""
     # make would take PYTHON from the environment; and under `make test` the outer make's MAKEFLAGS/
     # MAKELEVEL reach this inner make and change what -n prints (the suite runs both ways)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
-    return subprocess.run(["make", "-n", "install", "VENV=/tmp/anllm-dry-venv", "VENV_COMET=/tmp/anllm-dry-venv-comet",
-                           *variables], cwd=REPO, capture_output=True, text=True, env=env)
+    return subprocess.run(["make", "-n", target, *variables], cwd=REPO, capture_output=True, text=True, env=env)
+
+
+def make_dry(*variables: str) -> subprocess.CompletedProcess:
+    return make_n("install", "VENV=/tmp/anllm-dry-venv", "VENV_COMET=/tmp/anllm-dry-venv-comet", *variables)
 
 
 def dry_run(*variables: str) -> str:
@@ -70,7 +74,7 @@ def test_comet_env_gets_the_same_torch_then_its_requirements(variables):
     reqs = (REPO / "comet" / "requirements.txt").read_text()
     assert "unbabel-comet==2.2.7" in reqs.splitlines() and "numpy>=1.20,<2" in reqs.splitlines()
     assert not any(line.startswith("anllm") for line in reqs.splitlines())  # anllm runs the worker by path
-    clean = subprocess.run(["make", "-n", "clean-venv", "VENV=/a", "VENV_COMET=/b"], cwd=REPO, capture_output=True, text=True)
+    clean = make_n("clean-venv", "VENV=/a", "VENV_COMET=/b")
     assert clean.stdout.strip() == "rm -rf /a /b"
     assert "rm -rf .venv .venv-comet" in (REPO / ".ci" / "run").read_text()
     assert ".venv-comet/" in (REPO / ".gitignore").read_text().splitlines()
