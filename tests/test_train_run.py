@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -164,6 +166,33 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, data_cache)
     a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "crash" / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     assert losses(full)[3:] == pytest.approx(losses(resumed)[-3:], rel=1e-5, abs=1e-6)
+
+
+def as_written_under_numpy1(rng_file: Path) -> None:
+    """Rewrite a checkpoint's RNG file the way numpy 1 pickles it (numpy.core, not numpy._core)."""
+    with zipfile.ZipFile(rng_file) as z:
+        entries = {name: z.read(name) for name in z.namelist()}
+    pkl = next(name for name in entries if name.endswith("data.pkl"))
+    assert b"numpy._core.multiarray" in entries[pkl]
+    entries[pkl] = entries[pkl].replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    with zipfile.ZipFile(rng_file, "w") as z:
+        for name, data in entries.items():
+            z.writestr(name, data)
+
+
+def test_a_checkpoint_written_under_numpy1_resumes(tmp_path, data_cache):
+    """Checkpoints from before the numpy 2 switch (#17) must still resume: the Trainer's weights-only
+    load of rng_state.pth refuses numpy 1's name for the array constructor unless we allow it."""
+    cfg = tiny_cfg(tmp_path / "crash", data_cache, "anllm_ac", *RESUME)
+    with pytest.raises(RuntimeError, match="simulated preemption"):
+        run(cfg, callbacks=[CrashAt(4)])
+    rng_file = tmp_path / "crash" / "checkpoint-3" / "rng_state.pth"
+    as_written_under_numpy1(rng_file)
+    with pytest.raises(pickle.UnpicklingError, match="numpy.core.multiarray._reconstruct"):
+        torch.load(rng_file)  # what the Trainer's own allowlist meets
+    counter = CountSteps()
+    resumed = run(cfg, callbacks=[counter])
+    assert resumed.resumed_from.endswith("checkpoint-3") and resumed.global_step == 6 and counter.steps == 3
 
 
 def test_an_interrupted_save_is_never_resumed_from(tmp_path, data_cache, monkeypatch):

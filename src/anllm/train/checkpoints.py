@@ -16,9 +16,12 @@ import os
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import numpy as np
+import torch
 from transformers import TrainerCallback
 
 from ..utils import FileLock
@@ -66,6 +69,19 @@ class OutputDirLock:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+@contextmanager
+def numpy1_rng_states() -> Iterator[None]:
+    """Let a resume read checkpoints written under numpy 1 (before this project moved to numpy 2).
+
+    Their ``rng_state.pth`` pickles numpy's RNG state as ``numpy.core.multiarray._reconstruct``;
+    numpy 2 names it ``numpy._core...``, and torch's weights-only loader matches globals by name, so
+    the Trainer's allowlist refuses the old name and the resume dies. Allow the old name for the same
+    function - nothing else is added to what the weights-only loader accepts.
+    """
+    with torch.serialization.safe_globals([(np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]):
+        yield
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[tuple[int, Path]]:

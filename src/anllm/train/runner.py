@@ -22,6 +22,7 @@ from .checkpoints import (
     checkpoint_dirs,
     is_complete,
     latest_complete_checkpoint,
+    numpy1_rng_states,
     quarantine_incomplete,
 )
 from ..schema.core import plain_dict
@@ -131,7 +132,8 @@ def _run_locked(c: dict[str, Any], callbacks: Sequence[Any], output_dir: Path, a
         start = heldout.start_numbers(model, tok, c, check, docs)  # before training: the starting model
     if resume_path:
         logger.info("Resuming from %s", resume_path)
-    out = trainer.train(resume_from_checkpoint=str(resume_path) if resume_path else None)
+    with numpy1_rng_states():
+        out = trainer.train(resume_from_checkpoint=str(resume_path) if resume_path else None)
     trainer.save_model(str(output_dir))  # weights (ZeRO-3: gathered), config with anchor settings, tokenizer
     check_result = None
     if check is not None and trainer.is_world_process_zero():
