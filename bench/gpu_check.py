@@ -52,7 +52,6 @@ import time
 T_START = time.perf_counter()  # the budget counts imports and model construction too
 
 import argparse  # noqa: E402
-import collections  # noqa: E402
 import contextlib  # noqa: E402
 import gc  # noqa: E402
 import importlib.util  # noqa: E402
@@ -60,7 +59,6 @@ import signal  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
-import warnings  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable, Iterator  # noqa: E402
@@ -74,6 +72,7 @@ import anllm  # noqa: E402
 from anllm.anchors import AnchorConfig  # noqa: E402
 from anllm.eval.generation import prefill  # noqa: E402
 from anllm.modeling import anchor_options  # noqa: E402
+from anllm.testing import count_host_reads  # noqa: E402
 from anllm.train.distill import distill_kl  # noqa: E402  (needs omegaconf: carried in .whl)
 
 DEVICE = "cuda"  # --cpu-smoke: "cpu"
@@ -544,54 +543,6 @@ def section_decode(b: Bench, args: argparse.Namespace, budget: Budget, record: d
 
 # --- host syncs ------------------------------------------------------------------------------------
 
-_READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "nonzero")
-
-
-@contextlib.contextmanager
-def count_host_reads() -> Iterator[collections.Counter]:
-    """Count Python-level reads of device tensors (``Tensor.item``, ``tolist``, ``__int__``,
-    ``__float__``, ``__bool__``, ``__index__``, ``nonzero`` and ``torch.nonzero``): each one waits for
-    the device. On CUDA, ``torch.cuda.set_sync_debug_mode("warn")`` also counts the synchronizing CUDA
-    calls made inside C++ (e.g. boolean-mask indexing) as ``cuda_sync_events``. Everything is restored
-    on exit."""
-    counts: collections.Counter = collections.Counter()
-    saved: list[tuple[Any, str, Any, bool]] = []
-
-    def wrap(owner: Any, name: str) -> None:
-        orig = getattr(owner, name)
-        own = name in vars(owner)
-        saved.append((owner, name, orig, own))
-
-        def counting(*a: Any, **k: Any) -> Any:
-            t = a[0] if a else k.get("input")
-            if isinstance(t, torch.Tensor) and t.device.type == DEVICE:
-                counts[name] += 1
-            return orig(*a, **k)
-
-        setattr(owner, name, counting)
-
-    for n in _READS:
-        wrap(torch.Tensor, n)
-    wrap(torch, "nonzero")
-    debug_before = torch.cuda.get_sync_debug_mode() if DEVICE == "cuda" else None
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            if DEVICE == "cuda":
-                torch.cuda.set_sync_debug_mode("warn")
-            try:
-                yield counts
-            finally:
-                if DEVICE == "cuda":
-                    torch.cuda.set_sync_debug_mode(debug_before)
-        counts["cuda_sync_events"] = sum("synchroniz" in str(w.message) for w in caught)
-    finally:
-        for owner, name, orig, own in reversed(saved):
-            if own or owner is torch:
-                setattr(owner, name, orig)
-            else:
-                delattr(owner, name)
-
 
 def count_decode_syncs(b: Bench, B: int, P: int, chunk: int, steps: int = 4) -> dict[str, Any]:
     """Host reads per decode step of the anchor cache (and of the plain DynamicCache, for reference),
@@ -601,8 +552,9 @@ def count_decode_syncs(b: Bench, B: int, P: int, chunk: int, steps: int = 4) -> 
     model = b.model
     ids = b.token_ids(B, P, seed=4)
     out: dict[str, Any] = {"status": "ok", "batch": B, "prompt": P, "steps_counted": steps, "counts": (
-        "python_reads: Tensor.item/tolist/__int__/__float__/__bool__/__index__/nonzero and torch.nonzero on "
-        "device tensors during model calls; cuda_sync_events: torch.cuda sync-debug warnings (CUDA only)")}
+        "anllm.testing.count_host_reads on device tensors during model calls: Python-level reads "
+        "(item/tolist/__int__/__bool__/nonzero/cpu...) and ATen ops that read a size (x[mask], nonzero, "
+        "repeat_interleave...); cuda_sync_events: torch.cuda sync-debug warnings (CUDA only)")}
     for name, cache, ansan in (("anchor", anllm.AnchorCache(), True), ("plain-dynamic", DynamicCache(), False)):
         am = torch.ones_like(ids)
         with torch.inference_mode(), anllm.anchor_attention(model, enabled=ansan):
@@ -619,7 +571,7 @@ def count_decode_syncs(b: Bench, B: int, P: int, chunk: int, steps: int = 4) -> 
 
             step()  # the first decode step (a cache that changes shape after the prefill) is not counted
             sync()
-            with count_host_reads() as counter:
+            with count_host_reads(DEVICE) as counter:
                 for _ in range(steps):
                     step()
         sync()

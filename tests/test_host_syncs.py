@@ -20,85 +20,23 @@ CPU, tiny random Llama, ~10 s.
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
-from typing import Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
 import anllm
 from anllm.eval.generation import greedy_generate
-from anllm.testing import tiny_llama, word_tokenizer
+from anllm.testing import count_host_reads, tiny_llama, word_tokenizer
 
 EP_WORDS = [".", "!", "?", ","] + [f"w{i}" for i in range(120)]  # 128 tokens, the tiny_llama vocab
 P = 4  # "."
 W = 10  # a non-anchor word
 
-# --- the counter (its own, not bench/gpu_check.py's) -------------------------------------------------
-
-_PY_READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "nonzero", "cpu", "numpy")
-_SYNC_OPS = {"aten::nonzero", "aten::masked_select", "aten::_local_scalar_dense", "aten::unique_dim",
-             "aten::_unique", "aten::_unique2", "aten::unique_consecutive", "aten::equal", "aten::is_nonzero",
-             "aten::allclose"}
-_INDEX_OPS = {"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"}
-
-
-def _implicit_sync(func, args, kwargs) -> bool:  # noqa: ANN001 - dispatch signature
-    name = func._schema.name
-    if name in _SYNC_OPS:
-        return True
-    if name in _INDEX_OPS and len(args) > 1 and isinstance(args[1], (list, tuple)):  # x[mask]: nonzero inside
-        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1])
-    if name == "aten::repeat_interleave":  # without output_size the result's size is read
-        return (kwargs or {}).get("output_size") is None
-    return False
-
-
-@contextlib.contextmanager
-def count_host_reads() -> Iterator[collections.Counter]:
-    """Counter of host reads made inside the block, by kind (nested reads count once)."""
-    counts: collections.Counter = collections.Counter()
-    depth = [0]
-    saved = []
-
-    class Implicit(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-            if not depth[0] and _implicit_sync(func, args, kwargs):
-                counts[func._schema.name] += 1
-            return func(*args, **(kwargs or {}))
-
-    def wrap(owner, name: str) -> None:  # noqa: ANN001
-        orig = getattr(owner, name)
-        saved.append((owner, name, orig, name in vars(owner)))
-
-        def counting(*a, **k):  # noqa: ANN002, ANN003
-            if not depth[0]:
-                counts[name] += 1
-            depth[0] += 1
-            try:
-                return orig(*a, **k)
-            finally:
-                depth[0] -= 1
-
-        setattr(owner, name, counting)
-
-    for name in _PY_READS:
-        wrap(torch.Tensor, name)
-    wrap(torch, "nonzero")
-    try:
-        with Implicit():
-            yield counts
-    finally:
-        for owner, name, orig, own in reversed(saved):
-            if own or owner is torch:
-                setattr(owner, name, orig)
-            else:
-                delattr(owner, name)
+# --- the counter (anllm.testing.count_host_reads, also used by bench/gpu_check.py) ---------------
 
 
 def test_the_counter_sees_explicit_and_implicit_reads() -> None:
@@ -114,6 +52,36 @@ def test_the_counter_sees_explicit_and_implicit_reads() -> None:
         x[torch.tensor([1, 2])]  # integer indexing: no read
     assert dict(c) == {"__int__": 1, "tolist": 1, "__bool__": 1, "aten::index": 1, "nonzero": 1,
                        "aten::repeat_interleave": 1}
+
+
+def test_the_counter_counts_only_reads_of_the_given_device() -> None:
+    """bench/gpu_check.py counts reads of CUDA tensors only: reading a CPU tensor does not wait for the GPU."""
+    x = torch.arange(10)
+
+    def reads() -> None:
+        int(x[0])
+        x.tolist()
+        _ = x[x > 3]
+        x.repeat_interleave(x)
+
+    with count_host_reads("cuda") as other:
+        reads()
+    with count_host_reads("cpu") as same:
+        reads()
+    assert dict(other) == {} and dict(same) == {"__int__": 1, "tolist": 1, "aten::index": 1, "aten::repeat_interleave": 1}
+
+
+def test_the_counter_restores_what_it_wraps() -> None:
+    names = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "nonzero", "cpu", "numpy")
+    before = {n: torch.Tensor.__dict__.get(n) for n in names}
+    nonzero = torch.nonzero
+    t = torch.tensor([1, 0, 2])
+    with count_host_reads() as counts:
+        t[0].item(), t.tolist(), int(t[0]), bool(t[0]), t.nonzero(), torch.nonzero(t)
+    assert dict(counts) == {"item": 1, "tolist": 1, "__int__": 1, "__bool__": 1, "nonzero": 2}  # nested: once
+    assert {n: torch.Tensor.__dict__.get(n) for n in names} == before and torch.nonzero is nonzero
+    int(t[0])  # and nothing counts after the block
+    assert sum(counts.values()) == 6
 
 
 # --- the model and the decode steps ----------------------------------------------------------------
