@@ -506,12 +506,67 @@ def test_real_sft_slice_with_smollm2(smollm2_tokenizer, shared_data, tmp_path):
         assert prompt.endswith("### Response:\n") and "request.<AC>" in prompt
 
 
-def test_code_version_changes_with_the_code_unless_a_checked_reorganisation_vouches(monkeypatch):
-    """The cache key's code part: the source hash of the row-making code, or (only for a reorganisation
-    checked to write the same rows) the earlier version's key, so old entries stay valid."""
+# --- the declared row format ----------------------------------------------------------------------
+
+ROW_FORMAT_FIXTURE = Path(__file__).parent / "data" / "row_format.json"
+GOLDEN_WORDS = WORDS[:4] + ". , ! ? ; : ' \" - the a of and to in is was he she it".split()
+
+
+def golden_builds(shared_data: Path, tmp_path: Path) -> dict[str, tuple]:
+    """Every way a build makes rows, on a real slice (the splitter sees real prose) and a fixed tokenizer."""
+    tok = word_tokenizer(GOLDEN_WORDS)
+    news = {"kind": "jsonl", "paths": [str(shared_data / "pretrain_text" / "lee_background_news.jsonl")],
+            "max_documents": 12}
+    ep = anllm.AnchorConfig(mode="ep", anchor_token_ids=[tok.convert_tokens_to_ids(w) for w in ".!?"])
+    sft = {"kind": "sft", "alpaca_path": str(shared_data / "alpaca" / "alpaca_5000.json"),
+           "parallel_path": str(shared_data / "newstest_de_en" / "newstest2017-2020.de-en.jsonl"), "max_examples": 12}
+    return {
+        "jsonl-ac-packed": build(news, tok, ac_config(tok), 64, tmp_path),
+        "jsonl-ep-packed-remainder": build({**news, "keep_remainder": True}, tok, ep, 64, tmp_path),
+        "jsonl-none-packed": build(news, tok, None, 64, tmp_path),
+        "jsonl-ac-unpacked": build({**news, "packing": False}, tok, ac_config(tok), 96, tmp_path),
+        "jsonl-ac-holdout": build({**news, "holdout_fraction": 0.25}, tok, ac_config(tok), 64, tmp_path, split="holdout"),
+        "sft-ac": build(sft, tok, ac_config(tok), 256, tmp_path),
+    }
+
+
+def row_digest(ds, stats: DataStats) -> str:
+    import hashlib
+
+    counts = {k: getattr(stats, k) for k in ("documents", "tokens", "anchors", "sentences", "rows", "row_tokens",
+                                              "loss_tokens", "dropped_tokens", "truncated", "skipped")}
+    blob = json.dumps({"rows": ds[:], "counts": counts}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def test_rows_match_the_declared_row_format(shared_data, tmp_path):
+    """The dataset cache key holds ``store.ROW_FORMAT``, not the source: a change to the rows without a bump
+    would reuse caches of the old rows. Regenerate the digests only with a bump:
+    ``ANLLM_UPDATE_ROW_FORMAT=1 pytest tests/test_data.py -k row_format``."""
     from anllm.data import store
 
-    h = store.source_hash()
-    assert store.code_version() == store.SAME_ROWS_AS.get(h, h)
-    monkeypatch.setattr(store, "source_hash", lambda: "0123456789abcdef")
-    assert store.code_version() == "0123456789abcdef"  # a change no entry vouches for: a new key
+    digests = {name: row_digest(*built) for name, built in golden_builds(shared_data, tmp_path).items()}
+    golden = json.loads(ROW_FORMAT_FIXTURE.read_text()) if ROW_FORMAT_FIXTURE.exists() else None
+    if os.environ.get("ANLLM_UPDATE_ROW_FORMAT") == "1":
+        assert golden is None or golden["row_format"] != store.ROW_FORMAT or golden["digests"] == digests, (
+            f"the rows changed but ROW_FORMAT is still {store.ROW_FORMAT}: bump it in src/anllm/data/store.py first")
+        ROW_FORMAT_FIXTURE.write_text(json.dumps({"row_format": store.ROW_FORMAT, "digests": digests}, indent=1) + "\n")
+        return
+    assert golden is not None, f"{ROW_FORMAT_FIXTURE} is missing: ANLLM_UPDATE_ROW_FORMAT=1 regenerates it"
+    changed = sorted(k for k in digests.keys() | golden["digests"].keys() if digests.get(k) != golden["digests"].get(k))
+    assert golden["row_format"] == store.ROW_FORMAT, (
+        f"ROW_FORMAT is {store.ROW_FORMAT} but the digests are of format {golden['row_format']}: "
+        "regenerate them with ANLLM_UPDATE_ROW_FORMAT=1")
+    assert not changed, (f"the builds now write other rows ({', '.join(changed)}) under the same ROW_FORMAT "
+                         f"{store.ROW_FORMAT}: bump it in src/anllm/data/store.py, then regenerate the digests")
+
+
+def test_the_cache_key_follows_the_row_format_not_the_source(tok, corpus, tmp_path, monkeypatch):
+    from anllm.data import store
+
+    cfg = {"kind": "jsonl", "paths": [str(corpus)]}
+    _, first = build(cfg, tok, ac_config(tok), 8, tmp_path)
+    _, again = build(cfg, tok, ac_config(tok), 8, tmp_path)
+    monkeypatch.setattr(store, "ROW_FORMAT", store.ROW_FORMAT + 1)
+    _, bumped = build(cfg, tok, ac_config(tok), 8, tmp_path)
+    assert (first.from_cache, again.from_cache, bumped.from_cache) == (False, True, False)

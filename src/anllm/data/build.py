@@ -125,7 +125,7 @@ def build_train_dataset(
         "block_size": block_size,
         "seed": seed if kind == "sft" else None,  # only SFT shuffles
         "split": split,
-        "code": store.code_version(),
+        "row_format": store.ROW_FORMAT,
     }
     if kind == "demo":
         import sys

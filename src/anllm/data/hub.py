@@ -55,7 +55,7 @@ def build_hub(cfg: dict, tokenizer: Any, anchor: AnchorConfig | None, block_size
         spec = stream_mod.plan_stream(files, spec, float(cfg.get("shard_mb", 32)))
         key = stream_mod.stream_key({
             "shards": spec.shards, "sizes": files, "tokenizer": store.tokenizer_identity(tokenizer),
-            "anchor": store.anchor_identity(anchor), "block_size": block_size, "code": store.code_version(),
+            "anchor": store.anchor_identity(anchor), "block_size": block_size, "row_format": store.ROW_FORMAT,
             "rows": {k: cfg.get(k) for k in ("text_column", "packing", "keep_remainder", "splitter", "shuffle_buffer")},
             "seed": seed if buffer > 0 else None,
         })
