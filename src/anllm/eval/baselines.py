@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -78,24 +78,22 @@ def knorm_visible(keys: torch.Tensor, budget: int) -> torch.Tensor:
     return kept.transpose(-1, -2) | torch.eye(L, dtype=torch.bool, device=keys.device)  # [B, H, q, k]
 
 
-_KNORM_BUDGET: contextvars.ContextVar[int | None] = contextvars.ContextVar("anllm_knorm_budget", default=None)
-KNORM_ATTENTION = "anllm_knorm"
+# A per-layer mask: mask_fn(module, query, key, attention_mask) -> bool mask for SDPA
+MaskFn = Callable[[Any, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+_MASK_FN: contextvars.ContextVar[MaskFn | None] = contextvars.ContextVar("anllm_mask_fn", default=None)
+MASKED_SDPA = "anllm_masked_sdpa"
 
 
-def _knorm_attention_forward(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                             attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-    """SDPA with each layer's K-norm mask ANDed onto the given mask (registered as ``anllm_knorm``)."""
+def _masked_sdpa_forward(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """SDPA under the mask the innermost :func:`masked_attention` makes for this layer (registered as
+    ``anllm_masked_sdpa``)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    budget = _KNORM_BUDGET.get()
-    if budget is None:
-        raise RuntimeError("anllm_knorm attention runs only inside anllm.eval.baselines.baseline_attention().")
-    if key.shape[-2] != query.shape[-2]:
-        raise ValueError("The streaming K-norm baseline scores a whole sequence in one forward (no cache).")
-    keep = knorm_visible(key, budget)
-    keep = keep.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # KV heads -> query heads
-    mask = keep if attention_mask is None else keep & attention_mask.bool()
-    return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+    mask_fn = _MASK_FN.get()
+    if mask_fn is None:
+        raise RuntimeError("anllm_masked_sdpa attention runs only inside anllm.eval.baselines.masked_attention().")
+    return sdpa_attention_forward(module, query, key, value, mask_fn(module, query, key, attention_mask), **kwargs)
 
 
 @contextlib.contextmanager
@@ -113,17 +111,32 @@ def attention_backend(model: Any, impl: str | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def knorm_attention(model: Any, budget: int) -> Iterator[None]:
-    """Run ``model`` with the streaming K-norm baseline (attention interface, restored afterwards)."""
+def masked_attention(model: Any, mask_fn: MaskFn) -> Iterator[None]:
+    """Run ``model`` with SDPA under a mask computed per layer by ``mask_fn(module, query, key,
+    attention_mask)`` - what a baseline needs when its kept keys differ by layer (K-norm's, a press's)
+    and one shared mask cannot say it. Through transformers' attention interface, restored afterwards."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register(KNORM_ATTENTION, _knorm_attention_forward)
-    token = _KNORM_BUDGET.set(int(budget))
+    AttentionInterface.register(MASKED_SDPA, _masked_sdpa_forward)
+    token = _MASK_FN.set(mask_fn)
     try:
-        with attention_backend(model, KNORM_ATTENTION):
+        with attention_backend(model, MASKED_SDPA):
             yield
     finally:
-        _KNORM_BUDGET.reset(token)
+        _MASK_FN.reset(token)
+
+
+def knorm_attention(model: Any, budget: int) -> contextlib.AbstractContextManager[None]:
+    """Run ``model`` with the streaming K-norm baseline: each layer's keys kept by :func:`knorm_visible`."""
+    budget = int(budget)
+
+    def knorm_mask(module: Any, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if key.shape[-2] != query.shape[-2]:
+            raise ValueError("The streaming K-norm baseline scores a whole sequence in one forward (no cache).")
+        keep = knorm_visible(key, budget).repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # KV -> query heads
+        return keep if attention_mask is None else keep & attention_mask.bool()
+
+    return masked_attention(model, knorm_mask)
 
 
 # The long-text readings' baselines (streamingllm, streamingllm_q, knorm: see anllm.eval.methods);

@@ -36,16 +36,15 @@ batched prefill there (not measured; long contexts fill the device row by row an
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from transformers.cache_utils import DynamicCache
 
 from . import methods as registry
-from .baselines import attention_backend
+from .baselines import attention_backend, masked_attention
 
 SNAPKV_WINDOW = 64  # kvpress's default observation window (SnapKV, PyramidKV)
 _SINK_FIELDS = ("n_sink", "num_sinks", "sink_size_start")
@@ -179,35 +178,10 @@ class Pressed:
                          past_key_values=self.cache, use_cache=True, **kwargs)
 
 
-_LAYER_MASKS: contextvars.ContextVar[list[torch.Tensor] | None] = contextvars.ContextVar(
-    "anllm_layer_masks", default=None)
-LAYER_MASK_ATTENTION = "anllm_layer_masks"
-
-
-def _layer_mask_attention_forward(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                  attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-    """SDPA with this layer's own ``[B, 1, q, k]`` bool mask (registered as ``anllm_layer_masks``)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    masks = _LAYER_MASKS.get()
-    if masks is None:
-        raise RuntimeError("anllm_layer_masks attention runs only inside anllm.eval.presses.layer_masks().")
-    return sdpa_attention_forward(module, query, key, value, masks[module.layer_idx], **kwargs)
-
-
-@contextlib.contextmanager
-def layer_masks(model: Any, masks: list[torch.Tensor]) -> Iterator[None]:
+def layer_masks(model: Any, masks: list[torch.Tensor]) -> contextlib.AbstractContextManager[None]:
     """Run ``model`` with one bool mask per layer (``masks[layer]``: ``[B, 1, q, k]``): a compressed
     cache's layers can hold different entries in the same slots, which one shared mask cannot say."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(LAYER_MASK_ATTENTION, _layer_mask_attention_forward)
-    token = _LAYER_MASKS.set(masks)
-    try:
-        with attention_backend(model, LAYER_MASK_ATTENTION):
-            yield
-    finally:
-        _LAYER_MASKS.reset(token)
+    return masked_attention(model, lambda module, query, key, attention_mask: masks[module.layer_idx])
 
 
 @torch.no_grad()
