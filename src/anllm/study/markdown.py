@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 from .findings import findings, paired_difference, paired_verdict, pooled_accuracy, ratio_to_full
 from .titles import PPL_ORDER, arm_title, method_title
@@ -12,6 +12,21 @@ from .titles import PPL_ORDER, arm_title, method_title
 
 def _f(x: Any, fmt: str = "{:.2f}") -> str:
     return "–" if x is None else fmt.format(x)
+
+
+def _pct(x: float | None) -> str:
+    """A fraction as a percentage with one decimal ("–" when missing)."""
+    return _f(None if x is None else 100 * x, "{:.1f}")
+
+
+def _table(columns: Sequence[str], rows: Iterable[Sequence[Any]], text: int = 1) -> list[str]:
+    """A markdown table: the first ``text`` columns left-aligned, the numbers right-aligned."""
+    align = "|" + "---|" * text + "---:|" * (len(columns) - text)
+    return [_cells(columns), align] + [_cells(r) for r in rows]
+
+
+def _cells(values: Sequence[Any]) -> str:
+    return "| " + " | ".join(str(v) for v in values) + " |"
 
 
 def markdown(s: dict[str, Any], figures: list[str], out: Path) -> str:
@@ -39,25 +54,24 @@ def markdown(s: dict[str, Any], figures: list[str], out: Path) -> str:
     ]
     L += option_sweeps_md(s) + final_md(s) + longrange_md(s)
     if s["sweep"]:
-        L += ["## Sweep (AnLLM-AC, short runs)", "",
-              "| candidate | settings | steps | tokens | PPL full | PPL anchor | anchor/full |", "|---|---|---:|---:|---:|---:|---:|"]
-        for name, r in s["sweep"].items():
-            mark = " **(chosen)**" if name == s["chosen"] else ""
-            L.append(f"| {name}{mark} | `{' '.join(r['overrides'])}` | {r['steps']} | {r['tokens']:,} | {r['ppl_full']:.2f} | "
-                     f"{r['ppl_anchor']:.2f} | {r['ppl_anchor'] / r['ppl_full']:.2f} |")
+        L += ["## Sweep (AnLLM-AC, short runs)", ""]
+        L += _table(["candidate", "settings", "steps", "tokens", "PPL full", "PPL anchor", "anchor/full"], [
+            [name + (" **(chosen)**" if name == s["chosen"] else ""), f"`{' '.join(r['overrides'])}`", r["steps"],
+             f"{r['tokens']:,}", _f(r["ppl_full"]), _f(r["ppl_anchor"]), _f(r["ppl_anchor"] / r["ppl_full"])]
+            for name, r in s["sweep"].items()], text=2)
         L.append("")
     if s["arms"]:
         L += ["## Learning curves (held-out perplexity)", ""]
         if "learning_curves.png" in figures:
             L += ["![learning curves](learning_curves.png)", ""]
-        L += ["| arm | tokens | " + " | ".join(method_title(m) for m in PPL_ORDER) + " | anchor/full | C⇓ % | budget |",
-              "|---|---:|" + "---:|" * (len(PPL_ORDER) + 3)]
+        rows = []
         for arm, a in s["arms"].items():
             for i, t in enumerate(a["tokens"]):
-                vals = [_f(a["ppl"][m][i]) if m in a["ppl"] else "–" for m in PPL_ORDER]
                 last = i == len(a["tokens"]) - 1
-                L.append(f"| {arm_title(arm)} | {t:,} | " + " | ".join(vals) + f" | {_f(ratio_to_full(a, 'anchor', i))} | "
-                         f"{_f(a['c_red'] * 100 if last and a['c_red'] is not None else None, '{:.1f}')} | {_f(a['budget'] if last else None, '{:.1f}')} |")
+                rows.append([arm_title(arm), f"{t:,}", *(_f(a["ppl"][m][i]) if m in a["ppl"] else "–" for m in PPL_ORDER),
+                             _f(ratio_to_full(a, "anchor", i)), _pct(a["c_red"] if last else None),
+                             _f(a["budget"] if last else None, "{:.1f}")])
+        L += _table(["arm", "tokens", *(method_title(m) for m in PPL_ORDER), "anchor/full", "C⇓ %", "budget"], rows)
         L += ["", "C⇓: 1 − kept/seen keys/values of the anchor cache after each document. Budget: mean keys per "
               "token given to the equal-cache baselines (the anchor cache's peak per document).", ""]
         pending = [arm_title(a) for a, v in s["arms"].items() if v["status"] == "pending"]
@@ -71,21 +85,18 @@ def markdown(s: dict[str, Any], figures: list[str], out: Path) -> str:
         if "recall.png" in figures:
             L += ["![recall](recall.png)", ""]
         ks = sorted({k for arm in s["recall"].values() for m in arm.values() for k in m["k"]})
-        L += ["| arm | method | " + " | ".join(f"k={k}" for k in ks) + " | C⇓ % (k=max) |", "|---|---|" + "---:|" * (len(ks) + 1)]
+        rows = []
         for arm, rec in s["recall"].items():
             for m, d in rec.items():
                 acc = dict(zip(d["k"], d["acc"]))
-                L.append(f"| {arm_title(arm)} | {method_title(m)} | " + " | ".join(_f(100 * acc[k], '{:.0f}') if k in acc else "–" for k in ks)
-                         + f" | {_f(100 * d['c_red'][-1], '{:.1f}')} |")
-        L.append("")
+                rows.append([arm_title(arm), method_title(m), *(_f(100 * acc[k], "{:.0f}") if k in acc else "–" for k in ks),
+                             _pct(d["c_red"][-1])])
+        L += _table(["arm", "method", *(f"k={k}" for k in ks), "C⇓ % (k=max)"], rows, text=2) + [""]
     if s["qa"]:
-        L += [f"## QA ({s['qa_shots']}-shot)", "", "| arm | task | method | acc | acc_norm | C⇓ % | n |", "|---|---|---|---:|---:|---:|---:|"]
-        for arm, tasks in s["qa"].items():
-            for task, methods in tasks.items():
-                for m, r in methods.items():
-                    L.append(f"| {arm_title(arm)} | {task} | {m} | {_f(100 * r['acc'] if r['acc'] is not None else None, '{:.1f}')} | "
-                             f"{_f(100 * r['acc_norm'] if r.get('acc_norm') is not None else None, '{:.1f}')} | "
-                             f"{_f(100 * r['c_red'] if r.get('c_red') is not None else None, '{:.1f}')} | {r.get('n') or '–'} |")
+        L += [f"## QA ({s['qa_shots']}-shot)", ""]
+        L += _table(["arm", "task", "method", "acc", "acc_norm", "C⇓ %", "n"], [
+            [arm_title(arm), task, m, _pct(r["acc"]), _pct(r.get("acc_norm")), _pct(r.get("c_red")), r.get("n") or "–"]
+            for arm, tasks in s["qa"].items() for task, methods in tasks.items() for m, r in methods.items()], text=3)
         L += ["", "StreamingLLM here is the QA suite's compress-once baseline (prefill, then keep sinks + the most recent "
               "tokens up to the anchor cache's size), the way KV-press methods are used.", ""]
     facts = findings(s)
@@ -95,8 +106,8 @@ def markdown(s: dict[str, Any], figures: list[str], out: Path) -> str:
         L += ["## Conclusion", "", conclusion.read_text(encoding="utf-8").strip(), ""]
     else:
         L += ["## Conclusion", "", "(pending: the study has not finished)", ""]
-    L += ["## Timings (seconds, measured by the study)", "", "| stage | s |", "|---|---:|"]
-    L += [f"| {k} | {v:.0f} |" for k, v in s["timings_s"].items()] + [""]
+    L += ["## Timings (seconds, measured by the study)", ""]
+    L += _table(["stage", "s"], [[k, f"{v:.0f}"] for k, v in s["timings_s"].items()]) + [""]
     return "\n".join(L)
 
 
@@ -108,15 +119,15 @@ def option_sweeps_md(s: dict[str, Any]) -> list[str]:
         L += [f"## Sweep: {name} (short runs of AC + sinks)", "",
               "The winner has the lowest log PPL(anchor) − log PPL(StreamingLLM, same keys per query): the margin over a "
               "window at equal attention cost, not anchor PPL alone (a bigger window always lowers that). A control is run "
-              "and reported the same way but never chosen.", "",
-              "| candidate | settings | tokens | PPL full | PPL anchor | StreamingLLM (same keys/query) | margin | mean keys | peak keys |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "and reported the same way but never chosen.", ""]
+        rows = []
         for cand, r in cands.items():
             mark = " **(chosen)**" if s.get("choices", {}).get(name) == cand else " (control)" if r.get("control") else ""
-            L.append(f"| {cand}{mark} | `{' '.join(r['overrides'])}` | {r['tokens']:,} | {_f(r.get('ppl_full'))} | "
-                     f"{_f(r.get('ppl_anchor'))} | {_f(r.get('ppl_streamingllm_q'))} | {_f(r.get('margin'), '{:+.3f}')} | "
-                     f"{_f(r.get('mean_kv'), '{:.1f}')} | {_f(r.get('max_kv'), '{:.1f}')} |")
-        L.append("")
+            rows.append([cand + mark, f"`{' '.join(r['overrides'])}`", f"{r['tokens']:,}", _f(r.get("ppl_full")),
+                         _f(r.get("ppl_anchor")), _f(r.get("ppl_streamingllm_q")), _f(r.get("margin"), "{:+.3f}"),
+                         _f(r.get("mean_kv"), "{:.1f}"), _f(r.get("max_kv"), "{:.1f}")])
+        L += _table(["candidate", "settings", "tokens", "PPL full", "PPL anchor", "StreamingLLM (same keys/query)", "margin",
+                     "mean keys", "peak keys"], rows, text=2) + [""]
     return L
 
 
@@ -127,9 +138,8 @@ def final_md(s: dict[str, Any]) -> list[str]:
     L = ["## Held-out perplexity at equal cache (final checkpoints)", "",
          "Mean keys: keys a token attends, averaged over the document's tokens; peak keys: the most any token attends. "
          "Δ vs anchor: mean over documents of log-PPL(method) − log-PPL(anchor) ± its standard error (positive: the "
-         "anchor reading is better; a win needs more than 2 s.e.).", "",
-         "| arm | set | method | PPL | PPL after 2,048 | mean keys | peak keys | Δ vs anchor | Δ after 2,048 |",
-         "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+         "anchor reading is better; a win needs more than 2 s.e.).", ""]
+    table = []
     for arm, sets in final.items():
         for name, rows in sets.items():
             for m in PPL_ORDER:
@@ -138,10 +148,10 @@ def final_md(s: dict[str, Any]) -> list[str]:
                 r = rows[m]
                 d = paired_verdict(paired_difference(rows, m)) if m != "anchor" else "–"
                 dt = paired_verdict(paired_difference(rows, m, tail=True)) if m != "anchor" and r.get("ppl_tail") else "–"
-                L.append(f"| {arm_title(arm)} | {name} | {method_title(m)} | {_f(r['ppl'])} | "
-                         f"{_f(r.get('ppl_tail'))} | {_f(r.get('mean_kv'), '{:.1f}')} | {_f(r.get('peak_kv'), '{:.1f}')} | {d} | {dt} |")
-    L.append("")
-    return L
+                table.append([arm_title(arm), name, method_title(m), _f(r["ppl"]), _f(r.get("ppl_tail")),
+                              _f(r.get("mean_kv"), "{:.1f}"), _f(r.get("peak_kv"), "{:.1f}"), d, dt])
+    return L + _table(["arm", "set", "method", "PPL", "PPL after 2,048", "mean keys", "peak keys", "Δ vs anchor",
+                       "Δ after 2,048"], table, text=3) + [""]
 
 
 def longrange_md(s: dict[str, Any]) -> list[str]:
@@ -151,8 +161,8 @@ def longrange_md(s: dict[str, Any]) -> list[str]:
     lengths = sorted({c["length"] for arm in lr.values() for t in arm.values() for cells in t.values() for c in cells})
     L = ["## Long-range tasks (passkey, multi-key needle, variable tracking)", "",
          "Teacher-forced exact match (greedy decoding would produce the answer); passkey pooled over depths 10–90%. "
-         "± binomial standard error.", "",
-         "| arm | task | method | " + " | ".join(f"{n:,} tokens" for n in lengths) + " |", "|---|---|---|" + "---:|" * len(lengths)]
+         "± binomial standard error.", ""]
+    rows = []
     for arm, tasks in lr.items():
         for task, methods in tasks.items():
             for m, cells in methods.items():
@@ -160,6 +170,5 @@ def longrange_md(s: dict[str, Any]) -> list[str]:
                 for n in lengths:
                     acc, k = pooled_accuracy([c for c in cells if c["length"] == n])
                     vals.append("–" if not k else f"{100 * acc:.0f} ± {100 * math.sqrt(acc * (1 - acc) / k):.0f}")
-                L.append(f"| {arm_title(arm)} | {task} | {method_title(m)} | " + " | ".join(vals) + " |")
-    L.append("")
-    return L
+                rows.append([arm_title(arm), task, method_title(m), *vals])
+    return L + _table(["arm", "task", "method", *(f"{n:,} tokens" for n in lengths)], rows, text=3) + [""]
