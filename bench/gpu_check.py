@@ -21,6 +21,9 @@ rewritten after every section, so a killed run still leaves everything measured 
 4. ``train:llama2-7b``: the same on a Llama-2-7B-shaped model with gradient checkpointing.
 5. ``decode:llama2-7b``: the decode rows on the 7B shape, ONE model (anchors toggled with
    ``anllm.anchor_attention``, never two copies); an OOM is recorded per row and candidate.
+6. ``vocab:llama2-7b``: what ``model.pad_vocab_multiple`` buys: the output projection + cross-entropy,
+   forward and backward, over 8k tokens at hidden 4096 for 32,000 rows (Llama-2), 32,001 (+ ``<AC>``)
+   and 32,064 (padded to a multiple of 64); ``padded_speedup`` = time(32,001) / time(32,064).
 
 Models: ``--shape smollm2`` (random SmolLM2-135M-shaped Llama), ``--shape llama2-7b`` (random
 Llama-2-7B-shaped: vocab 32000, hidden 4096, 32 layers, 32 heads, intermediate 11008), default
@@ -584,6 +587,39 @@ def count_decode_syncs(b: Bench, B: int, P: int, chunk: int, steps: int = 4) -> 
     return out
 
 
+# --- vocabulary padding ----------------------------------------------------------------------------
+
+
+VOCAB_ROWS = (32000, 32001, 32064)  # Llama-2; + <AC>; padded to a multiple of 64 (protocol.pad_vocab_multiple)
+
+
+def section_vocab(args: argparse.Namespace, budget: Budget, record: dict[str, Any]) -> None:
+    """Output projection + cross-entropy, forward and backward, at each vocabulary size (same tokens)."""
+    hidden, tokens = (64, 256) if args.cpu_smoke else (4096, 8192)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = (torch.randn(tokens, hidden, generator=g) * 0.02).to(DEVICE, DTYPE).requires_grad_()
+    labels = torch.randint(0, VOCAB_ROWS[0], (tokens,), generator=g).to(DEVICE)
+    rows: list[dict[str, Any]] = []
+    record.update(hidden=hidden, tokens=tokens, rows=rows)
+    for vocab in VOCAB_ROWS:
+        if budget.over():
+            rows.append({"vocab": vocab, **budget.skip_record()})
+            continue
+        w = (torch.randn(vocab, hidden, generator=g) * 0.02).to(DEVICE, DTYPE).requires_grad_()
+
+        def step() -> None:
+            loss = torch.nn.functional.cross_entropy((x @ w.T).float(), labels)
+            loss.backward()
+            x.grad = w.grad = None
+
+        rows.append({"vocab": vocab, "status": "ok", **timed(step, args.train_warmup, max(args.repeat, 5), 30.0, budget)})
+        del w
+        free_memory()
+    t = {r["vocab"]: r["s_per_step"] for r in rows if r.get("status") == "ok"}
+    record["padded_speedup"] = t[32001] / t[32064] if 32001 in t and 32064 in t else None
+    record["status"] = "ok"
+
+
 # --- driver ----------------------------------------------------------------------------------------
 
 
@@ -595,6 +631,8 @@ def plan_of(args: argparse.Namespace) -> list[tuple[str, str]]:
     plan = [("exactness", shapes[0])]
     for s in shapes:
         plan += [("decode", s), ("train", s)] if s == "smollm2" else [("train", s), ("decode", s)]
+    if "llama2-7b" in shapes:
+        plan.append(("vocab", "llama2-7b"))
     if args.sections:  # e.g. a second call for what the first one's budget skipped
         plan = [(kind, s) for kind, s in plan if kind in args.sections]
     return plan
@@ -620,6 +658,10 @@ def summary_rows(result: dict[str, Any]) -> list[list[Any]]:
                 else:
                     rows.append([key, case, f"{r['s_per_step']:.3f} s/step, {r['tokens_per_s']:,.0f} tok/s, "
                                  f"MFU {f(r['mfu'], '{:.1%}')}, peak {f(r['peak_mem_gib'], '{:.1f}')} GiB"])
+        elif key.startswith("vocab"):
+            rows.append([key, f"{sec['tokens']} tokens x hidden {sec['hidden']}", ", ".join(
+                f"V={r['vocab']}: {r['s_per_step'] * 1e3:.2f} ms" if r.get("status") == "ok" else f"V={r['vocab']}: {r.get('status')}"
+                for r in sec["rows"]) + f"; 32001/32064 time {f(sec['padded_speedup'], '{:.2f}')}x"])
         elif key.startswith("decode"):
             for r in sec["rows"]:
                 parts = []
@@ -660,7 +702,7 @@ def main() -> None:
     p.add_argument("--sync-prompt", type=int, default=1024, help="prompt length of the host-sync count")
     p.add_argument("--causal-flex", action="store_true",
                    help="add causal flex_attention training rows (flex's cost apart from the rule's; more compiling)")
-    p.add_argument("--sections", nargs="+", choices=["exactness", "decode", "train"], default=None,
+    p.add_argument("--sections", nargs="+", choices=["exactness", "decode", "train", "vocab"], default=None,
                    help="run only these sections (default: all)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--train-warmup", type=int, default=2)
@@ -715,14 +757,17 @@ def main() -> None:
         record: dict[str, Any] = {"status": "running"}
         result["sections"][key] = record
         try:
-            if bench is None or bench.name != name:
-                if bench is not None:
-                    result["models"][bench.name] = bench.describe()
-                    bench = None
-                    free_memory()
-                bench = build(name, args)
-            fn = {"exactness": section_exactness, "decode": section_decode, "train": section_train}[kind]
-            fn(bench, args, budget, record)
+            if kind == "vocab":  # no model
+                section_vocab(args, budget, record)
+            else:
+                if bench is None or bench.name != name:
+                    if bench is not None:
+                        result["models"][bench.name] = bench.describe()
+                        bench = None
+                        free_memory()
+                    bench = build(name, args)
+                fn = {"exactness": section_exactness, "decode": section_decode, "train": section_train}[kind]
+                fn(bench, args, budget, record)
         except KeyboardInterrupt as e:  # SIGTERM (timeout) or Ctrl-C: keep what this section measured
             record.update(status="killed", error=f"{e}", seconds=time.perf_counter() - t0)
             if bench is not None:

@@ -107,7 +107,11 @@ def check_sections(res: dict, expected: list[str]) -> None:
 
 def test_llama2_7b_shape(runs):
     res = load(runs, "llama2-7b")
-    check_sections(res, ["exactness", "train:llama2-7b", "decode:llama2-7b"])
+    check_sections(res, ["exactness", "train:llama2-7b", "decode:llama2-7b", "vocab:llama2-7b"])
+    vocab = res["sections"]["vocab:llama2-7b"]
+    assert [r["vocab"] for r in vocab["rows"]] == [32000, 32001, 32064] and all(r["status"] == "ok" for r in vocab["rows"])
+    t = {r["vocab"]: r["s_per_step"] for r in vocab["rows"]}
+    assert vocab["padded_speedup"] == pytest.approx(t[32001] / t[32064]) and all(x > 0 for x in t.values())
     m = res["models"]["llama2-7b"]
     assert m["vocab_size"] == 32000 and 0 <= m["max_input_id"] < 32000
     assert m["input_id_range"] == [100, 31999] and m["gradient_checkpointing"] is True
@@ -134,6 +138,6 @@ def test_checkpoint_keeps_its_anchors(runs):
 
 def test_spent_budget_skips_every_section_and_still_writes(runs):
     res = load(runs, "budget")
-    assert res["complete"] is True and len(res["plan"]) == 5
-    assert [res["sections"][k]["status"] for k in res["plan"]] == ["skipped"] * 5
+    assert res["complete"] is True and len(res["plan"]) == 6
+    assert [res["sections"][k]["status"] for k in res["plan"]] == ["skipped"] * 6
     assert all("time budget" in res["sections"][k]["reason"] for k in res["plan"])
