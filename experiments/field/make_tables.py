@@ -43,7 +43,8 @@ def qa_table(out_dir: Path) -> str:
             agree = "" if r.get("agree") is None else f"{100 * r['agree']:.1f}"
             pd = paired(preds, r["method"]) if r["method"] != "anchor" else None
             delta = "" if pd is None else f"{pd[0]:+.1f} ± {pd[1]:.1f}"
-            lines.append(f"| {r['method']} | {100 * r['acc']:.1f} | {se:.1f} | {delta} | {100 * r['acc_norm']:.1f} | "
+            norm = "–" if r.get("acc_norm") is None else f"{100 * r['acc_norm']:.1f}"  # BoolQ has no acc_norm
+            lines.append(f"| {r['method']} | {100 * r['acc']:.1f} | {se:.1f} | {delta} | {norm} | "
                          f"{100 * r['c_red']:.1f} | {r['max_kv']:.1f} | {r['peak_kv']:.1f} | {agree} | {r['time_s']:.0f} |")
         lines.append("")
     return "\n".join(lines)
