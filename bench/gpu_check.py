@@ -55,7 +55,6 @@ import time
 T_START = time.perf_counter()  # the budget counts imports and model construction too
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import gc  # noqa: E402
 import importlib.util  # noqa: E402
 import signal  # noqa: E402
@@ -64,7 +63,7 @@ import sys  # noqa: E402
 import traceback  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Callable, Iterator  # noqa: E402
+from typing import Any, Callable  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -74,7 +73,7 @@ from _common import machine_info, print_table, write_results  # noqa: E402
 import anllm  # noqa: E402
 from anllm.anchors import AnchorConfig  # noqa: E402
 from anllm.eval.generation import prefill  # noqa: E402
-from anllm.modeling import anchor_options  # noqa: E402
+from anllm.modeling import anchor_options, attention_backend  # noqa: E402
 from anllm.testing import count_host_reads  # noqa: E402
 from anllm.train.distill import distill_kl  # noqa: E402  (needs omegaconf: carried in .whl)
 
@@ -312,18 +311,6 @@ def timed(fn: Callable[[], Any], warmup: int, repeat: int, max_s: float, budget:
         if time.perf_counter() - row_start + times[-1] > max_s or budget.over():
             break
     return {"s_per_step": statistics.median(times), "timed_steps": len(times), "first_step_s": first}
-
-
-@contextlib.contextmanager
-def attention_backend(model: Any, attn: str) -> Iterator[None]:
-    before = model.config._attn_implementation
-    if attn != before:
-        model.set_attn_implementation(attn)
-    try:
-        yield
-    finally:
-        if model.config._attn_implementation != before:
-            model.set_attn_implementation(before)
 
 
 # --- sections --------------------------------------------------------------------------------------

@@ -148,6 +148,20 @@ def anchor_attention(model: Any, enabled: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def attention_backend(model: Any, impl: str | None) -> Iterator[None]:
+    """Run ``model`` with another attention backend (``None``: leave it), restored afterwards."""
+    before = model.config._attn_implementation
+    if impl is None or impl == before:
+        yield
+        return
+    model.set_attn_implementation(impl)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
+@contextlib.contextmanager
 def anchor_options(model: Any, **changes: Any) -> Iterator[None]:
     """Temporarily change the rule's :class:`~anllm.masks.AnsanOptions` of an anchor-aware model
     (e.g. ``hide_anchors=True`` for the sentence-only control). Use a fresh cache inside."""

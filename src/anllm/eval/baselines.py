@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ..modeling import anchor_attention, attention_backend, is_anchor_aware
 from . import methods as registry
 
 
@@ -97,20 +98,6 @@ def _masked_sdpa_forward(module: Any, query: torch.Tensor, key: torch.Tensor, va
 
 
 @contextlib.contextmanager
-def attention_backend(model: Any, impl: str | None) -> Iterator[None]:
-    """Run ``model`` with another attention backend (``None``: leave it), restored afterwards."""
-    before = model.config._attn_implementation
-    if impl is None or impl == before:
-        yield
-        return
-    model.set_attn_implementation(impl)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(before)
-
-
-@contextlib.contextmanager
 def masked_attention(model: Any, mask_fn: MaskFn) -> Iterator[None]:
     """Run ``model`` with SDPA under a mask computed per layer by ``mask_fn(module, query, key,
     attention_mask)`` - what a baseline needs when its kept keys differ by layer (K-norm's, a press's)
@@ -151,8 +138,6 @@ def baseline_logits(model: Any, input_ids: torch.Tensor, method: str, budget: in
     """Logits ``[L, V]`` of one sequence (``[L]`` ids) read with ``method``'s bounded cache, causal
     attention (the anchor rule off): ``streamingllm`` (``budget``: one number, or ``[L]`` per query)
     or ``knorm`` at ``budget`` keys per token."""
-    from ..modeling import anchor_attention, is_anchor_aware
-
     ids = input_ids.reshape(1, -1).to(next(model.parameters()).device)
     L = ids.shape[1]
     causal = torch.ones((L, L), dtype=torch.bool, device=ids.device).tril()

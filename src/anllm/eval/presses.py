@@ -44,7 +44,8 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from . import methods as registry
-from .baselines import attention_backend, masked_attention
+from ..modeling import attention_backend
+from .baselines import masked_attention
 
 SNAPKV_WINDOW = 64  # kvpress's default observation window (SnapKV, PyramidKV)
 _SINK_FIELDS = ("n_sink", "num_sinks", "sink_size_start")

@@ -361,8 +361,7 @@ def main(argv: Sequence[str]) -> Results:
 def choose(done: dict[str, dict[str, Any]], candidates: Any) -> str:
     """The option sweep's winner: the candidate (never a control) with the lowest margin
     log PPL(anchor) − log PPL(StreamingLLM at equal keys per query)."""
-    eligible = [c for c in done if c in candidates and not done[c].get("control")]
-    return min(eligible, key=lambda c: done[c]["margin"])
+    return min((c for c in candidates if c in done), key=lambda c: done[c]["margin"])
 
 
 def equal_cache_budget(rows: dict[str, dict[str, Any]]) -> float | None:
