@@ -10,6 +10,8 @@ in EP mode) each row times, one candidate after the other in one process:
   attention per chunk covers kept anchors + open sentence + the chunk), greedy decode (decode steps
   that see every kept slot pass no mask: SDPA's fast path);
 * ``anchor-masked``: the same with a 4D mask on every decode step (to measure that fast path);
+* ``anchor-window``: anchors + a local window of ``--window`` tokens (``anchor.window``, the window
+  arms of the Evidence II study): the target is decode within 10% of ``anchor``'s tok/s;
 * a reference: the anchor-aware model with a full ``DynamicCache`` (the AnSAN rule, nothing pruned):
   anllm's tokens must be identical to it (checked every row; a loud MISMATCH otherwise).
 
@@ -39,6 +41,7 @@ from _common import load_smollm2, machine_info, print_table, prose, setup_thread
 
 import anllm
 from anllm.eval.generation import DEFAULT_PREFILL_CHUNK, prefill
+from anllm.modeling import anchor_options
 
 RED, RESET = "\033[1;31m", "\033[0m"
 DEFAULT_GRID = ["1x2048", "1x4096", "1x8192", "8x2048", "8x4096"]
@@ -100,7 +103,8 @@ def chunked(chunk: int) -> Callable[..., Any]:
     return read
 
 
-def run_row(plain: Any, anchored: Any, ids: torch.Tensor, am: torch.Tensor, new_tokens: int, chunk: int) -> dict[str, Any]:
+def run_row(plain: Any, anchored: Any, ids: torch.Tensor, am: torch.Tensor, new_tokens: int, chunk: int,
+            window: int = 0) -> dict[str, Any]:
     B, P = ids.shape
     res: dict[str, dict[str, Any]] = {}
     res["plain-dynamic"] = greedy(plain, ids, am, DynamicCache(), new_tokens, one_shot)
@@ -114,6 +118,14 @@ def run_row(plain: Any, anchored: Any, ids: torch.Tensor, am: torch.Tensor, new_
         anchored._anllm_attention.fast_decode = True
     reference = greedy(anchored, ids, am, DynamicCache(), new_tokens, one_shot)["tokens"]
     same = torch.equal(res["anchor"]["tokens"], reference) and torch.equal(res["anchor-masked"]["tokens"], reference)
+    if window:
+        with anchor_options(anchored, window=window):
+            res["anchor-window"] = greedy(anchored, ids, am, anllm.AnchorCache(), new_tokens, chunked(chunk))
+            same_window = torch.equal(res["anchor-window"]["tokens"],
+                                      greedy(anchored, ids, am, DynamicCache(), new_tokens, one_shot)["tokens"])
+        if not same_window:
+            print(f"{RED}MISMATCH at B={B} P={P}: anllm with window {window} differs from its full cache{RESET}")
+        same = same and same_window
     best = {k: min(res["plain-dynamic"][k], res["plain-static"][k]) for k in ("prefill_s", "end_to_end_s", "decode_step_median_s")}
     a = res["anchor"]
     row = {
@@ -125,6 +137,10 @@ def run_row(plain: Any, anchored: Any, ids: torch.Tensor, am: torch.Tensor, new_
         "fast_decode_speedup": res["anchor-masked"]["decode_step_median_s"] / a["decode_step_median_s"],
         "best_full": {k: min(("plain-dynamic", "plain-static"), key=lambda n: res[n][k]) for k in best},
     }
+    if window:
+        w = res["anchor-window"]
+        row.update(window=window, window_decode_over_anchor=a["decode_step_median_s"] / w["decode_step_median_s"],
+                   window_decode_speedup_vs_best_full=best["decode_step_median_s"] / w["decode_step_median_s"])
     for name, r in res.items():
         row[name] = {k: v for k, v in r.items() if k != "tokens"}
     if not same:
@@ -140,9 +156,12 @@ def main() -> None:
     p.add_argument("--prompts", nargs="+", default=["equal", "ragged"], choices=["equal", "ragged"])
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--chunk", type=int, default=DEFAULT_PREFILL_CHUNK)
+    p.add_argument("--window", type=int, default=128, help="the anchor-window candidate's window (0: leave it out)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="bench_generate")
     args = p.parse_args()
+    if args.window < 0:
+        p.error(f"--window must be >= 0 (0 leaves the window candidate out), got {args.window}")
     setup_threads(args.threads)
     machine = machine_info()
     plain, tok = load_smollm2()
@@ -157,21 +176,24 @@ def main() -> None:
         for g in args.grid:
             B, L = (int(x) for x in g.split("x"))
             row = {"model": "smollm2-135m (EP)", "prompts": kind, **run_row(plain, anchored, *make_prompts(ids, B, L, kind == "ragged"),
-                                                                          args.new_tokens, args.chunk)}
+                                                                          args.new_tokens, args.chunk, args.window)}
             results.append(row)
             table.append([kind, B, L, row["plain-dynamic"]["prefill_s"], row["plain-static"]["prefill_s"], row["anchor"]["prefill_s"],
                           row["plain-dynamic"]["decode_tokens_per_s"], row["plain-static"]["decode_tokens_per_s"],
                           row["anchor"]["decode_tokens_per_s"], row["prefill_speedup_vs_best_full"],
                           row["decode_speedup_vs_best_full"], row["end_to_end_speedup_vs_best_full"],
-                          row["fast_decode_speedup"], "yes" if row["identical_tokens"] else "NO"])
+                          row["fast_decode_speedup"], row.get("window_decode_over_anchor", float("nan")),
+                          "yes" if row["identical_tokens"] else "NO"])
             print(f"{kind} {B}x{L}: prefill x{row['prefill_speedup_vs_best_full']:.2f} decode x{row['decode_speedup_vs_best_full']:.2f} "
-                  f"e2e x{row['end_to_end_speedup_vs_best_full']:.2f} same tokens {row['identical_tokens']}", flush=True)
+                  f"e2e x{row['end_to_end_speedup_vs_best_full']:.2f} window/anchor decode "
+                  f"x{row.get('window_decode_over_anchor', float('nan')):.2f} same tokens {row['identical_tokens']}", flush=True)
             write_results(args.out, machine, {"settings": vars(args), "results": results})  # after every row
     print_table(
         f"SmolLM2-135M, {args.new_tokens} new tokens, {torch.get_num_threads()} threads: plain model (dynamic / static "
         "cache) vs anllm (AnchorCache, chunked prefill); speed-ups against the faster plain cache per metric",
         ["prompts", "B", "L", "prefill s dyn", "prefill s static", "prefill s anchor", "tok/s dyn", "tok/s static",
-         "tok/s anchor", "prefill ×", "decode ×", "end-to-end ×", "no-mask decode ×", "same tokens"],
+         "tok/s anchor", "prefill ×", "decode ×", "end-to-end ×", "no-mask decode ×", f"window {args.window} / anchor decode",
+         "same tokens"],
         table,
     )
 
