@@ -230,16 +230,19 @@ def test_kept_counts_and_kept_keys_by_hand() -> None:
     assert s["max_kept_per_row"] == [5, 6]  # each row's peak
     assert s["max_kept"] == 10  # peak of the batch total (after the prefill)
     assert cache.kept_width == 5
-    # the kept slots hold the keys/values of the kept tokens (true positions, so equal to the full
-    # cache's; deeper layers differ by float rounding only, since attention ran over fewer keys)
+    # the kept slots (any order) hold the keys/values of the kept tokens (true positions, so equal to
+    # the full cache's; deeper layers differ by float rounding only, since attention ran over fewer keys)
     kept_positions = [[2, 6, 10, 11], [3, 4, 9, 10, 11]]
-    for layer_a, layer_f in zip(cache.layers, full.layers):
-        for b, pos in enumerate(kept_positions):
+    lay = cache.tracker.layout
+    for b, pos in enumerate(kept_positions):
+        slots = lay.valid[b].nonzero()[:, 0]
+        assert sorted(lay.idx[b, slots].tolist()) == pos
+        for layer_a, layer_f in zip(cache.layers, full.layers):
             torch.testing.assert_close(
-                layer_a.keys[b, :, : len(pos)], layer_f.keys[b, :, pos], atol=1e-6, rtol=0
+                layer_a.keys[b][:, slots], layer_f.keys[b][:, lay.idx[b, slots]], atol=1e-6, rtol=0
             )
             torch.testing.assert_close(
-                layer_a.values[b, :, : len(pos)], layer_f.values[b, :, pos], atol=1e-6, rtol=0
+                layer_a.values[b][:, slots], layer_f.values[b][:, lay.idx[b, slots]], atol=1e-6, rtol=0
             )
     assert s["bytes"] >= s["kept_bytes"] > 0
 
@@ -460,6 +463,39 @@ def test_ragged_decode_moves_only_the_new_token() -> None:
         for layer, k in zip(cache.layers, old):
             torch.testing.assert_close(layer.keys[0, :, : 5 + t], k[0, :, : 5 + t], atol=0, rtol=0)
             torch.testing.assert_close(layer.keys[1, :, : 2 + t], k[1, :, : 2 + t], atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_window_decode_moves_one_slot_per_step_and_stays_lossless() -> None:
+    """With a local window, each decode step after a sentence closes drops the closed sentence's
+    oldest word as it leaves the window: the new token fills that one slot (one move per layer)
+    instead of the rest of the cache shifting down by one. Slot order then differs from time order,
+    and decoding still equals the full cache with the mask."""
+    window = 6
+    model, _ = make_model("ep", window=window, num_sink_tokens=0)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(7, 128, (1, 20), generator=g)
+    ids[0, [4, 9]] = P
+    am = torch.ones(1, 20, dtype=torch.long)
+    cache, full = anllm.AnchorCache(), DynamicCache()
+    torch.testing.assert_close(step(model, cache, ids, am), step(model, full, ids, am), atol=1e-5, rtol=1e-5)
+    tokens = torch.randint(7, 128, (14,), generator=g)
+    tokens[0] = P  # closes the sentence 10..19, whose last words then leave the window one per step
+    one_in_one_out = 0
+    for tok in tokens.tolist():
+        am = torch.cat([am, torch.ones(1, 1, dtype=torch.long)], 1)
+        copied, kept = cache.copied_slots, cache.stats()["kept"]
+        a = step(model, cache, torch.tensor([[tok]]), am)
+        torch.testing.assert_close(a, step(model, full, torch.tensor([[tok]]), am), atol=1e-5, rtol=1e-5)
+        if tok != P and cache.stats()["kept"] == kept:  # one token in, one out of the window
+            assert cache.copied_slots - copied == len(cache.layers)
+            one_in_one_out += 1
+    assert one_in_one_out == 5  # words 15..19 of the closed sentence left one by one
+    n = am.shape[1]
+    lay = cache.tracker.layout
+    idx = lay.idx[0][lay.valid[0]]
+    assert sorted(idx.tolist()) == [4, 9, *range(20, n)]  # anchors + the open sentence (the window is inside it)
+    assert not bool((idx[1:] > idx[:-1]).all())  # slots out of time order, and lossless above
 
 
 @torch.no_grad()

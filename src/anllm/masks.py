@@ -228,8 +228,9 @@ def ansan_mask(
 def dense_mask(q: TokenLayout, k: TokenLayout, options: AnsanOptions) -> torch.Tensor:
     """``[B, 1, Lq, Lk]`` bool mask between query and key layouts (the SDPA format).
 
-    Keys must be in time order with the queries as the last ``Lq`` keys (true for a full sequence
-    and for a cache: every cached slot is older than every new token). Long query blocks go
+    The queries must be the last ``Lq`` keys, in time order, and every earlier key older than every
+    query (true for a full sequence and for a cache, whose slots need not be in time order among
+    themselves: an :class:`~anllm.cache.AnchorCache` fills dropped slots out of order). Long query blocks go
     through :func:`_run_table_mask`, which evaluates :func:`visible` once per run of identical
     queries instead of once per query.
     """
@@ -292,8 +293,8 @@ _FLEX_CHUNK_ELEMENTS = 1 << 26  # dense-mask elements evaluated at once while cl
 
 
 def flex_block_mask(q: TokenLayout, k: TokenLayout, options: AnsanOptions, block_size: int = FLEX_BLOCK_SIZE) -> Any:
-    """The rule as a flex_attention ``BlockMask`` between query and key layouts (keys in time order
-    with the queries as the last ``Lq`` keys, as for :func:`dense_mask`).
+    """The rule as a flex_attention ``BlockMask`` between query and key layouts (the queries the last
+    ``Lq`` keys, after every other key, as for :func:`dense_mask`).
 
     Each ``block_size`` x ``block_size`` tile is classified empty / partial / full from
     :func:`dense_mask`, evaluated one band of query blocks at a time (memory ``band x Lk``, not

@@ -5,10 +5,14 @@ non-anchor tokens of finished sentences, padding) is dropped. Under the AnSAN ma
 generation matches a full ``DynamicCache`` on the same prepared model.
 
 Storage is one preallocated buffer per layer, ``[B, H, capacity, D]``; new tokens are written at the
-shared width ``W`` (the same column for every row) and pruning compacts each row in place, moving only
-the entries whose slot changes (the new anchors and the open sentence), so a decode step never
-re-copies the whole cache (a ``DynamicCache`` step concatenates, i.e. copies, all of it). Rows are
-ragged: a row with fewer kept tokens has empty (``valid=False``) slots that the mask hides.
+shared width ``W`` (the same column for every row) and pruning compacts each row in place: every
+dropped slot below the row's kept count is filled by one kept slot from above it, so a step moves
+only as many slots as it drops below that line (a closed sentence: its anchor; a local window: the
+one new token per step, not the whole window shifted by one), and never re-copies the whole cache (a
+``DynamicCache`` step concatenates, i.e. copies, all of it). Slot order is therefore not time order:
+attention does not depend on it (keys carry their positions; the mask reads each slot's layout), and
+every new token still comes after every cached slot. Rows are ragged: a row with fewer kept tokens
+has empty (``valid=False``) slots that the mask hides.
 
 The cache only knows *which* tokens are anchors through the anchor-aware model (``prepare_model``);
 its forward hook calls :meth:`AnchorCache.begin_step` before and :meth:`AnchorCache.end_step` after
@@ -96,10 +100,10 @@ class AnchorCache(Cache):
         keep = reachable_later(keys, self.tracker.open_seg[:, None], keys.doc[:, -1:], options,
                                next_idx=self.tracker.seen_idx[:, None])
         counts = keep.sum(-1)
-        # Destination of each kept slot: its rank among the row's kept slots.
-        dst_all = keep.long().cumsum(-1) - 1
-        moved = keep & (dst_all != torch.arange(Wq, device=keep.device))
-        self._step = {"keep": keep, "counts": counts, "dst_all": dst_all, "moved": moved, "keys": keys}
+        # Kept slots above the row's kept count move into the dropped slots below it (as many of each).
+        inside = torch.arange(Wq, device=keep.device) < counts[:, None]
+        moved, holes = keep & ~inside, ~keep & inside
+        self._step = {"keep": keep, "counts": counts, "holes": holes, "moved": moved, "keys": keys}
         # Statistics (real tokens only), kept on the device.
         seen = new.valid.long().sum(-1)
         kept_now = (keep & keys.valid).long().sum(-1)
@@ -121,7 +125,7 @@ class AnchorCache(Cache):
         if self._plan is not None:
             return [None] * len(flags)
         st = self._step
-        keep, counts, dst_all, moved, keys = st["keep"], st["counts"], st["dst_all"], st["moved"], st["keys"]
+        keep, counts, holes, moved, keys = st["keep"], st["counts"], st["holes"], st["moved"], st["keys"]
         B, Wq = keep.shape
         live = [f for f in flags if f is not None]
         if B:
@@ -131,15 +135,17 @@ class AnchorCache(Cache):
         else:
             new_width, min_count, n_moved, got = 0, 0, 0, [int(bool(f)) for f in live]
         if n_moved:  # which slots move where: nonzero with its size already known reads nothing more
+            # Row-major order pairs each row's k-th moving slot with its k-th hole (a row has as many of each).
             where = torch.nonzero_static(moved, size=n_moved)
             rows, src = where[:, 0], where[:, 1]
-            dst = dst_all[rows, src]
+            dst = torch.nonzero_static(holes, size=n_moved)[:, 1]
         else:  # the usual decode step: nothing moves
             rows = src = dst = torch.empty(0, dtype=torch.long, device=keep.device)
         if min_count == Wq:  # every row keeps every slot (so all are valid): the layout is the keys'
             self.tracker.layout = keys
-        else:  # slot j of a row takes its j-th kept slot; empty slots are invalid
-            order = torch.sort(~keep, dim=-1, stable=True).indices[:, :new_width]
+        else:  # slot j of a row keeps its token or takes the one moved into it; slots past the count are empty
+            order = torch.arange(new_width, device=keep.device).repeat(B, 1)
+            order[rows, dst] = src
             kept = keys.map(lambda t: t.gather(-1, order))
             slot_ok = torch.arange(new_width, device=keep.device)[None, :] < counts[:, None]
             self.tracker.layout = kept.with_(valid=kept.valid & slot_ok)

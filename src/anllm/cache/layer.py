@@ -1,8 +1,8 @@
 """``AnchorLayer``: one layer's keys/values of an :class:`~anllm.cache.AnchorCache`.
 
 One preallocated buffer ``[B, H, capacity, D]`` per layer: new tokens are written at the shared width
-and pruning compacts each row in place, moving only the slots whose position changes (the plans come
-from the parent cache, once per step for all layers).
+and pruning compacts each row in place, moving kept slots from above the row's kept count into the
+dropped slots below it (the plans come from the parent cache, once per step for all layers).
 """
 
 from __future__ import annotations
