@@ -64,6 +64,8 @@ BAD = [
     ("evaluate", ["CKPT", "qa.source=web"], "qa.source"),
     ("evaluate", ["CKPT", "+qa.shots=5"], "qa.shots"),
     ("evaluate", ["CKPT", "suite=ppl", "ppl.select=middle"], "ppl.select"),
+    ("evaluate", ["CKPT", "suite=ppl", "ppl.offset_bins=[0,2]"], "ppl.offset_bins"),
+    ("evaluate", ["CKPT", "suite=ppl", "ppl.offset_bins=[1,5,3]"], "ppl.offset_bins"),
     ("evaluate", ["CKPT", "suite=recall", "recall.num_choices=1"], "recall.num_choices"),
     ("evaluate", ["CKPT", "suite=longrange", "longrange.num_keys=abc"], "longrange.num_keys"),
     ("evaluate", ["CKPT", "suite=translation", "translation.decoding=beam"], "translation.decoding"),

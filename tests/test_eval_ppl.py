@@ -257,6 +257,49 @@ def test_rows_report_mean_keys_tail_and_paired_errors(model, tok, docs):
     assert by["full"]["dlogppl_se"] == pytest.approx(se, abs=2e-6) and se > 1e-5
 
 
+def test_sentence_offsets_count_tokens_after_the_last_anchor() -> None:
+    from anllm.eval.ppl_core import sentence_offsets
+
+    is_anchor = torch.tensor([False, False, True, False, False, True, False])
+    # targets at positions 1..6: before the first anchor counted from the start, then 1 right after one
+    assert sentence_offsets(is_anchor).tolist() == [2, 3, 1, 2, 3, 1]
+    assert sentence_offsets(torch.tensor([True, True, False])).tolist() == [1, 1]
+
+
+def test_rows_by_sentence_offset_against_the_token_nll(model, tok, docs):
+    """``offset_bins``: each method's NLL split by tokens after the last anchor, against the token NLLs
+    and offsets computed directly; the bins add up to the row; the paired differences per bin are the
+    mean over documents of (method − anchor)."""
+    from anllm.eval.ppl_core import sentence_offsets
+
+    texts = [(d, t[:2000]) for d, t in docs]
+    edges = [1, 2, 5, 9]
+    rows = pp.perplexity_rows(model, tok, texts, ["full", "anchor", "streamingllm_q"], task="t", max_tokens=200,
+                              progress=False, chunk_size=64, offset_bins=edges)
+    by = {r["method"]: r for r in rows}
+    anchor_ids = torch.tensor(anllm.get_anchor_config(model).anchor_token_ids)
+    per_doc = {}
+    for m in ("full", "anchor"):
+        sums, counts = torch.zeros(len(edges), dtype=torch.float64), torch.zeros(len(edges))
+        per_doc[m] = []
+        for _, text in texts:
+            ids = tok(text, return_tensors="pt")["input_ids"][0][:200]
+            nll = pp.score_document(model, ids, m, chunk_size=64, return_token_nll=True).token_nll.double()
+            off = sentence_offsets(torch.isin(ids, anchor_ids))
+            b = torch.tensor([max(i for i, e in enumerate(edges) if o >= e) for o in off.tolist()])
+            s_ = torch.zeros(len(edges), dtype=torch.float64).index_add_(0, b, nll)
+            c_ = torch.bincount(b, minlength=len(edges)).double()
+            sums, counts = sums + s_, counts + c_
+            per_doc[m].append((s_ / c_).tolist())
+        assert by[m]["offset_tokens"] == counts.long().tolist() and all(counts > 0)
+        assert by[m]["offset_nll"] == pytest.approx((sums / counts).tolist(), abs=1e-5)
+        total = sum(x * n for x, n in zip(by[m]["offset_nll"], by[m]["offset_tokens"])) / sum(by[m]["offset_tokens"])
+        assert total == pytest.approx(by[m]["nll"], abs=1e-6)
+    want = [sum(f[i] - a[i] for f, a in zip(per_doc["full"], per_doc["anchor"])) / len(texts) for i in range(len(edges))]
+    assert by["full"]["offset_dnll_vs_anchor"] == pytest.approx(want, abs=1e-5)
+    assert "offset_dnll_vs_anchor" not in by["anchor"] and len(by["streamingllm_q"]["offset_dnll_se"]) == len(edges)
+
+
 def test_knorm_method_matches_a_loop_reference_attention(model, tok, docs):
     """The per-layer K-norm masks against an attention function written with loops: for every query,
     sort the earlier keys of each KV head by norm, keep budget-1 of them, softmax by hand."""

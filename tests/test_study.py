@@ -5,6 +5,7 @@ held-out documents. Runtime: ~30 s."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -144,6 +145,20 @@ def test_a_control_is_never_chosen_even_with_the_lowest_margin():
     assert choose({**done, "stale": {"margin": -1.0}}, {"l0.5": [], "l0.25": []}) == "l0.25"  # not a candidate now
 
 
+def test_the_best_arm_for_qa_has_the_lowest_margin_over_a_window_on_the_first_final_set():
+    from anllm.study.runner import best_arm
+
+    def rows(anchor, window):
+        return [{"method": "full", "ppl": 10.0}, {"method": "anchor", "ppl": anchor},
+                {"method": "streamingllm_q", "ppl": window}]
+
+    final = {"a": {"l1024": rows(12.0, 11.0), "l4096": rows(30.0, 10.0)},  # margin +0.087 on the first set
+             "b": {"l1024": rows(14.0, 14.5), "l4096": rows(9.0, 20.0)},  # -0.035: ahead of the window
+             "baseline": {"l1024": [{"method": "full", "ppl": 9.0}, {"method": "streamingllm_q", "ppl": 9.5}]}}
+    assert best_arm(final) == "b"
+    assert best_arm({"baseline": final["baseline"]}) is None and best_arm({}) is None
+
+
 def test_evidence_sweeps_pick_by_margin_and_arms_use_the_winners(evidence_run):
     """The option sweeps pick the lowest anchor − StreamingLLM(same keys per query) margin, and an arm
     that names a sweep trains with its winner (visible in the run's own saved config)."""
@@ -177,11 +192,18 @@ def test_evidence_final_sets_and_longrange_reach_the_report(evidence_run):
     assert rows["streamingllm"]["peak_kv"] == pytest.approx(rows["anchor"]["peak_kv"])  # equal peak
     assert rows["streamingllm"]["mean_kv"] > rows["anchor"]["mean_kv"]
     assert set(s["final"]["baseline"]["l64"]) == {"full", "streamingllm", "streamingllm_q"}  # no anchor readings
+    # the set's offset bins: every method's NLL by tokens after the last anchor, adding up to its PPL
+    for m, r in rows.items():
+        assert r["offset_bins"] == [1, 2, 5], m
+        nll = sum(x * n for x, n in zip(r["offset_nll"], r["offset_tokens"]) if n) / sum(r["offset_tokens"])
+        assert nll == pytest.approx(math.log(r["ppl"]), abs=1e-6), m
+    assert rows["anchor"].get("offset_dnll_vs_anchor") is None and len(rows["full"]["offset_dnll_se"]) == 3
     lr = s["longrange"]["ac_sink_window_distill"]["passkey"]
     assert set(lr) == {"full", "anchor", "streamingllm", "streamingllm_q"} and lr["anchor"][0]["n"] == 2
     readme = (tmp / "report" / "README.md").read_text()
     for needle in ("# Evidence II (toy)", "Sweep: window", "(chosen)", "equal cache (final checkpoints)",
-                   "Long-range tasks", "log-PPL(StreamingLLM, same keys per query) − log-PPL(anchor)"):
+                   "Long-range tasks", "log-PPL(StreamingLLM, same keys per query) − log-PPL(anchor)",
+                   "Where in a sentence the readings part", "offset 2–4"):
         assert needle in readme, needle
 
 

@@ -31,17 +31,24 @@ def query_budgets(model: Any, tokenizer: Any, text: str, ids: torch.Tensor, hide
     ``hide_anchors``: the same under the sentence-only control."""
     from dataclasses import replace
 
+    is_anchor, options = anchor_tokens(model, tokenizer, text, ids)
+    return baselines.ansan_keys_per_query(is_anchor, replace(options, hide_anchors=hide_anchors))
+
+
+def anchor_tokens(model: Any, tokenizer: Any, text: str, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """``([L] bool, AnsanOptions)``: the anchors of one document and the rule they are read with: the
+    model's own (its anchor ids, its options), or for a model without anchors the last token of every
+    sentence under the plain rule."""
     from ..masks import AnsanOptions
 
     att = getattr(model, "_anllm_attention", None)
     if att is not None and att.cfg.enabled:
-        is_anchor, options = torch.isin(ids.cpu(), att.anchor_ids), att.options
-    else:
-        is_anchor, options = sentence_end_tokens(tokenizer, text, len(ids)).clone(), AnsanOptions()
-        # The text's last token is never an anchor: an AC model reads an <AC> *after* a finished last
-        # sentence, and an open one (a recall cue) has none; marking it would shrink its own budget.
-        is_anchor[-1:] = False
-    return baselines.ansan_keys_per_query(is_anchor, replace(options, hide_anchors=hide_anchors))
+        return torch.isin(ids.cpu(), att.anchor_ids), att.options
+    is_anchor = sentence_end_tokens(tokenizer, text, len(ids)).clone()
+    # The text's last token is never an anchor: an AC model reads an <AC> *after* a finished last
+    # sentence, and an open one (a recall cue) has none; marking it would shrink its own budget.
+    is_anchor[-1:] = False
+    return is_anchor, AnsanOptions()
 
 
 def keys_per_query(method: str, length: int, budget: int | None, per_query: torch.Tensor | None,

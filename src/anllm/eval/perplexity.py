@@ -70,8 +70,10 @@ def row_options(cfg: Any) -> dict[str, Any]:
     max_tokens = pcfg.get("max_tokens", 2048) if hasattr(pcfg, "get") else 2048
     budget = opt(pcfg, "budget")
     tail_from = opt(pcfg, "tail_from")
+    offset_bins = opt(pcfg, "offset_bins")
     return {
         "tail_from": None if tail_from is None else int(tail_from),
+        "offset_bins": None if offset_bins is None else [int(b) for b in offset_bins],
         "chunk_size": int(opt(pcfg, "chunk_size", 256)),
         "max_tokens": None if max_tokens is None else int(max_tokens),
         "budget": None if budget is None else int(budget),
@@ -109,6 +111,10 @@ def check(cfg: Any) -> None:
         value = opt(pcfg, key)
         if value is not None and int(value) < 1:
             raise ValueError(f"ppl.{key} must be >= 1, got {value}.")
+    bins = opt(pcfg, "offset_bins")
+    if bins is not None and (not len(bins) or int(bins[0]) != 1 or any(int(b) <= int(a) for a, b in zip(bins, bins[1:]))):
+        raise ValueError(f"ppl.offset_bins must be increasing lower edges starting at 1 (e.g. [1, 2, 5, 9, 17, 33]), "
+                         f"got {list(bins)}.")
     if str(opt(pcfg, "select", "last")) not in SELECT:
         raise ValueError(f"ppl.select must be one of {SELECT}, got {opt(pcfg, 'select')!r}.")
     requested = opt(cfg, "tasks")

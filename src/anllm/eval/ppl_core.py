@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache
 from ..anchors import marking_of
 from . import baselines
 from . import methods as registry
-from .budgets import keys_per_query, query_budgets
+from .budgets import anchor_tokens, keys_per_query, query_budgets
 from .generation import kept_per_row
 from .methods import attention, new_cache, ppl_method
 
@@ -157,9 +157,13 @@ def perplexity_rows(
     num_sink_tokens: int = 4,
     position_mode: str = "true",
     tail_from: int | None = None,
+    offset_bins: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per method over all ``docs``: corpus PPL (exp of mean token NLL), C⇓, MaxKV (peak keys),
-    MeanKV (keys per query), time, T⇑; with ``tail_from`` also the PPL of positions >= tail_from.
+    MeanKV (keys per query), time, T⇑; with ``tail_from`` also the PPL of positions >= tail_from; with
+    ``offset_bins`` (increasing lower edges from 1, e.g. ``[1, 2, 5, 9, 17, 33]``) the mean NLL of the
+    tokens by how far after the last anchor they come (:func:`sentence_offsets`), and its paired
+    difference to ``anchor``: where in a sentence the readings part.
 
     ``streamingllm``/``knorm`` get ``budget`` keys per token, or (``None``) each document's
     :func:`document_budget` (the anchor reading's peak); ``streamingllm_q`` gets, token by token, the
@@ -169,6 +173,7 @@ def perplexity_rows(
 
     methods = [ppl_method(m) for m in methods]
     encoded = []
+    offsets: list[torch.Tensor] = []
     for doc_id, text in docs:
         ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
         if max_tokens is not None:
@@ -177,6 +182,11 @@ def perplexity_rows(
         sentence = query_budgets(model, tokenizer, text, ids, hide_anchors=True) if "sentence" in methods else None
         peak = int(per_query.max()) if budget is None else int(budget)
         encoded.append((doc_id, ids, peak, per_query, sentence))
+        if offset_bins is not None:
+            edges = torch.tensor(list(offset_bins))
+            scored = ~torch.isin(ids[1:], torch.tensor(list(skip_target_ids), dtype=ids.dtype))
+            bins = torch.bucketize(sentence_offsets(anchor_tokens(model, tokenizer, text, ids)[0]), edges, right=True) - 1
+            offsets.append(bins[scored])  # aligned with the scored targets' token NLLs
 
     def budget_for(method: str, peak: int, per_query: torch.Tensor) -> Any:
         return per_query if method == baselines.PER_QUERY else peak
@@ -187,7 +197,7 @@ def perplexity_rows(
         scores = [
             score_document(model, ids, method, chunk_size=chunk_size, skip_target_ids=skip_target_ids,
                            budget=budget_for(method, b, bq), num_sink_tokens=num_sink_tokens,
-                           position_mode=position_mode, tail_from=tail_from)
+                           position_mode=position_mode, tail_from=tail_from, return_token_nll=bool(offsets))
             for _, ids, b, bq, _ in tqdm(encoded, desc=f"ppl [{method}]", disable=not progress, leave=False)
         ]
         kpq = [keys_per_query(method, len(ids), b, bq, sq).double() for _, ids, b, bq, sq in encoded]
@@ -228,6 +238,15 @@ def perplexity_rows(
              **({"budget": b} if registry.METHODS[method].budget == "peak" else {})}
             for (d, _, b, _, _), s, mkv in zip(encoded, scores, mean_kv)
         ]
+        if offsets:
+            for d, s, bins in zip(per_doc[method], scores, offsets):
+                n_bins = len(offset_bins)  # type: ignore[arg-type]
+                d["offset_nll"] = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, s.token_nll.double()).tolist()
+                d["offset_tokens"] = torch.bincount(bins, minlength=n_bins).tolist()
+            nll_b = [sum(d["offset_nll"][i] for d in per_doc[method]) for i in range(len(offset_bins))]  # type: ignore[arg-type]
+            tok_b = [sum(d["offset_tokens"][i] for d in per_doc[method]) for i in range(len(offset_bins))]  # type: ignore[arg-type]
+            row.update(offset_bins=list(offset_bins), offset_tokens=tok_b,  # type: ignore[arg-type]
+                       offset_nll=[x / n if n else None for x, n in zip(nll_b, tok_b)])
     _add_paired_errors(rows, per_doc)
     full = next((r for r in rows if r["method"] == "full"), None)
     if full is not None:
@@ -252,6 +271,22 @@ def _add_paired_errors(rows: list[dict[str, Any]], per_doc: dict[str, list[dict[
             continue
         diffs = [d["nll"] / d["tokens"] - a for d, a in zip(per_doc[r["method"]], ref)]
         r["dlogppl_vs_anchor"], r["dlogppl_se"] = mean_se(diffs)
+        if "offset_nll" in r:  # the same by offset bin, over the documents that have tokens in the bin
+            pairs = list(zip(per_doc[r["method"]], per_doc["anchor"]))
+            cells = [mean_se(ds) if (ds := [m["offset_nll"][i] / m["offset_tokens"][i] - a["offset_nll"][i] / a["offset_tokens"][i]
+                                            for m, a in pairs if a["offset_tokens"][i]]) else (None, None)
+                     for i in range(len(r["offset_bins"]))]
+            r["offset_dnll_vs_anchor"], r["offset_dnll_se"] = [c[0] for c in cells], [c[1] for c in cells]
+
+
+def sentence_offsets(is_anchor: torch.Tensor) -> torch.Tensor:
+    """``[L - 1]``: for each predicted token (positions 1..L-1), how many tokens after the last anchor
+    before it it comes (1: right after an anchor); before the first anchor, counted from the document
+    start (position + 1). Under the AnSAN rule a token at offset o sees its sentence's o - 1 earlier
+    tokens, earlier anchors and sinks; a window of the same size sees the most recent tokens instead."""
+    pos = torch.arange(is_anchor.numel())
+    last = torch.where(is_anchor.cpu().bool(), pos, torch.full_like(pos, -1)).cummax(0).values
+    return pos[1:] - last[:-1]
 
 
 def mean_se(xs: Sequence[float]) -> tuple[float, float | None]:

@@ -73,6 +73,7 @@ class PPLSchema:
     budget: Optional[int] = spec(None, ge=1)
     num_sink_tokens: Optional[int] = spec(4, ge=0)
     tail_from: Optional[int] = spec(None, ge=1)
+    offset_bins: Optional[List[int]] = spec(None, ge=1, each=True)
     data: Any = None
     data_base_dir: Optional[str] = None
 

@@ -106,6 +106,7 @@ class StudyPPLSchema:
 @dataclass
 class FinalSetSchema(StudyPPLSchema):
     tail_from: Optional[int] = spec(None, ge=1)
+    offset_bins: Optional[List[int]] = spec(None, ge=1, each=True)
 
 
 @dataclass

@@ -150,8 +150,32 @@ def final_md(s: dict[str, Any]) -> list[str]:
                 dt = paired_verdict(paired_difference(rows, m, tail=True)) if m != "anchor" and r.get("ppl_tail") else "–"
                 table.append([arm_title(arm), name, method_title(m), _f(r["ppl"]), _f(r.get("ppl_tail")),
                               _f(r.get("mean_kv"), "{:.1f}"), _f(r.get("peak_kv"), "{:.1f}"), d, dt])
-    return L + _table(["arm", "set", "method", "PPL", "PPL after 2,048", "mean keys", "peak keys", "Δ vs anchor",
-                       "Δ after 2,048"], table, text=3) + [""]
+    L += _table(["arm", "set", "method", "PPL", "PPL after 2,048", "mean keys", "peak keys", "Δ vs anchor",
+                 "Δ after 2,048"], table, text=3) + [""]
+    return L + offsets_md(final)
+
+
+def offsets_md(final: dict[str, Any]) -> list[str]:
+    """Where in a sentence the readings part: Δ NLL (method − anchor) by tokens after the last anchor."""
+    table, edges = [], None
+    for arm, sets in final.items():
+        for name, rows in sets.items():
+            for m in PPL_ORDER:
+                r = rows.get(m) or {}
+                if m == "anchor" or not r.get("offset_dnll_vs_anchor"):
+                    continue
+                edges = r["offset_bins"]
+                cells = ["–" if d is None else f"{d:+.3f}" + ("" if se is None else f" ± {se:.3f}")
+                         for d, se in zip(r["offset_dnll_vs_anchor"], r["offset_dnll_se"])]
+                table.append([arm_title(arm), name, method_title(m), *cells])
+    if not table:
+        return []
+    heads = [f"{a}" if b == a + 1 else f"{a}–{b - 1}" for a, b in zip(edges, edges[1:])] + [f"{edges[-1]}+"]
+    return ["### Where in a sentence the readings part", "",
+            "Mean over documents of the NLL difference in nats (method − anchor) of the tokens that come 1, 2–4, … tokens after "
+            "the last anchor (1: the first token of a sentence, which sees only earlier anchors, sinks and the window "
+            "under the AnSAN rule) ± its standard error; positive: the anchor reading predicts those tokens better.", ""] + \
+        _table(["arm", "set", "method", *(f"offset {h}" for h in heads)], table, text=3) + [""]
 
 
 def longrange_md(s: dict[str, Any]) -> list[str]:

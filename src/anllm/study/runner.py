@@ -286,7 +286,7 @@ class Study:
                     out, out / "eval" / f"final-{name}", ["suite=ppl", "tasks=[holdout]", f"limit={f.num_documents}"],
                     {"ppl.data": self.data, "ppl.methods": list(f.methods), "ppl.max_tokens": f.max_tokens,
                      "ppl.min_chars": f.min_chars, "ppl.select": f.select, "ppl.chunk_size": f.chunk_size,
-                     "ppl.tail_from": f.get("tail_from")},
+                     "ppl.tail_from": f.get("tail_from"), "ppl.offset_bins": f.get("offset_bins")},
                 )
                 docs = out / "eval" / f"final-{name}" / "tasks" / "ppl" / "holdout" / "documents.json"
                 per_doc = json.loads(docs.read_text()) if docs.is_file() else {}
@@ -329,9 +329,15 @@ class Study:
             self.results.recall[arm] = rows
 
     def qa(self) -> None:
+        """QA on final checkpoints; ``best`` in ``study.qa.arms`` is the anchor arm closest to (or furthest
+        ahead of) StreamingLLM at equal keys per query on the first final set (:func:`best_arm`)."""
         q = self.settings.qa
-        for arm in q.arms:
-            spec = q.modes[arm]
+        for name in q.arms:
+            spec = q.modes[name]
+            arm = best_arm(self.results.final) if name == "best" else name
+            if arm is None:
+                log.warning("qa: no arm has final-set results yet, so the best arm is unknown; skipped")
+                continue
             out = self.work / arm
             if not finished(out, None):
                 log.warning("qa: arm %s has not finished training; skipped", arm)
@@ -362,6 +368,17 @@ def choose(done: dict[str, dict[str, Any]], candidates: Any) -> str:
     """The option sweep's winner: the candidate (never a control) with the lowest margin
     log PPL(anchor) − log PPL(StreamingLLM at equal keys per query)."""
     return min((c for c in candidates if c in done), key=lambda c: done[c]["margin"])
+
+
+def best_arm(final: dict[str, dict[str, list[dict[str, Any]]]]) -> str | None:
+    """The arm with the lowest log PPL(anchor) − log PPL(StreamingLLM at equal keys per query) on its
+    first final set (the quantity the study is about); None when no arm has both readings yet."""
+    margins = {}
+    for arm, sets in final.items():
+        rows = {r["method"]: r for r in next(iter(sets.values()), [])}
+        if "anchor" in rows and "streamingllm_q" in rows:
+            margins[arm] = math.log(rows["anchor"]["ppl"]) - math.log(rows["streamingllm_q"]["ppl"])
+    return min(margins, key=margins.get) if margins else None
 
 
 def equal_cache_budget(rows: dict[str, dict[str, Any]]) -> float | None:

@@ -63,7 +63,8 @@ def summary(study: Study) -> dict[str, Any]:
     timings = study.timings()
     final = {arm: {name: {r["method"]: {k: r.get(k) for k in (
                 "ppl", "ppl_tail", "mean_kv", "peak_kv", "max_kv", "c_red", "n", "dlogppl_vs_anchor", "dlogppl_se", "tokens_tail",
-                "per_doc_nll", "per_doc_nll_tail")} for r in rows if "ppl" in r}
+                "per_doc_nll", "per_doc_nll_tail", "offset_bins", "offset_tokens", "offset_nll", "offset_dnll_vs_anchor",
+                "offset_dnll_se") if k in r or not k.startswith("offset")} for r in rows if "ppl" in r}
                    for name, rows in sets.items()} for arm, sets in r.final.items()}
     longrange: dict[str, Any] = {}
     for arm, rows in r.longrange.items():
