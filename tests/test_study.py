@@ -56,17 +56,16 @@ def test_second_run_skips_finished_work(study_run, monkeypatch):
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(anllm.train, "run", no_training)
-    before = json.loads((tmp / "work" / "timings.json").read_text())
+    before = json.loads((tmp / "report" / "timings.json").read_text())
     again = Study(compose("study", overrides)).run()
-    assert json.loads((tmp / "work" / "timings.json").read_text()) == before  # nothing recomputed
+    assert json.loads((tmp / "report" / "timings.json").read_text()) == before  # nothing recomputed
     assert again.arms["ac"]["ppl"] == first.arms["ac"]["ppl"] and again.chosen == first.chosen
 
 
 def test_recall_on_a_subset_of_arms(study_run):
     tmp, overrides, _ = study_run
     work = tmp / "subset"
-    shutil.copytree(tmp / "work", work)
-    (work / "results.json").unlink()
+    shutil.copytree(tmp / "work", work)  # the checkpoints, not the record: recall is measured again
     shutil.rmtree(work / "baseline" / "eval" / "recall")
     part = Study(compose("study", overrides + [f"work_dir={work}", f"report_dir={tmp / 'report-subset'}",
                                               "study.recall.arms=[ac]", "stages=[recall]"])).run()
@@ -84,9 +83,10 @@ def test_configured_arms_not_yet_run_keep_the_summary_shape(study_run):
     tmp, overrides, _ = study_run
     work = tmp / "pending"
     shutil.copytree(tmp / "work", work)
+    shutil.copytree(tmp / "report", tmp / "report-pending")
     Study(compose("study", overrides + [f"work_dir={work}", f"report_dir={tmp / 'report-pending'}",
                                         "study.arms=[baseline,ac,ep,plain]", "+study.arm_specs.plain={exp:baseline,overrides:[]}",
-                                        "stages=[recall]"])).run()
+                                        "stages=[qa]"])).run()
     s = json.loads((tmp / "report-pending" / "summary.json").read_text())
     assert s["arms"]["ep"]["status"] == "pending" and s["arms"]["ep"]["tokens"] == []
     assert set(s["arms"]["ep"]["ppl"]) >= {"full", "anchor", "sentence", "streamingllm"}
@@ -95,6 +95,57 @@ def test_configured_arms_not_yet_run_keep_the_summary_shape(study_run):
     assert "full" in s["arms"]["plain"]["ppl"] and not {"anchor", "sentence"} & set(s["arms"]["plain"]["ppl"])
     assert s["arms"]["ac"]["status"] == "done"
     assert "Not trained yet: AnLLM-EP" in (tmp / "report-pending" / "README.md").read_text()
+
+
+def test_a_fresh_machine_resumes_from_the_committed_record(study_run, monkeypatch):
+    """The record beside the report is enough: with every checkpoint lost, nothing is trained or evaluated again."""
+    tmp, overrides, first = study_run
+    import anllm.train
+    from anllm.study.runner import Study as Runner
+
+    def refuse(*args, **kwargs):  # noqa: ARG001
+        raise AssertionError("a recorded stage was computed again")
+
+    monkeypatch.setattr(anllm.train, "run", refuse)
+    monkeypatch.setattr(Runner, "evaluate", refuse)
+    shutil.copytree(tmp / "report", tmp / "report-fresh")
+    again = Study(compose("study", overrides + [f"work_dir={tmp / 'fresh-machine'}", f"report_dir={tmp / 'report-fresh'}"])).run()
+    assert again.arms == first.arms and again.recall == first.recall and again.qa == first.qa
+    assert not (tmp / "fresh-machine").exists()
+
+
+def test_a_lost_checkpoint_is_retrained_for_missing_stages_arm_by_arm(study_run, monkeypatch):
+    """Recall missing for both arms on a fresh machine: each arm is retrained and probed before the next
+    arm trains (a lost machine costs one arm's checkpoint), and the retrained arm reproduces its numbers."""
+    tmp, overrides, first = study_run
+    import anllm.train
+    from anllm.study.runner import Study as Runner
+
+    events: list[str] = []
+    train_run, evaluate = anllm.train.run, Runner.evaluate
+
+    def train(cfg):
+        events.append(f"train {__import__('pathlib').Path(cfg.output_dir).name}")
+        return train_run(cfg)
+
+    def evaluate_logged(self, checkpoint, out_dir, ov, updates):
+        events.append(f"eval {out_dir.parent.parent.name}/{out_dir.name}")
+        return evaluate(self, checkpoint, out_dir, ov, updates)
+
+    monkeypatch.setattr(anllm.train, "run", train)
+    monkeypatch.setattr(Runner, "evaluate", evaluate_logged)
+    report = tmp / "report-lost"
+    shutil.copytree(tmp / "report", report)
+    record = json.loads((report / "results.json").read_text())
+    for arm in ("baseline", "ac"):
+        del record["recall"][arm], record["done"][f"recall/{arm}"]
+    (report / "results.json").write_text(json.dumps(record))
+    again = Study(compose("study", overrides + [f"work_dir={tmp / 'lost'}", f"report_dir={report}"])).run()
+    assert events == ["train baseline", "eval baseline/recall", "train ac", "eval ac/recall"]
+    for arm in ("baseline", "ac"):
+        assert [(r["method"], r["distance"], r["acc"]) for r in again.recall[arm]] == \
+            [(r["method"], r["distance"], r["acc"]) for r in first.recall[arm]]
+    assert again.arms == first.arms and again.qa == first.qa
 
 
 def test_evaluation_reads_only_held_out_documents(study_run):

@@ -1,6 +1,6 @@
 """What the study has measured (``results.json``) and what it reads back from its training runs.
 
-:class:`Results` is the on-disk schema of ``<work_dir>/results.json``: a resumed study loads it, so
+:class:`Results` is the on-disk schema of ``<report_dir>/results.json``: a resumed study loads it, so
 its fields and their meaning must not change under a running study. The readers below look at a
 training run's own files (its summary and checkpoint markers), which is how the study knows what is
 finished without a database of its own.
@@ -31,6 +31,9 @@ class Results:
     choices: dict[str, str] = field(default_factory=dict)
     final: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
     longrange: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # stage key (``arms/<arm>``, ``final/<arm>/<set>``, ``recall/<arm>``, ``sweep-window/w64`` ...) ->
+    # the settings it was measured with; a stage recorded with the same settings is not run again.
+    done: dict[str, Any] = field(default_factory=dict)
 
 
 def finished(out: Path, steps: int | None) -> bool:

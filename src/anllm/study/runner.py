@@ -6,10 +6,16 @@ process, so a study run *is* a sequence of training and evaluation runs, with th
 
 * a training run whose summary says it reached ``max_steps`` is skipped; an unfinished one resumes
   from its newest complete checkpoint (``trainer.resume=auto``);
-* an evaluation whose per-task results are saved with the same settings is read back, not re-run.
+* an evaluation whose per-task results are saved with the same settings is read back, not re-run;
+* a stage whose result is recorded (``results.json`` in the report directory, committed with the
+  report) with the same settings is not run again, even on a fresh machine that has lost the
+  checkpoints: only what is missing is recomputed, and an arm is retrained only when one of its
+  stages still needs its final checkpoint.
 
-So ``python study.py`` can be killed at any point and started again. After every stage the report
-(:mod:`anllm.study.report`) is rewritten from what exists so far.
+Stages run arm by arm (curve, final sets, recall, long-range tasks for one arm, then the next arm), so
+a lost machine costs at most one arm's checkpoint. So ``python study.py`` can be killed at any point and
+started again, here or on another machine. After every stage the report (:mod:`anllm.study.report`)
+is rewritten from what exists so far.
 """
 
 from __future__ import annotations
@@ -47,9 +53,10 @@ class Study:
         self.data_dir = Path(str(cfg.data_dir)).expanduser()
         if not self.data_dir.is_absolute():
             self.data_dir = (REPO / self.data_dir).resolve()
-        self.results_file = self.work / "results.json"
+        # What is measured lives beside the report (committed), not with the checkpoints (lost with a machine).
+        self.results_file = self.report_dir / "results.json"
+        self.timings_file = self.report_dir / "timings.json"
         self.results = Results(**json.loads(self.results_file.read_text())) if self.results_file.is_file() else Results()
-        self.timings_file = self.work / "timings.json"
 
     # ---- helpers ------------------------------------------------------------------------------
     @property
@@ -59,9 +66,11 @@ class Study:
         d["base_dir"] = str(REPO)
         return d
 
-    def _timed(self, key: str, seconds: float) -> None:
+    def _timed(self, key: str, seconds: float, restart: bool = False) -> None:
+        """Add ``seconds`` to ``key`` (a resumed run's parts add up); ``restart``: a run that started
+        from scratch (its earlier checkpoints lost) counts only this time."""
         t = json.loads(self.timings_file.read_text()) if self.timings_file.is_file() else {}
-        t[key] = t.get(key, 0.0) + seconds
+        t[key] = (0.0 if restart else t.get(key, 0.0)) + seconds
         self.timings_file.parent.mkdir(parents=True, exist_ok=True)
         self.timings_file.write_text(json.dumps(t, indent=1))
 
@@ -117,9 +126,10 @@ class Study:
             return out
         cfg = self.train_config(run, exp, overrides, steps, save_steps)
         log.info("training %s: %d steps (%s)", run, steps, " ".join(overrides))
+        fresh = not complete_checkpoints(out)
         t0 = time.perf_counter()
         train_run(cfg)
-        self._timed(f"train/{run}", time.perf_counter() - t0)
+        self._timed(f"train/{run}", time.perf_counter() - t0, restart=fresh)
         for ckpt in out.glob("checkpoint-*"):  # finished: optimizer states are never needed again
             for name in ("optimizer.pt", "scheduler.pt"):
                 (ckpt / name).unlink(missing_ok=True)
@@ -153,13 +163,14 @@ class Study:
         cfg = compose("evaluate", ov)
         for key, value in {"progress": False, **updates}.items():
             OmegaConf.update(cfg, key, value, force_add=True)
+        fresh = not out_dir.exists()
         t0 = time.perf_counter()
         record = run(cfg)
         if record.get("failed"):
             raise RuntimeError(f"evaluation of {checkpoint} failed: {record['failed']} (see {out_dir}/tasks)")
         planned = {f"{r['suite']}/{r['task']}" for r in record["rows"]}
         if len(set(record.get("resumed") or [])) < len(planned):  # something was computed: count its time
-            self._timed(f"eval/{out_dir.relative_to(self.work)}", time.perf_counter() - t0)
+            self._timed(f"eval/{out_dir.relative_to(self.work)}", time.perf_counter() - t0, restart=fresh)
         return record["rows"]
 
     def ppl(self, checkpoint: Path, out_dir: Path, methods: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -171,6 +182,31 @@ class Study:
         )
         return {r["method"]: r for r in rows}
 
+    # ---- what is recorded ---------------------------------------------------------------------
+    def train_spec(self, exp: str, overrides: Sequence[str], tokens: int) -> dict[str, Any]:
+        """What determines a training run's weights (machine-independent: no absolute paths)."""
+        return {"exp": str(exp), "overrides": list(overrides), "steps": self.steps_for(tokens, exp, overrides),
+                "model": str(self.settings.model), "block_size": int(self.settings.block_size),
+                "train_overrides": list(self.settings.train_overrides),
+                "data": OmegaConf.to_container(self.settings.data, resolve=True)}
+
+    def arm_spec(self, arm: str) -> dict[str, Any]:
+        spec = self.settings.arm_specs[arm]
+        return self.train_spec(spec.exp, self.arm_overrides(arm), int(self.settings.tokens))
+
+    def recorded(self, key: str, spec: dict[str, Any]) -> bool:
+        """Whether stage ``key`` (e.g. ``recall/ac_sink``) was measured with exactly ``spec``."""
+        return self.results.done.get(key) == _plain(spec)
+
+    def record(self, key: str, spec: dict[str, Any]) -> None:
+        self.results.done[key] = _plain(spec)
+        self.publish()
+
+    def trained(self, arm: str) -> Path:
+        """The arm's finished training run (trained, resumed or retrained here when it is missing)."""
+        spec = self.settings.arm_specs[arm]
+        return self.train(arm, spec.exp, self.arm_overrides(arm), int(self.settings.tokens), int(self.settings.checkpoints))
+
     # ---- stages -------------------------------------------------------------------------------
     def run(self) -> Results:
         if self.cfg.num_threads:
@@ -178,12 +214,18 @@ class Study:
 
             torch.set_num_threads(int(self.cfg.num_threads))
         stages = list(self.cfg.stages)
-        steps = [("sweep", self.sweep), ("sweeps", self.option_sweeps), ("arms", self.arms), ("final", self.final),
-                 ("recall", self.recall), ("longrange", self.longrange), ("qa", self.qa)]
-        for name, fn in steps:
-            if name in stages:
-                fn()
-                self.publish()
+        if "sweep" in stages:
+            self.sweep()
+        if "sweeps" in stages:
+            self.option_sweeps()
+        per_arm = [("arms", self.curve), ("final", self.final), ("recall", self.recall), ("longrange", self.longrange)]
+        for arm in self.settings.arms:  # arm by arm: its checkpoint is needed only until its stages are done
+            for name, fn in per_arm:
+                if name in stages:
+                    fn(arm)
+        if "qa" in stages:
+            self.qa()
+        self.publish()
         return self.results
 
     def sweep(self) -> None:
@@ -192,15 +234,21 @@ class Study:
         if self.settings.get("hp") is not None or not self.settings.sweep.run:
             return
         for name in self.settings.sweep.run:
-            overrides = self.settings.sweep.candidates[name]
+            overrides = list(self.settings.sweep.candidates[name])
             run = f"sweep/{name}"
-            out = self.train(run, "anllm_ac", list(overrides), int(self.settings.sweep.tokens), 1)
+            spec = {"train": self.train_spec("anllm_ac", overrides, int(self.settings.sweep.tokens)),
+                    "ppl": OmegaConf.to_container(self.settings.ppl, resolve=True)}
+            if name in self.results.sweep and self.recorded(run, spec):
+                continue
+            out = self.train(run, "anllm_ac", overrides, int(self.settings.sweep.tokens), 1)
             r = self.ppl(out, self.work / run / "eval", ["full", "anchor"])
-            self.results.sweep[name] = {"overrides": list(overrides), "steps": self.steps_for(self.settings.sweep.tokens, "anllm_ac", overrides),
+            self.results.sweep[name] = {"overrides": overrides, "steps": spec["train"]["steps"],
                                         "tokens": tokens_seen(out), "ppl_full": r["full"]["ppl"],
                                         "ppl_anchor": r["anchor"]["ppl"]}
             log.info("sweep %s: full %.2f anchor %.2f", name, r["full"]["ppl"], r["anchor"]["ppl"])
+            self.record(run, spec)
         self.results.chosen = min(self.results.sweep, key=lambda n: self.results.sweep[n]["ppl_anchor"])
+        self.publish()
 
     def chosen_overrides(self) -> list[str]:
         """The optimiser settings every arm uses: ``study.hp`` when fixed (Evidence II reuses the first
@@ -210,6 +258,15 @@ class Study:
         if self.results.chosen is None:
             self.sweep()
         return list(self.settings.sweep.candidates[self.results.chosen])
+
+    def sweep_spec(self, name: str, cand: str) -> dict[str, Any]:
+        """What determines an option-sweep candidate's result (its training run and the PPL reading)."""
+        sw = self.settings.sweeps[name]
+        base = self.settings.arm_specs[sw.arm]
+        extra = {**sw.candidates, **(sw.get("controls") or {})}[cand]
+        overrides = [*self.chosen_overrides(), *base.overrides, *extra]
+        return {"train": self.train_spec(base.exp, overrides, int(sw.tokens)),
+                "ppl": OmegaConf.to_container(self.settings.ppl, resolve=True)}
 
     def option_sweeps(self) -> None:
         """Short runs of one arm with each candidate option set (``study.sweeps.<name>``, e.g. the window
@@ -221,12 +278,15 @@ class Study:
             done = self.results.sweeps.setdefault(name, {})
             controls = dict(sw.get("controls") or {})
             for cand, extra in [*sw.candidates.items(), *controls.items()]:
-                overrides = [*self.chosen_overrides(), *base.overrides, *extra]
                 run = f"sweep-{name}/{cand}"
+                spec = self.sweep_spec(name, cand)
+                if cand in done and self.recorded(run, spec):
+                    continue
+                overrides = spec["train"]["overrides"]
                 # 4 checkpoints: a killed candidate resumes near where it stopped (only the last is evaluated)
                 out = self.train(run, base.exp, overrides, int(sw.tokens), 4)
                 r = self.ppl(out, self.work / run / "eval", ["full", "anchor", "streamingllm_q"])
-                done[cand] = {"overrides": list(extra), "steps": self.steps_for(sw.tokens, base.exp, overrides),
+                done[cand] = {"overrides": list(extra), "steps": spec["train"]["steps"],
                               "tokens": tokens_seen(out), **{f"ppl_{m}": r[m]["ppl"] for m in r},
                               "mean_kv": r["anchor"].get("mean_kv"), "max_kv": r["anchor"].get("peak_kv"),
                               "margin": math.log(r["anchor"]["ppl"]) - math.log(r["streamingllm_q"]["ppl"]),
@@ -234,8 +294,9 @@ class Study:
                               **({"control": True} if cand in controls else {})}
                 log.info("sweep %s/%s: anchor %.2f streamingllm_q %.2f", name, cand, r["anchor"]["ppl"],
                          r["streamingllm_q"]["ppl"])
-                self.publish()
+                self.record(run, spec)
             self.results.choices[name] = choose(done, sw.candidates)
+            self.publish()
 
     def arm_overrides(self, arm: str) -> list[str]:
         """An arm's overrides: the optimiser settings, its own, then the winners of the sweeps it uses."""
@@ -247,86 +308,94 @@ class Study:
             out += list(self.settings.sweeps[name].candidates[self.results.choices[name]])
         return out
 
-    def arms(self) -> None:
-        """Every arm: step 0, training, held-out PPL at every saved checkpoint."""
-        for arm in self.settings.arms:
-            spec = self.settings.arm_specs[arm]
-            overrides = self.arm_overrides(arm)
-            methods = list(self.settings.ppl.methods)
-            points = [(0, self.step0(arm, spec.exp, overrides))]
-            out = self.train(arm, spec.exp, overrides, int(self.settings.tokens), int(self.settings.checkpoints))
-            points += [(step, path) for step, path in complete_checkpoints(out)]
-            curve: dict[str, Any] = {"steps": [], "tokens": [], "ppl": {}, "rows": []}
-            for step, path in points:
-                rows = self.ppl(path, out / "eval" / f"step-{step}", methods)
-                curve["steps"].append(step)
-                curve["tokens"].append(0 if step == 0 else tokens_seen(path))
-                curve["rows"].append(rows)
-                for m, r in rows.items():
-                    curve["ppl"].setdefault(m, []).append(r["ppl"])
-            final = curve["rows"][-1]
-            run_summary = out / "anllm_train_summary.json"
-            distill = json.loads(run_summary.read_text()).get("distill") if run_summary.is_file() else None
-            curve.update(exp=spec.exp, overrides=overrides, final_dir=str(out), distill=distill,
-                         c_red=(final.get("anchor") or {}).get("c_red"), budget=equal_cache_budget(final),
-                         train_s=self.timings().get(f"train/{arm}"))
-            self.results.arms[arm] = curve
-            self.publish()
-
-    def final(self) -> None:
-        """The final checkpoint of every arm on the larger equal-cache sets (``study.final``: e.g. 32
-        documents of 1,024 and of 4,096 tokens, the tail after 2,048), all methods, per-document scores."""
-        for arm in self.settings.arms:
-            out = self.work / arm
-            if not finished(out, None):
-                log.warning("final: arm %s has not finished training; skipped", arm)
-                continue
-            for name, f in (self.settings.get("final") or {}).items():
-                rows = self.evaluate(
-                    out, out / "eval" / f"final-{name}", ["suite=ppl", "tasks=[holdout]", f"limit={f.num_documents}"],
-                    {"ppl.data": self.data, "ppl.methods": list(f.methods), "ppl.max_tokens": f.max_tokens,
-                     "ppl.min_chars": f.min_chars, "ppl.select": f.select, "ppl.chunk_size": f.chunk_size,
-                     "ppl.tail_from": f.get("tail_from"), "ppl.offset_bins": f.get("offset_bins")},
-                )
-                docs = out / "eval" / f"final-{name}" / "tasks" / "ppl" / "holdout" / "documents.json"
-                per_doc = json.loads(docs.read_text()) if docs.is_file() else {}
-                self.results.final.setdefault(arm, {})[name] = [
-                    {**r, "per_doc_nll": [d["nll"] / d["tokens"] for d in per_doc.get(r["method"], [])],
-                     "per_doc_nll_tail": [d["nll_tail"] / d["tokens_tail"] if d.get("tokens_tail") else None
-                                          for d in per_doc.get(r["method"], [])]}
-                    for r in rows]
-                self.publish()
-
-    def longrange(self) -> None:
-        """Passkey, multi-key needle and variable tracking (``evaluate.py suite=longrange``) on final checkpoints."""
-        lr = self.settings.get("longrange")
-        if not lr:
+    def curve(self, arm: str) -> None:
+        """One arm's learning curve: step 0, training, held-out PPL at every saved checkpoint."""
+        key = f"arms/{arm}"
+        spec = {"train": self.arm_spec(arm), "checkpoints": int(self.settings.checkpoints),
+                "ppl": OmegaConf.to_container(self.settings.ppl, resolve=True)}
+        if arm in self.results.arms and self.recorded(key, spec):
             return
-        for arm in [a for a in self.settings.arms if a in (lr.get("arms") or self.settings.arms)]:
-            out = self.work / arm
-            if not finished(out, None):
-                log.warning("longrange: arm %s has not finished training; skipped", arm)
-                continue
-            tasks = "[" + ",".join(lr.tasks) + "]"
-            opts = {f"longrange.{k}": (OmegaConf.to_container(v) if OmegaConf.is_config(v) else v)
-                    for k, v in lr.items() if k not in ("arms", "tasks")}
-            self.results.longrange[arm] = self.evaluate(out, out / "eval" / "longrange", ["suite=longrange", f"tasks={tasks}"],
-                                                        {"longrange.data": self.data, **opts})
-            self.publish()
+        arm_spec = self.settings.arm_specs[arm]
+        overrides = spec["train"]["overrides"]
+        points = [(0, self.step0(arm, arm_spec.exp, overrides))]
+        out = self.trained(arm)
+        points += [(step, path) for step, path in complete_checkpoints(out)]
+        curve: dict[str, Any] = {"steps": [], "tokens": [], "ppl": {}, "rows": []}
+        for step, path in points:
+            rows = self.ppl(path, out / "eval" / f"step-{step}", list(self.settings.ppl.methods))
+            curve["steps"].append(step)
+            curve["tokens"].append(0 if step == 0 else tokens_seen(path))
+            curve["rows"].append(rows)
+            for m, r in rows.items():
+                curve["ppl"].setdefault(m, []).append(r["ppl"])
+        final = curve["rows"][-1]
+        run_summary = out / "anllm_train_summary.json"
+        distill = json.loads(run_summary.read_text()).get("distill") if run_summary.is_file() else None
+        curve.update(exp=arm_spec.exp, overrides=overrides, final_dir=str(out), distill=distill,
+                     c_red=(final.get("anchor") or {}).get("c_red"), budget=equal_cache_budget(final),
+                     train_s=self.timings().get(f"train/{arm}"))
+        self.results.arms[arm] = curve
+        self.record(key, spec)
 
-    def recall(self) -> None:
-        r = self.settings.recall
-        arms = r.get("arms") or self.settings.arms  # a subset when the budget is short (the decisive arms first)
-        for arm in [a for a in self.settings.arms if a in arms]:
-            out = self.work / arm
-            if not finished(out, None):
-                log.warning("recall: arm %s has not finished training; skipped", arm)
+    def final(self, arm: str) -> None:
+        """The arm's final checkpoint on the larger equal-cache sets (``study.final``: e.g. 32 documents
+        of 1,024 and of 4,096 tokens, the tail after 2,048), all methods, per-document scores."""
+        for name, f in (self.settings.get("final") or {}).items():
+            key = f"final/{arm}/{name}"
+            spec = {"train": self.arm_spec(arm), "set": OmegaConf.to_container(f, resolve=True)}
+            if name in self.results.final.get(arm, {}) and self.recorded(key, spec):
                 continue
-            rows = self.evaluate(out, out / "eval" / "recall", ["suite=recall"],
-                                 {"recall.data": self.data, "recall.num_items": r.num_items,
-                                  "recall.distances": list(r.distances), "recall.methods": list(r.methods),
-                                  "recall.batch_size": r.batch_size, **({"recall.num_choices": r.num_choices} if "num_choices" in r else {})})
-            self.results.recall[arm] = rows
+            out = self.trained(arm)
+            rows = self.evaluate(
+                out, out / "eval" / f"final-{name}", ["suite=ppl", "tasks=[holdout]", f"limit={f.num_documents}"],
+                {"ppl.data": self.data, "ppl.methods": list(f.methods), "ppl.max_tokens": f.max_tokens,
+                 "ppl.min_chars": f.min_chars, "ppl.select": f.select, "ppl.chunk_size": f.chunk_size,
+                 "ppl.tail_from": f.get("tail_from"), "ppl.offset_bins": f.get("offset_bins")},
+            )
+            docs = out / "eval" / f"final-{name}" / "tasks" / "ppl" / "holdout" / "documents.json"
+            per_doc = json.loads(docs.read_text()) if docs.is_file() else {}
+            self.results.final.setdefault(arm, {})[name] = [
+                {**r, "per_doc_nll": [d["nll"] / d["tokens"] for d in per_doc.get(r["method"], [])],
+                 "per_doc_nll_tail": [d["nll_tail"] / d["tokens_tail"] if d.get("tokens_tail") else None
+                                      for d in per_doc.get(r["method"], [])]}
+                for r in rows]
+            self.record(key, spec)
+
+    def longrange(self, arm: str) -> None:
+        """Passkey, multi-key needle and variable tracking (``evaluate.py suite=longrange``) on the arm's final checkpoint."""
+        lr = self.settings.get("longrange")
+        if not lr or arm not in (lr.get("arms") or self.settings.arms):
+            return
+        key = f"longrange/{arm}"
+        opts = {k: (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v)
+                for k, v in lr.items() if k != "arms"}
+        spec = {"train": self.arm_spec(arm), "longrange": opts}
+        if arm in self.results.longrange and self.recorded(key, spec):
+            return
+        out = self.trained(arm)
+        tasks = "[" + ",".join(lr.tasks) + "]"
+        self.results.longrange[arm] = self.evaluate(
+            out, out / "eval" / "longrange", ["suite=longrange", f"tasks={tasks}"],
+            {"longrange.data": self.data, **{f"longrange.{k}": v for k, v in opts.items() if k != "tasks"}})
+        self.record(key, spec)
+
+    def recall(self, arm: str) -> None:
+        """The recall probe on the arm's final checkpoint (``study.recall.arms``: a subset when the budget is short)."""
+        r = self.settings.recall
+        if arm not in (r.get("arms") or self.settings.arms):
+            return
+        key = f"recall/{arm}"
+        spec = {"train": self.arm_spec(arm),
+                "recall": {k: v for k, v in OmegaConf.to_container(r, resolve=True).items() if k != "arms"}}
+        if arm in self.results.recall and self.recorded(key, spec):
+            return
+        out = self.trained(arm)
+        self.results.recall[arm] = self.evaluate(
+            out, out / "eval" / "recall", ["suite=recall"],
+            {"recall.data": self.data, "recall.num_items": r.num_items, "recall.distances": list(r.distances),
+             "recall.methods": list(r.methods), "recall.batch_size": r.batch_size,
+             **({"recall.num_choices": r.num_choices} if "num_choices" in r else {})})
+        self.record(key, spec)
 
     def qa(self) -> None:
         """QA on final checkpoints; ``best`` in ``study.qa.arms`` is the anchor arm closest to (or furthest
@@ -338,10 +407,12 @@ class Study:
             if arm is None:
                 log.warning("qa: no arm has final-set results yet, so the best arm is unknown; skipped")
                 continue
-            out = self.work / arm
-            if not finished(out, None):
-                log.warning("qa: arm %s has not finished training; skipped", arm)
+            key = f"qa/{arm}"
+            done = {"train": self.arm_spec(arm), "tasks": list(q.tasks), "limit": q.limit, "num_fewshot": int(q.num_fewshot),
+                    "modes": OmegaConf.to_container(spec, resolve=True)}
+            if arm in self.results.qa and self.recorded(key, done):
                 continue
+            out = self.trained(arm)
             modes = "[" + ",".join(spec.modes) + "]"
             tasks = "[" + ",".join(q.tasks) + "]"
             rows = self.evaluate(out, out / "eval" / "qa", ["suite=qa", f"tasks={tasks}", f"modes={modes}",
@@ -349,6 +420,7 @@ class Study:
                                                               f"limit={'null' if q.limit is None else q.limit}"],
                                  {"qa.baselines": list(spec.baselines), "qa.stock": False})
             self.results.qa[arm] = rows
+            self.record(key, done)
 
 
 def main(argv: Sequence[str]) -> Results:
@@ -362,6 +434,11 @@ def main(argv: Sequence[str]) -> Results:
     except InputError as e:  # bad input: one line, exit code 2, nothing written
         fail("study.py", str(e), kind="config error")
     return Study(cfg).run()
+
+
+def _plain(spec: dict[str, Any]) -> Any:
+    """``spec`` as JSON reads it back (tuples as lists), so a recorded spec compares equal after a reload."""
+    return json.loads(json.dumps(spec))
 
 
 def choose(done: dict[str, dict[str, Any]], candidates: Any) -> str:
