@@ -80,6 +80,7 @@ BAD = [
     ("study", ["study=tiny", "study.data.paths=[x.jsonl]", "study.block_size=abc"], "study.block_size"),
     ("study", ["study=cpu", "study.ppl.select=middle"], "study.ppl.select"),
     ("study", ["study=cpu", "study.recall.num_items=0"], "study.recall.num_items"),
+    ("study", ["study=cpu", "study.recall.arms=[bets]"], "study.recall.arms"),
     ("study", ["study=cpu", "+study.reacll={num_items:3}"], "study.reacll"),
     ("study", ["study=cpu", "study.arm_specs.ac.overrides=['anchor.window=abc']"], "anchor.window"),
 ]

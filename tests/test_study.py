@@ -233,6 +233,27 @@ def test_evidence_sweeps_pick_by_margin_and_arms_use_the_winners(evidence_run):
     assert s["arms"]["ac_sink_window_distill"]["distill"]["weight"] == 0.5
 
 
+def test_best_in_a_stage_s_arms_is_the_arm_with_the_lowest_margin_measured_after_every_final_set(evidence_run, monkeypatch):
+    from anllm.study.runner import Study as Runner, best_arm
+
+    tmp, results = evidence_run
+    probed: list[str] = []
+    evaluate = Runner.evaluate
+
+    def evaluate_logged(self, checkpoint, out_dir, ov, updates):
+        probed.append(out_dir.parent.parent.name)
+        return evaluate(self, checkpoint, out_dir, ov, updates)
+
+    monkeypatch.setattr(Runner, "evaluate", evaluate_logged)
+    shutil.copytree(tmp / "report", tmp / "report-best")
+    overrides = ["study=tiny2", f"study.data.paths=[{tmp / 'docs.jsonl'}]", f"work_dir={tmp / 'work'}",
+                 f"report_dir={tmp / 'report-best'}", "stages=[sweeps,arms,final,recall]", "study.recall.arms=[best]",
+                 "study.recall.num_items=2"]
+    again = Study(compose("study", overrides)).run()
+    assert best_arm(results.final) == "ac_sink_window_distill"  # the only arm with anchor readings
+    assert probed == ["ac_sink_window_distill"] and set(again.recall) == {"ac_sink_window_distill"}
+
+
 def test_evidence_final_sets_and_longrange_reach_the_report(evidence_run):
     tmp, results = evidence_run
     s = json.loads((tmp / "report" / "summary.json").read_text())

@@ -209,8 +209,9 @@ class StudySchema:
                               f"{key}.hp=[trainer.learning_rate=...] or name candidates in {key}.sweep.run.")
         for section, arms in (("recall", self.recall.arms), ("longrange", (self.longrange.arms if self.longrange else None))):
             for arm in arms or []:
-                if arm not in self.arms:
-                    raise ConfigError(f"{key}.{section}.arms: {arm!r} is not one of {key}.arms ({choices_text(self.arms)}).")
+                if arm not in self.arms and arm != "best":
+                    raise ConfigError(f"{key}.{section}.arms: {arm!r} is not one of {key}.arms ({choices_text(self.arms)}) "
+                                      "or 'best' (the anchor arm with the lowest margin over a window).")
 
 
 def check_study(cfg: Any) -> tuple[StudyRootSchema, StudySchema]:

@@ -221,12 +221,25 @@ class Study:
         per_arm = [("arms", self.curve), ("final", self.final), ("recall", self.recall), ("longrange", self.longrange)]
         for arm in self.settings.arms:  # arm by arm: its checkpoint is needed only until its stages are done
             for name, fn in per_arm:
-                if name in stages:
+                if name in stages and arm in self.stage_arms(name):
                     fn(arm)
+        # then the best arm's stages (``best`` in recall.arms / longrange.arms / qa.arms), one checkpoint for all
+        best = best_arm(self.results.final)
+        for name, fn in per_arm[2:]:
+            if name in stages and best is not None and "best" in self.stage_arms(name) and best not in self.stage_arms(name):
+                fn(best)
         if "qa" in stages:
             self.qa()
         self.publish()
         return self.results
+
+    def stage_arms(self, stage: str) -> list[str]:
+        """The arms a per-arm stage measures: every arm, or the stage's ``arms`` list (which may name
+        ``best``: the anchor arm with the lowest margin over a window, known once every final set is in)."""
+        section = {"recall": self.settings.recall, "longrange": self.settings.get("longrange")}.get(stage, {})
+        if section is None:  # no long-range tasks configured
+            return []
+        return list(section.get("arms") or self.settings.arms)
 
     def sweep(self) -> None:
         """Short AC runs with each optimiser candidate; the lowest held-out anchor PPL wins (nothing to do
@@ -363,9 +376,7 @@ class Study:
 
     def longrange(self, arm: str) -> None:
         """Passkey, multi-key needle and variable tracking (``evaluate.py suite=longrange``) on the arm's final checkpoint."""
-        lr = self.settings.get("longrange")
-        if not lr or arm not in (lr.get("arms") or self.settings.arms):
-            return
+        lr = self.settings.longrange
         key = f"longrange/{arm}"
         opts = {k: (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v)
                 for k, v in lr.items() if k != "arms"}
@@ -380,10 +391,8 @@ class Study:
         self.record(key, spec)
 
     def recall(self, arm: str) -> None:
-        """The recall probe on the arm's final checkpoint (``study.recall.arms``: a subset when the budget is short)."""
+        """The recall probe on the arm's final checkpoint."""
         r = self.settings.recall
-        if arm not in (r.get("arms") or self.settings.arms):
-            return
         key = f"recall/{arm}"
         spec = {"train": self.arm_spec(arm),
                 "recall": {k: v for k, v in OmegaConf.to_container(r, resolve=True).items() if k != "arms"}}
