@@ -129,7 +129,7 @@ def test_a_lost_checkpoint_is_retrained_for_missing_stages_arm_by_arm(study_run,
         return train_run(cfg)
 
     def evaluate_logged(self, checkpoint, out_dir, ov, updates):
-        events.append(f"eval {out_dir.parent.parent.name}/{out_dir.name}")
+        events.append(f"eval {out_dir.parent.name}/{out_dir.name}")
         return evaluate(self, checkpoint, out_dir, ov, updates)
 
     monkeypatch.setattr(anllm.train, "run", train)
@@ -138,14 +138,53 @@ def test_a_lost_checkpoint_is_retrained_for_missing_stages_arm_by_arm(study_run,
     shutil.copytree(tmp / "report", report)
     record = json.loads((report / "results.json").read_text())
     for arm in ("baseline", "ac"):
-        del record["recall"][arm], record["done"][f"recall/{arm}"]
+        del record["recall"][arm]
+        record["done"] = {k: v for k, v in record["done"].items() if not k.startswith(f"recall/{arm}/")}
     (report / "results.json").write_text(json.dumps(record))
     again = Study(compose("study", overrides + [f"work_dir={tmp / 'lost'}", f"report_dir={report}"])).run()
-    assert events == ["train baseline", "eval baseline/recall", "train ac", "eval ac/recall"]
+    assert events == ["train baseline", "eval recall/full", "eval recall/streamingllm",
+                      "train ac", "eval recall/full", "eval recall/anchor", "eval recall/streamingllm"]
     for arm in ("baseline", "ac"):
         assert [(r["method"], r["distance"], r["acc"]) for r in again.recall[arm]] == \
             [(r["method"], r["distance"], r["acc"]) for r in first.recall[arm]]
     assert again.arms == first.arms and again.qa == first.qa
+
+
+def test_a_machine_lost_inside_a_stage_keeps_its_finished_parts(study_run, monkeypatch):
+    tmp, overrides, first = study_run
+    import anllm.train
+    from anllm.study.runner import Study as Runner
+
+    events: list[str] = []
+    train_run, evaluate = anllm.train.run, Runner.evaluate
+    monkeypatch.setattr(anllm.train, "run", lambda cfg: (events.append("train"), train_run(cfg))[1])
+    monkeypatch.setattr(Runner, "evaluate", lambda self, c, out_dir, ov, u: (events.append(out_dir.name), evaluate(self, c, out_dir, ov, u))[1])
+    report = tmp / "report-half"
+    shutil.copytree(tmp / "report", report)
+    record = json.loads((report / "results.json").read_text())
+    record["recall"]["ac"] = [r for r in record["recall"]["ac"] if r["method"] != "anchor"]  # the part that was running
+    del record["done"]["recall/ac/anchor"]
+    (report / "results.json").write_text(json.dumps(record))
+    again = Study(compose("study", overrides + [f"work_dir={tmp / 'half'}", f"report_dir={report}"])).run()
+    assert events == ["train", "anchor"]
+    def untimed(rows):
+        return [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
+
+    assert untimed(again.recall["ac"]) == untimed(first.recall["ac"])  # same rows, same order
+
+
+def test_each_reading_of_a_part_is_what_it_is_beside_the_others(study_run):
+    """Recall in parts (one reading each) equals one run of every reading: same items, same budgets."""
+    tmp, overrides, first = study_run
+    st = Study(compose("study", overrides))
+    r = st.settings.recall
+    rows = st.evaluate(tmp / "work" / "ac", tmp / "work" / "ac" / "eval" / "recall-joint", ["suite=recall"],
+                       {"recall.data": st.data, "recall.num_items": r.num_items, "recall.distances": list(r.distances),
+                        "recall.methods": list(r.methods), "recall.batch_size": r.batch_size, "recall.num_choices": r.num_choices})
+    def key(rs):
+        return sorted((x["method"], x["distance"], x["acc"], x["c_red"], x["budget"]) for x in rs)
+
+    assert key(rows) == key(first.recall["ac"])
 
 
 def test_evaluation_reads_only_held_out_documents(study_run):
@@ -241,7 +280,7 @@ def test_best_in_a_stage_s_arms_is_the_arm_with_the_lowest_margin_measured_after
     evaluate = Runner.evaluate
 
     def evaluate_logged(self, checkpoint, out_dir, ov, updates):
-        probed.append(out_dir.parent.parent.name)
+        probed.append(out_dir.parent.parent.parent.name)
         return evaluate(self, checkpoint, out_dir, ov, updates)
 
     monkeypatch.setattr(Runner, "evaluate", evaluate_logged)
@@ -251,7 +290,7 @@ def test_best_in_a_stage_s_arms_is_the_arm_with_the_lowest_margin_measured_after
                  "study.recall.num_items=2"]
     again = Study(compose("study", overrides)).run()
     assert best_arm(results.final) == "ac_sink_window_distill"  # the only arm with anchor readings
-    assert probed == ["ac_sink_window_distill"] and set(again.recall) == {"ac_sink_window_distill"}
+    assert set(probed) == {"ac_sink_window_distill"} and set(again.recall) == {"ac_sink_window_distill"}
 
 
 def test_evidence_final_sets_and_longrange_reach_the_report(evidence_run):
@@ -285,3 +324,21 @@ def test_paired_difference_and_its_standard_error_by_hand():
     rows = {"anchor": {"per_doc_nll": [1.0, 2.0, 3.0]}, "streamingllm_q": {"per_doc_nll": [1.2, 2.1, 3.3]}}
     m, se = paired_difference(rows, "streamingllm_q")
     assert m == pytest.approx(0.2) and se == pytest.approx((((0.0) ** 2 + 0.1 ** 2 + 0.1 ** 2) / 2 / 3) ** 0.5)
+
+
+def test_long_range_parts_equal_one_run_of_every_reading(evidence_run):
+    tmp, results = evidence_run
+    overrides = ["study=tiny2", f"study.data.paths=[{tmp / 'docs.jsonl'}]", f"work_dir={tmp / 'work'}",
+                 f"report_dir={tmp / 'report'}"]
+    st = Study(compose("study", overrides))
+    lr = st.settings.longrange
+    out = tmp / "work" / "ac_sink_window_distill"
+    rows = st.evaluate(out, out / "eval" / "longrange-joint", ["suite=longrange", "tasks=[passkey]"],
+                       {"longrange.data": st.data, "longrange.methods": list(lr.methods), "longrange.lengths": list(lr.lengths),
+                        "longrange.depths": list(lr.depths), "longrange.num_items": lr.num_items})
+
+    def key(rs):
+        return sorted((x["task"], x["method"], x["length"], x.get("depth"), x["acc"], x.get("budget")) for x in rs)
+
+    assert {r["part"] for r in results.longrange["ac_sink_window_distill"]} == {f"passkey/{m}" for m in lr.methods}
+    assert key(rows) == key(results.longrange["ac_sink_window_distill"])

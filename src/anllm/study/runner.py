@@ -12,8 +12,9 @@ process, so a study run *is* a sequence of training and evaluation runs, with th
   checkpoints: only what is missing is recomputed, and an arm is retrained only when one of its
   stages still needs its final checkpoint.
 
-Stages run arm by arm (curve, final sets, recall, long-range tasks for one arm, then the next arm), so
-a lost machine costs at most one arm's checkpoint. So ``python study.py`` can be killed at any point and
+Stages run arm by arm (curve, final sets, recall, long-range tasks for one arm, then the next arm), and
+the long probes in recorded parts (one reading, or one task and reading, each), so a lost machine costs
+at most one arm's checkpoint and one part. So ``python study.py`` can be killed at any point and
 started again, here or on another machine. After every stage the report (:mod:`anllm.study.report`)
 is rewritten from what exists so far.
 """
@@ -32,6 +33,7 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ..eval.methods import runnable_methods
 from ..schema import compose
 from .config import REPO, STAGES, check, validate  # noqa: F401 - STAGES: the stage names (the schema keeps a copy)
 from .results import Results, complete_checkpoints, finished, tokens_seen
@@ -374,37 +376,50 @@ class Study:
                 for r in rows]
             self.record(key, spec)
 
+    def parts(self, stage: str, arm: str, spec: dict[str, Any], parts: Sequence[tuple[str, dict[str, Any]]],
+              store: dict[str, list[dict[str, Any]]], run: Any) -> None:
+        """A long stage in recorded parts (one reading each: a method, or a task and a method), so a machine
+        lost halfway keeps what it finished. ``run(checkpoint, part_dir, updates)`` evaluates one part; its rows
+        replace the part's earlier rows in ``store[arm]`` (kept in the order of ``parts``)."""
+        for name, updates in parts:
+            key = f"{stage}/{arm}/{name}"
+            part_spec = {**spec, "part": updates}
+            if self.recorded(key, part_spec) and any(_part_of(r) == name for r in store.get(arm, [])):
+                continue
+            out = self.trained(arm)
+            rows = [{**r, "part": name} for r in run(out, out / "eval" / stage / name.replace("/", "-"), updates)]
+            order = [n for n, _ in parts]
+            kept = [r for r in store.get(arm, []) if _part_of(r) != name]
+            store[arm] = sorted(kept + rows, key=lambda r: order.index(_part_of(r)) if _part_of(r) in order else len(order))
+            self.record(key, part_spec)
+
     def longrange(self, arm: str) -> None:
-        """Passkey, multi-key needle and variable tracking (``evaluate.py suite=longrange``) on the arm's final checkpoint."""
+        """Passkey, multi-key needle and variable tracking (``evaluate.py suite=longrange``) on the arm's
+        final checkpoint, one recorded part per task and reading."""
         lr = self.settings.longrange
-        key = f"longrange/{arm}"
         opts = {k: (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v)
-                for k, v in lr.items() if k != "arms"}
-        spec = {"train": self.arm_spec(arm), "longrange": opts}
-        if arm in self.results.longrange and self.recorded(key, spec):
-            return
-        out = self.trained(arm)
-        tasks = "[" + ",".join(lr.tasks) + "]"
-        self.results.longrange[arm] = self.evaluate(
-            out, out / "eval" / "longrange", ["suite=longrange", f"tasks={tasks}"],
-            {"longrange.data": self.data, **{f"longrange.{k}": v for k, v in opts.items() if k != "tasks"}})
-        self.record(key, spec)
+                for k, v in lr.items() if k not in ("arms", "tasks", "methods")}
+        methods, _ = runnable_methods(list(lr.methods), self.anchored(arm))
+        parts = [(f"{task}/{m}", {"task": task, "method": m}) for task in lr.tasks for m in methods]
+        self.parts("longrange", arm, {"train": self.arm_spec(arm), "longrange": opts}, parts, self.results.longrange,
+                   lambda out, part_dir, p: self.evaluate(
+                       out, part_dir, ["suite=longrange", f"tasks=[{p['task']}]"],
+                       {"longrange.data": self.data, "longrange.methods": [p["method"]],
+                        **{f"longrange.{k}": v for k, v in opts.items()}}))
 
     def recall(self, arm: str) -> None:
-        """The recall probe on the arm's final checkpoint."""
+        """The recall probe on the arm's final checkpoint, one recorded part per reading (the same items
+        for every reading: they depend on the data, the seed, the item count and the distances only)."""
         r = self.settings.recall
-        key = f"recall/{arm}"
-        spec = {"train": self.arm_spec(arm),
-                "recall": {k: v for k, v in OmegaConf.to_container(r, resolve=True).items() if k != "arms"}}
-        if arm in self.results.recall and self.recorded(key, spec):
-            return
-        out = self.trained(arm)
-        self.results.recall[arm] = self.evaluate(
-            out, out / "eval" / "recall", ["suite=recall"],
-            {"recall.data": self.data, "recall.num_items": r.num_items, "recall.distances": list(r.distances),
-             "recall.methods": list(r.methods), "recall.batch_size": r.batch_size,
-             **({"recall.num_choices": r.num_choices} if "num_choices" in r else {})})
-        self.record(key, spec)
+        opts = {k: v for k, v in OmegaConf.to_container(r, resolve=True).items() if k not in ("arms", "methods")}
+        methods, _ = runnable_methods(list(r.methods), self.anchored(arm))
+        self.parts("recall", arm, {"train": self.arm_spec(arm), "recall": opts}, [(m, {"method": m}) for m in methods],
+                   self.results.recall,
+                   lambda out, part_dir, p: self.evaluate(
+                       out, part_dir, ["suite=recall"],
+                       {"recall.data": self.data, "recall.num_items": r.num_items, "recall.distances": list(r.distances),
+                        "recall.methods": [p["method"]], "recall.batch_size": r.batch_size,
+                        **({"recall.num_choices": r.num_choices} if "num_choices" in r else {})}))
 
     def qa(self) -> None:
         """QA on final checkpoints; ``best`` in ``study.qa.arms`` is the anchor arm closest to (or furthest
@@ -443,6 +458,11 @@ def main(argv: Sequence[str]) -> Results:
     except InputError as e:  # bad input: one line, exit code 2, nothing written
         fail("study.py", str(e), kind="config error")
     return Study(cfg).run()
+
+
+def _part_of(row: dict[str, Any]) -> str:
+    """The recorded part a row belongs to (rows recorded before stages had parts: their method)."""
+    return row.get("part") or (f"{row['task']}/{row['method']}" if row.get("suite") == "longrange" else row["method"])
 
 
 def _plain(spec: dict[str, Any]) -> Any:
