@@ -287,10 +287,14 @@ def test_best_in_a_stage_s_arms_is_the_arm_with_the_lowest_margin_measured_after
     shutil.copytree(tmp / "report", tmp / "report-best")
     overrides = ["study=tiny2", f"study.data.paths=[{tmp / 'docs.jsonl'}]", f"work_dir={tmp / 'work'}",
                  f"report_dir={tmp / 'report-best'}", "stages=[sweeps,arms,final,recall]", "study.recall.arms=[best]",
-                 "study.recall.num_items=2"]
+                 "study.recall.num_items=2", "study.recall.methods=[anchor,full]"]
     again = Study(compose("study", overrides)).run()
     assert best_arm(results.final) == "ac_sink_window_distill"  # the only arm with anchor readings
     assert set(probed) == {"ac_sink_window_distill"} and set(again.recall) == {"ac_sink_window_distill"}
+    # parts run (and are recorded) in the configured order; the report lists methods in its own order
+    assert [r["method"] for r in again.recall["ac_sink_window_distill"]][::2] == ["anchor", "full"]
+    s = json.loads((tmp / "report-best" / "summary.json").read_text())
+    assert list(s["recall"]["ac_sink_window_distill"]) == ["full", "anchor"]
 
 
 def test_evidence_final_sets_and_longrange_reach_the_report(evidence_run):

@@ -47,7 +47,7 @@ def summary(study: Study) -> dict[str, Any]:
     recall: dict[str, Any] = {}
     order = [a for a in study.settings.arms if a in r.recall] + [a for a in r.recall if a not in study.settings.arms]
     for arm, rows in ((a, r.recall[a]) for a in order):  # configured arm order, not the order they ran in
-        for row in rows:
+        for row in sorted(rows, key=lambda x: _rank(x["method"])):  # the report's method order, not the run order
             m = recall.setdefault(arm, {}).setdefault(row["method"], {"k": [], "acc": [], "c_red": [], "budget": [], "n": row["n"]})
             m["k"].append(row["distance"])
             m["acc"].append(row["acc"])
@@ -97,6 +97,12 @@ def summary(study: Study) -> dict[str, Any]:
         "timings_s": timings,
         "wall_s": round(sum(timings.values()), 1),
     }
+
+
+def _rank(method: str) -> int:
+    from .titles import PPL_ORDER
+
+    return PPL_ORDER.index(method) if method in PPL_ORDER else len(PPL_ORDER)
 
 
 def command(study: Study) -> str:
