@@ -178,9 +178,7 @@ def test_each_reading_of_a_part_is_what_it_is_beside_the_others(study_run):
     tmp, overrides, first = study_run
     st = Study(compose("study", overrides))
     r = st.settings.recall
-    rows = st.evaluate(tmp / "work" / "ac", tmp / "work" / "ac" / "eval" / "recall-joint", ["suite=recall"],
-                       {"recall.data": st.data, "recall.num_items": r.num_items, "recall.distances": list(r.distances),
-                        "recall.methods": list(r.methods), "recall.batch_size": r.batch_size, "recall.num_choices": r.num_choices})
+    rows = st.evaluate(tmp / "work" / "ac", tmp / "work" / "ac" / "eval" / "recall-joint", *st.recall_evaluation(list(r.methods)))
     def key(rs):
         return sorted((x["method"], x["distance"], x["acc"], x["c_red"], x["budget"]) for x in rs)
 
@@ -205,6 +203,22 @@ def test_bad_stage_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="Unknown study stage"):
         Study(compose("study", ["study=tiny", "study.data.paths=[x.jsonl]", "stages=[sweep,train]",
                                 f"work_dir={tmp_path}"]))
+
+
+def test_an_arm_s_training_spec_composes_its_config_once(tmp_path, monkeypatch):
+    """Every stage and part checks the record against the arm's training spec; the steps in it come
+    from a Hydra compose of the training config, done once per run and reused."""
+    from anllm.study.runner import Study as Runner
+
+    st = Study(compose("study", ["study=tiny2", f"study.data.paths=[{tmp_path / 'docs.jsonl'}]",
+                                 f"work_dir={tmp_path / 'work'}", f"report_dir={tmp_path / 'report'}"]))
+    composed = []
+    rows_per_step = Runner.rows_per_step
+    monkeypatch.setattr(Runner, "rows_per_step", lambda self, exp, ov: (composed.append(exp), rows_per_step(self, exp, ov))[1])
+    first = st.arm_spec("ac_sink")
+    assert [st.arm_spec("ac_sink") for _ in range(3)] == [first] * 3 and len(composed) == 1
+    other = st.arm_spec("baseline")
+    assert len(composed) == 2 and other["exp"] == "baseline" and other["steps"] >= 1
 
 
 def test_recall_verdict_needs_two_standard_errors():
@@ -337,9 +351,7 @@ def test_long_range_parts_equal_one_run_of_every_reading(evidence_run):
     st = Study(compose("study", overrides))
     lr = st.settings.longrange
     out = tmp / "work" / "ac_sink_window_distill"
-    rows = st.evaluate(out, out / "eval" / "longrange-joint", ["suite=longrange", "tasks=[passkey]"],
-                       {"longrange.data": st.data, "longrange.methods": list(lr.methods), "longrange.lengths": list(lr.lengths),
-                        "longrange.depths": list(lr.depths), "longrange.num_items": lr.num_items})
+    rows = st.evaluate(out, out / "eval" / "longrange-joint", *st.longrange_evaluation("passkey", list(lr.methods)))
 
     def key(rs):
         return sorted((x["task"], x["method"], x["length"], x.get("depth"), x["acc"], x.get("budget")) for x in rs)

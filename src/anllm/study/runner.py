@@ -59,6 +59,7 @@ class Study:
         self.results_file = self.report_dir / "results.json"
         self.timings_file = self.report_dir / "timings.json"
         self.results = Results(**json.loads(self.results_file.read_text())) if self.results_file.is_file() else Results()
+        self._steps: dict[tuple[int, str, tuple[str, ...]], int] = {}  # steps_for composes the training config
 
     # ---- helpers ------------------------------------------------------------------------------
     @property
@@ -94,8 +95,12 @@ class Study:
         return int(trainer.get("per_device_train_batch_size") or 1) * int(trainer.get("gradient_accumulation_steps") or 1)
 
     def steps_for(self, tokens: int, exp: str, overrides: Sequence[str]) -> int:
-        """Optimizer steps that train on ``tokens`` with the run ``exp`` + ``overrides``."""
-        return max(1, int(tokens) // (int(self.settings.block_size) * self.rows_per_step(exp, overrides)))
+        """Optimizer steps that train on ``tokens`` with the run ``exp`` + ``overrides`` (a Hydra compose,
+        so remembered: every stage and part asks it through :meth:`arm_spec`)."""
+        key = (int(tokens), str(exp), tuple(overrides))
+        if key not in self._steps:
+            self._steps[key] = max(1, int(tokens) // (int(self.settings.block_size) * self.rows_per_step(exp, overrides)))
+        return self._steps[key]
 
     def anchored(self, arm: str) -> bool:
         """Whether ``arm`` trains with anchors (its composed config's ``anchor.mode``), before it has run."""
@@ -397,15 +402,23 @@ class Study:
         """Passkey, multi-key needle and variable tracking (``evaluate.py suite=longrange``) on the arm's
         final checkpoint, one recorded part per task and reading."""
         lr = self.settings.longrange
-        opts = {k: (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v)
-                for k, v in lr.items() if k not in ("arms", "tasks", "methods")}
+        opts = self.longrange_options()
         methods, _ = runnable_methods(list(lr.methods), self.anchored(arm))
         parts = [(f"{task}/{m}", {"task": task, "method": m}) for task in lr.tasks for m in methods]
         self.parts("longrange", arm, {"train": self.arm_spec(arm), "longrange": opts}, parts, self.results.longrange,
-                   lambda out, part_dir, p: self.evaluate(
-                       out, part_dir, ["suite=longrange", f"tasks=[{p['task']}]"],
-                       {"longrange.data": self.data, "longrange.methods": [p["method"]],
-                        **{f"longrange.{k}": v for k, v in opts.items()}}))
+                   lambda out, part_dir, p: self.evaluate(out, part_dir, *self.longrange_evaluation(p["task"], [p["method"]])))
+
+    def longrange_options(self) -> dict[str, Any]:
+        """``study.longrange`` as ``evaluate.py``'s ``longrange.*`` options (without tasks and methods)."""
+        return {k: (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v)
+                for k, v in self.settings.longrange.items() if k not in ("arms", "tasks", "methods")}
+
+    def longrange_evaluation(self, task: str, methods: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
+        """The ``evaluate.py`` overrides and updates that read ``task`` with ``methods`` (one part's, or
+        every reading at once: the same items and budgets either way)."""
+        return (["suite=longrange", f"tasks=[{task}]"],
+                {"longrange.data": self.data, "longrange.methods": list(methods),
+                 **{f"longrange.{k}": v for k, v in self.longrange_options().items()}})
 
     def recall(self, arm: str) -> None:
         """The recall probe on the arm's final checkpoint, one recorded part per reading (the same items
@@ -415,11 +428,16 @@ class Study:
         methods, _ = runnable_methods(list(r.methods), self.anchored(arm))
         self.parts("recall", arm, {"train": self.arm_spec(arm), "recall": opts}, [(m, {"method": m}) for m in methods],
                    self.results.recall,
-                   lambda out, part_dir, p: self.evaluate(
-                       out, part_dir, ["suite=recall"],
-                       {"recall.data": self.data, "recall.num_items": r.num_items, "recall.distances": list(r.distances),
-                        "recall.methods": [p["method"]], "recall.batch_size": r.batch_size,
-                        **({"recall.num_choices": r.num_choices} if "num_choices" in r else {})}))
+                   lambda out, part_dir, p: self.evaluate(out, part_dir, *self.recall_evaluation([p["method"]])))
+
+    def recall_evaluation(self, methods: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
+        """The ``evaluate.py`` overrides and updates that read the recall items with ``methods`` (one
+        part's reading, or all of them at once)."""
+        r = self.settings.recall
+        return (["suite=recall"],
+                {"recall.data": self.data, "recall.num_items": r.num_items, "recall.distances": list(r.distances),
+                 "recall.methods": list(methods), "recall.batch_size": r.batch_size,
+                 **({"recall.num_choices": r.num_choices} if "num_choices" in r else {})})
 
     def qa(self) -> None:
         """QA on final checkpoints; ``best`` in ``study.qa.arms`` is the anchor arm closest to (or furthest
