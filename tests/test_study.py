@@ -344,6 +344,68 @@ def test_paired_difference_and_its_standard_error_by_hand():
     assert m == pytest.approx(0.2) and se == pytest.approx((((0.0) ** 2 + 0.1 ** 2 + 0.1 ** 2) / 2 / 3) ** 0.5)
 
 
+def _lever_summary():
+    """Four AC arms (no lever, window, distillation, both), the baseline, and an AC arm with other overrides."""
+    def arm(exp, uses, own=("anchor.num_sink_tokens=4",)):
+        return {"exp": exp, "uses": list(uses), "own_overrides": list(own)}
+
+    def rows(anchor, window_q, window_peak):
+        return {"anchor": {"per_doc_nll": anchor}, "streamingllm_q": {"per_doc_nll": window_q},
+                "streamingllm": {"per_doc_nll": window_peak}}
+
+    arms = {"ac_sink": arm("anllm_ac", []), "ac_sink_window": arm("anllm_ac", ["window"]),
+            "ac_sink_distill": arm("anllm_ac", ["distill"]), "ac_sink_window_distill": arm("anllm_ac", ["window", "distill"]),
+            "baseline": arm("baseline", [], ()), "ac": arm("anllm_ac", ["window"], ())}
+    final = {
+        "ac_sink": {"l1024": rows([3.0, 3.2, 3.4], [2.9, 3.0, 3.3], [2.8, 3.0, 3.2]), "l4096": rows([3.0, 3.0], [2.9, 2.9], [2.8, 2.8])},
+        "ac_sink_window": {"l1024": rows([2.9, 3.0, 3.3], [2.88, 3.0, 3.26], [2.85, 2.95, 3.25])},
+        "ac_sink_distill": {"l1024": rows([2.95, 3.1, 3.4], [2.9, 3.0, 3.3], [2.8, 3.0, 3.2])},
+        "ac_sink_window_distill": {"l1024": rows([2.9, 3.0, 3.3], [2.9, 3.0, 3.3], [2.9, 3.0, 3.3])},
+        "baseline": {"l1024": rows([2.5, 2.6, 2.7], [2.6, 2.7, 2.8], [2.6, 2.7, 2.8])},
+        "ac": {"l1024": rows([1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [2.0, 2.0, 2.0])},
+    }
+    return {"arms": arms, "final": final}
+
+
+def test_lever_effects_pair_arms_that_differ_by_one_lever_over_the_same_documents():
+    from anllm.study.findings import lever_effects
+
+    effects = {(e["lever"], e["without"], e["with"], e["set"]): e for e in lever_effects(_lever_summary())}
+    # one lever apart, same exp and own overrides; l4096 only where both arms have it (ac_sink alone: no pair);
+    # not the baseline (another exp), not `ac` (other own overrides), not distill -> window (two levers apart)
+    assert set(effects) == {("window", "ac_sink", "ac_sink_window", "l1024"), ("distill", "ac_sink", "ac_sink_distill", "l1024"),
+                            ("distill", "ac_sink_window", "ac_sink_window_distill", "l1024"),
+                            ("window", "ac_sink_distill", "ac_sink_window_distill", "l1024")}
+    w = effects[("window", "ac_sink", "ac_sink_window", "l1024")]
+    anchor = [2.9 - 3.0, 3.0 - 3.2, 3.3 - 3.4]  # with - without, per document
+    margin_q = [(2.88 - 2.9) - (2.9 - 3.0), (3.0 - 3.0) - (3.0 - 3.2), (3.26 - 3.3) - (3.3 - 3.4)]
+    margin_peak = [(2.85 - 2.9) - (2.8 - 3.0), (2.95 - 3.0) - (3.0 - 3.2), (3.25 - 3.3) - (3.2 - 3.4)]
+    for got, diffs in ((w["anchor"], anchor), (w["margin_streamingllm_q"], margin_q), (w["margin_streamingllm"], margin_peak)):
+        mean = sum(diffs) / 3
+        se = (sum((d - mean) ** 2 for d in diffs) / 2 / 3) ** 0.5
+        assert got == pytest.approx((mean, se))
+    # a set whose document counts differ cannot be paired: no number rather than a wrong one
+    s = _lever_summary()
+    s["final"]["ac_sink_distill"]["l1024"]["streamingllm_q"]["per_doc_nll"] = [2.9, 3.0]
+    d = {(e["lever"], e["with"]): e for e in lever_effects(s)}[("distill", "ac_sink_distill")]
+    assert d["margin_streamingllm_q"] is None and d["anchor"] is not None
+
+
+def test_the_report_names_which_lever_moved_what():
+    from anllm.study.findings import lever_findings
+    from anllm.study.markdown import levers_md
+    from anllm.study.titles import arm_title
+
+    s = _lever_summary()
+    table = "\n".join(levers_md(s))
+    assert "### Which lever moved what" in table
+    # window, ac_sink -> ac_sink_window: anchor -0.1/-0.2/-0.1 nats (better past 2 s.e.); margin +0.08/+0.2/+0.06
+    row = next(line for line in table.splitlines() if line.startswith(f"| window | {arm_title('ac_sink')} → "))
+    assert "-13.3% ± 3.3 (better)" in row and "+11.3% ± 4.4 (towards the anchors)" in row
+    facts = [f for f in lever_findings(s) if f.startswith("distill (")]
+    assert len(facts) == 2 and all("margin over" in f for f in facts)
+
+
 def test_long_range_parts_equal_one_run_of_every_reading(evidence_run):
     tmp, results = evidence_run
     overrides = ["study=tiny2", f"study.data.paths=[{tmp / 'docs.jsonl'}]", f"work_dir={tmp / 'work'}",

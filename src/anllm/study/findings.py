@@ -70,11 +70,71 @@ def paired_difference(final_rows: dict[str, Any], base: str, tail: bool = False)
     a, b = (final_rows.get("anchor") or {}).get(key), (final_rows.get(base) or {}).get(key)
     if not a or not b or len(a) != len(b):
         return None
-    diffs = [y - x for x, y in zip(a, b) if x is not None and y is not None]
+    return mean_se([y - x for x, y in zip(a, b) if x is not None and y is not None])
+
+
+def mean_se(diffs: list[float]) -> tuple[float, float] | None:
+    """Mean of paired per-document differences and its standard error (None below two documents)."""
     if len(diffs) < 2:
         return None
     m = sum(diffs) / len(diffs)
     return m, math.sqrt(sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+
+
+def lever_effects(s: dict[str, Any]) -> list[dict[str, Any]]:
+    """What one lever (a sweep an arm ``uses``: ``window``, ``distill``) did, for every pair of arms that
+    differ by that lever alone (same exp, same own overrides) on every final set both have, paired over
+    the set's documents (the same held-out documents, tokenised the same way, for arms of one exp):
+
+    - ``anchor``: mean over documents of log-PPL(anchor) with the lever − without (negative: the lever
+      made the anchor reading better);
+    - ``margin_<base>``: the change in the margin over a window, (log-PPL(base) − log-PPL(anchor)) with
+      the lever − the same without (positive: the lever moved the anchors towards beating ``base``).
+
+    Each value is ``(mean, standard error)`` or None where a document count does not match."""
+    arms, final = s.get("arms") or {}, s.get("final") or {}
+    out = []
+    for without, a in arms.items():
+        for with_, b in arms.items():
+            ua, ub = set(a.get("uses") or []), set(b.get("uses") or [])
+            if (without not in final or with_ not in final or a.get("exp") != b.get("exp")
+                    or a.get("own_overrides") != b.get("own_overrides") or not (ua < ub and len(ub - ua) == 1)):
+                continue
+            for name, ra in final[without].items():
+                rb = final[with_].get(name)
+                if rb is None or "anchor" not in ra or "anchor" not in rb:
+                    continue
+                row: dict[str, Any] = {"lever": next(iter(ub - ua)), "without": without, "with": with_, "set": name,
+                                       "anchor": _paired(rb["anchor"], ra["anchor"])}
+                for base in ("streamingllm_q", "streamingllm"):
+                    if base in ra and base in rb:
+                        row[f"margin_{base}"] = _paired(rb[base], ra[base], rb["anchor"], ra["anchor"])
+                out.append(row)
+    return out
+
+
+def _paired(with_: dict[str, Any], without: dict[str, Any], with_anchor: dict[str, Any] | None = None,
+            without_anchor: dict[str, Any] | None = None) -> tuple[float, float] | None:
+    """Per-document NLL with − without; with the anchor rows given, of the margins (row − anchor)."""
+    w, o = with_.get("per_doc_nll"), without.get("per_doc_nll")
+    if with_anchor is not None and without_anchor is not None:
+        wa, oa = with_anchor.get("per_doc_nll"), without_anchor.get("per_doc_nll")
+        if not w or not o or not wa or not oa or len({len(w), len(o), len(wa), len(oa)}) != 1:
+            return None
+        return mean_se([(x - xa) - (y - ya) for x, xa, y, ya in zip(w, wa, o, oa)
+                        if None not in (x, xa, y, ya)])
+    if not w or not o or len(w) != len(o):
+        return None
+    return mean_se([x - y for x, y in zip(w, o) if x is not None and y is not None])
+
+
+def change_verdict(d: tuple[float, float] | None, up: str, down: str) -> str:
+    """``+x.x% ± y.y (word)``: ``up`` past +2 s.e., ``down`` past −2 s.e., else no clear change."""
+    if d is None:
+        return "–"
+    m, se = d
+    word = up if m > 2 * se else (down if -m > 2 * se else "no clear change")
+    return f"{100 * m:+.1f}% ± {100 * se:.1f} ({word})"
 
 
 def paired_verdict(d: tuple[float, float] | None) -> str:
@@ -117,12 +177,21 @@ def evidence_findings(s: dict[str, Any]) -> list[str]:
                 b = pooled_accuracy(methods[base])
                 out.append(f"{task}, {arm_title(arm)}: anchor {100 * a[0]:.1f}% vs {method_title(base)} "
                            f"{100 * b[0]:.1f}% over {a[1]} items ({accuracy_verdict(a[0], b[0], a[1])}).")
+    out += lever_findings(s)
     for arm, a in s["arms"].items():
         d = a.get("distill")
         if d and d.get("step_cost_ratio"):
             out.append(f"{arm_title(arm)}: distillation made a training step {d['step_cost_ratio']:.2f}× the plain "
                        f"step on this machine (teacher forward + KL {d['teacher_plus_kl_s']:.0f} s of {d['train_runtime_s']:.0f} s).")
     return out
+
+
+def lever_findings(s: dict[str, Any]) -> list[str]:
+    """One statement per lever effect (:func:`lever_effects`), with its 2-s.e. verdicts."""
+    return [f"{e['lever']} ({arm_title(e['without'])} → {arm_title(e['with'])}), {e['set']}: anchor log-PPL "
+            f"{change_verdict(e['anchor'], 'worse', 'better')}; margin over {method_title('streamingllm_q')} "
+            f"{change_verdict(e.get('margin_streamingllm_q'), 'towards the anchors', 'towards the window')}."
+            for e in lever_effects(s)]
 
 
 def pooled_accuracy(cells: list[dict[str, Any]]) -> tuple[float, int]:

@@ -6,7 +6,9 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .findings import findings, paired_difference, paired_verdict, pooled_accuracy, ratio_to_full
+from .findings import (
+    change_verdict, findings, lever_effects, paired_difference, paired_verdict, pooled_accuracy, ratio_to_full,
+)
 from .titles import PPL_ORDER, arm_title, method_title
 
 
@@ -152,7 +154,25 @@ def final_md(s: dict[str, Any]) -> list[str]:
                               _f(r.get("mean_kv"), "{:.1f}"), _f(r.get("peak_kv"), "{:.1f}"), d, dt])
     L += _table(["arm", "set", "method", "PPL", "PPL after 2,048", "mean keys", "peak keys", "Δ vs anchor",
                  "Δ after 2,048"], table, text=3) + [""]
-    return L + offsets_md(final)
+    return L + levers_md(s) + offsets_md(final)
+
+
+def levers_md(s: dict[str, Any]) -> list[str]:
+    """Which lever moved what: arms that differ by one lever, paired over the same documents."""
+    effects = lever_effects(s)
+    if not effects:
+        return []
+    rows = [[e["lever"], f"{arm_title(e['without'])} → {arm_title(e['with'])}", e["set"],
+             change_verdict(e["anchor"], "worse", "better"),
+             change_verdict(e.get("margin_streamingllm_q"), "towards the anchors", "towards the window"),
+             change_verdict(e.get("margin_streamingllm"), "towards the anchors", "towards the window")] for e in effects]
+    return ["### Which lever moved what", "",
+            "Arms that differ by one lever, on the same held-out documents: the change the lever made to the anchor "
+            "reading's log-PPL (negative: better), and to its margin over a window, log-PPL(StreamingLLM) − "
+            "log-PPL(anchor) (positive: towards the anchors winning), mean over documents ± standard error of the "
+            "per-document differences; a change needs more than 2 s.e.", ""] + \
+        _table(["lever", "arms", "set", "Δ anchor log-PPL", f"Δ margin, {method_title('streamingllm_q')}",
+                f"Δ margin, {method_title('streamingllm')}"], rows, text=3) + [""]
 
 
 def offsets_md(final: dict[str, Any]) -> list[str]:

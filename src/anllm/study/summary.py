@@ -37,13 +37,14 @@ def summary(study: Study) -> dict[str, Any]:
         arms[arm] = {"status": "done", "tokens": c["tokens"], "steps": c["steps"], "ppl": c["ppl"], "c_red": c.get("c_red"),
                      "distill": c.get("distill"),
                      "budget": c.get("budget"), "train_s": c.get("train_s"), "exp": c.get("exp"),
-                     "overrides": c.get("overrides"),
+                     "overrides": c.get("overrides"), **_levers(study, arm),
                      "max_kv": (c["rows"][-1].get("anchor") or {}).get("max_kv")}
     for arm in study.settings.arms:  # configured but not measured yet: same keys, empty curves
         if arm not in arms:
             methods, _ = runnable_methods(list(study.settings.ppl.methods), study.anchored(arm))
             arms[arm] = {"status": "pending", "tokens": [], "steps": [], "ppl": {m: [] for m in methods}, "c_red": None,
-                         "budget": None, "train_s": None, "exp": str(study.settings.arm_specs[arm].exp), "overrides": None, "max_kv": None}
+                         "budget": None, "train_s": None, "exp": str(study.settings.arm_specs[arm].exp), "overrides": None,
+                         **_levers(study, arm), "max_kv": None}
     recall: dict[str, Any] = {}
     order = [a for a in study.settings.arms if a in r.recall] + [a for a in r.recall if a not in study.settings.arms]
     for arm, rows in ((a, r.recall[a]) for a in order):  # configured arm order, not the order they ran in
@@ -97,6 +98,14 @@ def summary(study: Study) -> dict[str, Any]:
         "timings_s": timings,
         "wall_s": round(sum(timings.values()), 1),
     }
+
+
+def _levers(study: Study, arm: str) -> dict[str, Any]:
+    """The arm's own overrides and the sweeps it ``uses`` (which arms differ by one lever; None: not configured)."""
+    spec = study.settings.arm_specs.get(arm)
+    if spec is None:
+        return {"own_overrides": None, "uses": None}
+    return {"own_overrides": list(spec.overrides or []), "uses": list(spec.get("uses") or [])}
 
 
 def _rank(method: str) -> int:
