@@ -371,11 +371,15 @@ def test_lever_effects_pair_arms_that_differ_by_one_lever_over_the_same_document
     from anllm.study.findings import lever_effects
 
     effects = {(e["lever"], e["without"], e["with"], e["set"]): e for e in lever_effects(_lever_summary())}
-    # one lever apart, same exp and own overrides; l4096 only where both arms have it (ac_sink alone: no pair);
-    # not the baseline (another exp), not `ac` (other own overrides), not distill -> window (two levers apart)
+    # one arm adds levers to the other, same exp and own overrides; l4096 only where both arms have it (ac_sink
+    # alone: no pair); not the baseline (another exp), not `ac` (other own overrides), not distill -> window
+    # (one lever swapped for another)
     assert set(effects) == {("window", "ac_sink", "ac_sink_window", "l1024"), ("distill", "ac_sink", "ac_sink_distill", "l1024"),
                             ("distill", "ac_sink_window", "ac_sink_window_distill", "l1024"),
-                            ("window", "ac_sink_distill", "ac_sink_window_distill", "l1024")}
+                            ("window", "ac_sink_distill", "ac_sink_window_distill", "l1024"),
+                            ("window + distill", "ac_sink", "ac_sink_window_distill", "l1024")}
+    both = effects[("window + distill", "ac_sink", "ac_sink_window_distill", "l1024")]
+    assert both["anchor"][0] == pytest.approx((-0.1 - 0.2 - 0.1) / 3)
     w = effects[("window", "ac_sink", "ac_sink_window", "l1024")]
     anchor = [2.9 - 3.0, 3.0 - 3.2, 3.3 - 3.4]  # with - without, per document
     margin_q = [(2.88 - 2.9) - (2.9 - 3.0), (3.0 - 3.0) - (3.0 - 3.2), (3.26 - 3.3) - (3.3 - 3.4)]

@@ -82,9 +82,10 @@ def mean_se(diffs: list[float]) -> tuple[float, float] | None:
 
 
 def lever_effects(s: dict[str, Any]) -> list[dict[str, Any]]:
-    """What one lever (a sweep an arm ``uses``: ``window``, ``distill``) did, for every pair of arms that
-    differ by that lever alone (same exp, same own overrides) on every final set both have, paired over
-    the set's documents (the same held-out documents, tokenised the same way, for arms of one exp):
+    """What a lever (a sweep an arm ``uses``: ``window``, ``distill``) did, for every pair of arms where one
+    adds levers to the other (same exp, same own overrides: one lever alone, or ``window + distill``
+    together), on every final set both have, paired over the set's documents (the same held-out
+    documents, tokenised the same way, for arms of one exp):
 
     - ``anchor``: mean over documents of log-PPL(anchor) with the lever − without (negative: the lever
       made the anchor reading better);
@@ -98,13 +99,14 @@ def lever_effects(s: dict[str, Any]) -> list[dict[str, Any]]:
         for with_, b in arms.items():
             ua, ub = set(a.get("uses") or []), set(b.get("uses") or [])
             if (without not in final or with_ not in final or a.get("exp") != b.get("exp")
-                    or a.get("own_overrides") != b.get("own_overrides") or not (ua < ub and len(ub - ua) == 1)):
+                    or a.get("own_overrides") != b.get("own_overrides") or not ua < ub):
                 continue
             for name, ra in final[without].items():
                 rb = final[with_].get(name)
                 if rb is None or "anchor" not in ra or "anchor" not in rb:
                     continue
-                row: dict[str, Any] = {"lever": next(iter(ub - ua)), "without": without, "with": with_, "set": name,
+                lever = " + ".join(u for u in b["uses"] if u not in ua)  # two or more: the levers together
+                row: dict[str, Any] = {"lever": lever, "without": without, "with": with_, "set": name,
                                        "anchor": _paired(rb["anchor"], ra["anchor"])}
                 for base in ("streamingllm_q", "streamingllm"):
                     if base in ra and base in rb:

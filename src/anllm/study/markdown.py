@@ -158,7 +158,7 @@ def final_md(s: dict[str, Any]) -> list[str]:
 
 
 def levers_md(s: dict[str, Any]) -> list[str]:
-    """Which lever moved what: arms that differ by one lever, paired over the same documents."""
+    """Which lever moved what: arms where one adds levers to the other, paired over the same documents."""
     effects = lever_effects(s)
     if not effects:
         return []
@@ -167,7 +167,7 @@ def levers_md(s: dict[str, Any]) -> list[str]:
              change_verdict(e.get("margin_streamingllm_q"), "towards the anchors", "towards the window"),
              change_verdict(e.get("margin_streamingllm"), "towards the anchors", "towards the window")] for e in effects]
     return ["### Which lever moved what", "",
-            "Arms that differ by one lever, on the same held-out documents: the change the lever made to the anchor "
+            "Arms where one adds a lever (or both) to the other, on the same held-out documents: the change the lever made to the anchor "
             "reading's log-PPL (negative: better), and to its margin over a window, log-PPL(StreamingLLM) − "
             "log-PPL(anchor) (positive: towards the anchors winning), mean over documents ± standard error of the "
             "per-document differences; a change needs more than 2 s.e.", ""] + \
