@@ -395,6 +395,16 @@ def test_lever_effects_pair_arms_that_differ_by_one_lever_over_the_same_document
     assert d["margin_streamingllm_q"] is None and d["anchor"] is not None
 
 
+def test_a_curve_finding_names_both_equal_cache_definitions():
+    from anllm.study.findings import findings
+
+    arm = {"tokens": [0, 10], "ppl": {"full": [30.0, 30.0], "anchor": [40.0, 38.3], "streamingllm": [35.0, 34.1],
+                                      "streamingllm_q": [45.0, 38.8]}}
+    facts = findings({"arms": {"ac_sink_distill": arm}, "recall": {}, "final": {}, "longrange": {}})
+    line = next(f for f in facts if "anchor PPL 38.30" in f)
+    assert "worse than StreamingLLM at the same cache (34.10)" in line and "better than" in line and "(38.80;" in line
+
+
 def test_the_report_names_which_lever_moved_what():
     from anllm.study.findings import lever_findings
     from anllm.study.markdown import levers_md

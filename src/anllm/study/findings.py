@@ -47,6 +47,10 @@ def findings(s: dict[str, Any]) -> list[str]:
             parts.append(f"{'below' if an < se else 'NOT below'} the sentence-only control ({se:.2f})")
         if st is not None:
             parts.append(f"{'better' if an < st else 'worse'} than StreamingLLM at the same cache ({st:.2f})")
+        sq = (a["ppl"].get("streamingllm_q") or [None])[-1]
+        if sq is not None:  # Evidence II's second definition of equal cache
+            parts.append(f"{'better' if an < sq else 'worse'} than {method_title('streamingllm_q')} ({sq:.2f}; "
+                         "learning-curve set, no standard error)")
         out.append(", ".join(parts) + ".")
     for arm, rec in s["recall"].items():
         if "anchor" not in rec:
