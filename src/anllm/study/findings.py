@@ -71,10 +71,14 @@ def findings(s: dict[str, Any]) -> list[str]:
 def paired_difference(final_rows: dict[str, Any], base: str, tail: bool = False) -> tuple[float, float] | None:
     """Mean and s.e. of the per-document log-PPL difference base − anchor (positive: anchors better)."""
     key = "per_doc_nll_tail" if tail else "per_doc_nll"
-    a, b = (final_rows.get("anchor") or {}).get(key), (final_rows.get(base) or {}).get(key)
-    if not a or not b or len(a) != len(b):
+    return paired_change((final_rows.get(base) or {}).get(key), (final_rows.get("anchor") or {}).get(key))
+
+
+def paired_change(after: list[float | None] | None, before: list[float | None] | None) -> tuple[float, float] | None:
+    """Mean and s.e. of per-document ``after − before`` (None where the document counts differ)."""
+    if not after or not before or len(after) != len(before):
         return None
-    return mean_se([y - x for x, y in zip(a, b) if x is not None and y is not None])
+    return mean_se([x - y for x, y in zip(after, before) if x is not None and y is not None])
 
 
 def mean_se(diffs: list[float]) -> tuple[float, float] | None:
@@ -105,33 +109,29 @@ def lever_effects(s: dict[str, Any]) -> list[dict[str, Any]]:
             if (without not in final or with_ not in final or a.get("exp") != b.get("exp")
                     or a.get("own_overrides") != b.get("own_overrides") or not ua < ub):
                 continue
+            lever = " + ".join(u for u in b["uses"] if u not in ua)  # two or more: the levers together
             for name, ra in final[without].items():
                 rb = final[with_].get(name)
                 if rb is None or "anchor" not in ra or "anchor" not in rb:
                     continue
-                lever = " + ".join(u for u in b["uses"] if u not in ua)  # two or more: the levers together
                 row: dict[str, Any] = {"lever": lever, "without": without, "with": with_, "set": name,
-                                       "anchor": _paired(rb["anchor"], ra["anchor"])}
+                                       "anchor": paired_change(_nll(rb["anchor"]), _nll(ra["anchor"]))}
                 for base in ("streamingllm_q", "streamingllm"):
                     if base in ra and base in rb:
-                        row[f"margin_{base}"] = _paired(rb[base], ra[base], rb["anchor"], ra["anchor"])
+                        row[f"margin_{base}"] = paired_change(_nll(rb[base], rb["anchor"]), _nll(ra[base], ra["anchor"]))
                 out.append(row)
     return out
 
 
-def _paired(with_: dict[str, Any], without: dict[str, Any], with_anchor: dict[str, Any] | None = None,
-            without_anchor: dict[str, Any] | None = None) -> tuple[float, float] | None:
-    """Per-document NLL with − without; with the anchor rows given, of the margins (row − anchor)."""
-    w, o = with_.get("per_doc_nll"), without.get("per_doc_nll")
-    if with_anchor is not None and without_anchor is not None:
-        wa, oa = with_anchor.get("per_doc_nll"), without_anchor.get("per_doc_nll")
-        if not w or not o or not wa or not oa or len({len(w), len(o), len(wa), len(oa)}) != 1:
-            return None
-        return mean_se([(x - xa) - (y - ya) for x, xa, y, ya in zip(w, wa, o, oa)
-                        if None not in (x, xa, y, ya)])
-    if not w or not o or len(w) != len(o):
+def _nll(row: dict[str, Any], minus: dict[str, Any] | None = None) -> list[float | None] | None:
+    """A reading's per-document NLL, or its margin over ``minus`` (row − minus) per document."""
+    v = row.get("per_doc_nll")
+    if minus is None:
+        return v
+    m = minus.get("per_doc_nll")
+    if not v or not m or len(v) != len(m):
         return None
-    return mean_se([x - y for x, y in zip(w, o) if x is not None and y is not None])
+    return [None if x is None or y is None else x - y for x, y in zip(v, m)]
 
 
 def change_verdict(d: tuple[float, float] | None, up: str, down: str) -> str:
