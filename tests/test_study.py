@@ -315,6 +315,7 @@ def test_evidence_final_sets_and_longrange_reach_the_report(evidence_run):
     tmp, results = evidence_run
     s = json.loads((tmp / "report" / "summary.json").read_text())
     rows = s["final"]["ac_sink_window_distill"]["l64"]
+    assert s["final_sets"] == {"l64": {"max_tokens": 64, "num_documents": 2, "tail_from": 32}}
     assert set(rows) == {"full", "anchor", "sentence", "streamingllm", "streamingllm_q"}
     assert len(rows["anchor"]["per_doc_nll"]) == 2 and rows["anchor"]["ppl_tail"] is not None
     assert rows["streamingllm_q"]["mean_kv"] == pytest.approx(rows["anchor"]["mean_kv"])
@@ -418,6 +419,32 @@ def test_the_report_names_which_lever_moved_what():
     assert "-13.3% ± 3.3 (better)" in row and "+11.3% ± 4.4 (towards the anchors)" in row
     facts = [f for f in lever_findings(s) if f.startswith("distill (")]
     assert len(facts) == 2 and all("margin over" in f for f in facts)
+
+
+def test_the_report_says_which_final_sets_read_past_the_training_block():
+    from anllm.study.findings import evidence_findings, lever_findings
+    from anllm.study.markdown import final_md
+
+    s = _lever_summary()
+    s["block_size"] = 1024
+    s["final_sets"] = {"l1024": {"max_tokens": 1024, "num_documents": 3, "tail_from": None},
+                       "l4096": {"max_tokens": 4096, "num_documents": 2, "tail_from": 3000}}
+    s["final"]["ac_sink_distill"]["l4096"] = s["final"]["ac_sink"]["l4096"]
+    for sets in s["final"].values():
+        for rows in sets.values():
+            for r in rows.values():
+                r.update(ppl=10.0, per_doc_nll_tail=r["per_doc_nll"])
+    text = "\n".join(final_md(s))
+    assert "so l4096 (4,096 tokens) measures how the trained cache extrapolates" in text and "l1024 (" not in text
+    assert "| PPL after position 3,000 |" in text  # the configured tail start, not a fixed 2,048
+    facts = evidence_findings(s) + lever_findings(s)
+    assert any(f.startswith("AC + sinks + distillation, l4096 (4× the 1,024-token training block) after position 3,000:")
+               for f in facts)
+    assert any("(AnLLM-AC + 4 sinks → AC + sinks + distillation), l4096 (4× the 1,024-token training block):" in f for f in facts)
+    assert not any("l1024 (" in f for f in facts)
+    # a summary without the sets' lengths (written before they were recorded) keeps the plain names
+    del s["final_sets"]
+    assert "extrapolates" not in "\n".join(final_md(s)) and "| PPL of the tail |" in "\n".join(final_md(s))
 
 
 def test_long_range_parts_equal_one_run_of_every_reading(evidence_run):

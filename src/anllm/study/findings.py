@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .titles import arm_title, method_title
+from .titles import arm_title, method_title, set_title, tail_title
 
 RATIO_TARGET = 1.25
 
@@ -162,11 +162,11 @@ def evidence_findings(s: dict[str, Any]) -> list[str]:
                     d = paired_difference(rows, base, tail)
                     if d is None:
                         continue
-                    where = " after position 2,048" if tail else ""
-                    out.append(f"{arm_title(arm)}, {name}{where}: log-PPL({method_title(base)}) − log-PPL(anchor) = "
+                    where = f" {tail_title(s, name)}" if tail else ""
+                    out.append(f"{arm_title(arm)}, {set_title(s, name)}{where}: log-PPL({method_title(base)}) − log-PPL(anchor) = "
                                f"{paired_verdict(d)} over {len(rows['anchor']['per_doc_nll'])} documents.")
     ratios = {arm: rows["l1024"]["anchor"]["ppl"] / rows["l1024"]["full"]["ppl"]
-              for arm, rows in s.get("final", {}).items() if "l1024" in rows and "anchor" in rows["l1024"]}
+              for arm, rows in s.get("final", {}).items() if "l1024" in rows and {"anchor", "full"} <= set(rows["l1024"])}
     if ratios:
         best = min(ratios, key=ratios.get)
         verdict = "met" if ratios[best] <= 1.15 else f"missed by {ratios[best] - 1.15:.2f}"
@@ -194,7 +194,7 @@ def evidence_findings(s: dict[str, Any]) -> list[str]:
 
 def lever_findings(s: dict[str, Any]) -> list[str]:
     """One statement per lever effect (:func:`lever_effects`), with its 2-s.e. verdicts."""
-    return [f"{e['lever']} ({arm_title(e['without'])} → {arm_title(e['with'])}), {e['set']}: anchor log-PPL "
+    return [f"{e['lever']} ({arm_title(e['without'])} → {arm_title(e['with'])}), {set_title(s, e['set'])}: anchor log-PPL "
             f"{change_verdict(e['anchor'], 'worse', 'better')}; margin over {method_title('streamingllm_q')} "
             f"{change_verdict(e.get('margin_streamingllm_q'), 'towards the anchors', 'towards the window')}."
             for e in lever_effects(s)]

@@ -9,7 +9,7 @@ from typing import Any, Iterable, Sequence
 from .findings import (
     change_verdict, findings, lever_effects, paired_difference, paired_verdict, pooled_accuracy, ratio_to_full,
 )
-from .titles import PPL_ORDER, arm_title, method_title
+from .titles import PPL_ORDER, arm_title, method_title, set_title, tail_title
 
 
 def _f(x: Any, fmt: str = "{:.2f}") -> str:
@@ -141,6 +141,11 @@ def final_md(s: dict[str, Any]) -> list[str]:
          "Mean keys: keys a token attends, averaged over the document's tokens; peak keys: the most any token attends. "
          "Δ vs anchor: mean over documents of log-PPL(method) − log-PPL(anchor) ± its standard error (positive: the "
          "anchor reading is better; a win needs more than 2 s.e.).", ""]
+    beyond = [f"{name} ({f['max_tokens']:,} tokens)" for name, f in (s.get("final_sets") or {}).items()
+              if set_title(s, name) != name]
+    if beyond:
+        L += [f"The arms trained on blocks of {s['block_size']:,} tokens, so {', '.join(beyond)} measure"
+              f"{'s' if len(beyond) == 1 else ''} how the trained cache extrapolates past the length it learned.", ""]
     table = []
     for arm, sets in final.items():
         for name, rows in sets.items():
@@ -152,8 +157,9 @@ def final_md(s: dict[str, Any]) -> list[str]:
                 dt = paired_verdict(paired_difference(rows, m, tail=True)) if m != "anchor" and r.get("ppl_tail") else "–"
                 table.append([arm_title(arm), name, method_title(m), _f(r["ppl"]), _f(r.get("ppl_tail")),
                               _f(r.get("mean_kv"), "{:.1f}"), _f(r.get("peak_kv"), "{:.1f}"), d, dt])
-    L += _table(["arm", "set", "method", "PPL", "PPL after 2,048", "mean keys", "peak keys", "Δ vs anchor",
-                 "Δ after 2,048"], table, text=3) + [""]
+    tail = tail_title(s)
+    L += _table(["arm", "set", "method", "PPL", f"PPL {tail}", "mean keys", "peak keys", "Δ vs anchor",
+                 f"Δ {tail}"], table, text=3) + [""]
     return L + levers_md(s) + offsets_md(final)
 
 

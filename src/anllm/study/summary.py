@@ -94,6 +94,7 @@ def summary(study: Study) -> dict[str, Any]:
         "sweeps": r.sweeps,
         "choices": r.choices,
         "final": final,
+        "final_sets": final_sets(study),
         "longrange": longrange,
         "timings_s": timings,
         "wall_s": round(sum(timings.values()), 1),
@@ -117,3 +118,11 @@ def _rank(method: str) -> int:
 def command(study: Study) -> str:
     args = [a for a in sys.argv[1:]] if sys.argv and sys.argv[0].endswith("study.py") else [f"study={study.settings.name}"]
     return ".venv/bin/python study.py " + " ".join(args) if args else "make study"
+
+
+def final_sets(study: Study) -> dict[str, dict[str, Any]]:
+    """Each final set's length, size and tail start, so the report can say which sets read past the
+    training block (how the trained cache extrapolates) and where each tail starts."""
+    return {str(name): {"max_tokens": int(f.max_tokens), "num_documents": int(f.num_documents),
+                        "tail_from": int(f.tail_from) if f.get("tail_from") else None}
+            for name, f in (study.settings.get("final") or {}).items()}

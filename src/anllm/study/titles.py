@@ -7,6 +7,8 @@ reads exactly what ``anchor`` reads (the cache is lossless), so a column of it w
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..eval.methods import names
 
 # The reading methods of the report's perplexity tables and figures, in registry order.
@@ -26,3 +28,22 @@ def arm_title(arm: str) -> str:
 
 def method_title(method: str) -> str:
     return _METHOD_TITLES.get(method, method)
+
+
+def set_title(s: dict[str, Any], name: str) -> str:
+    """A final set's name, saying when it reads past the training block (a measure of extrapolation,
+    not of the trained cache at the length it learned)."""
+    n = ((s.get("final_sets") or {}).get(name) or {}).get("max_tokens")
+    block = s.get("block_size")
+    if n and block and n > block:
+        return f"{name} ({n / block:g}× the {block:,}-token training block)"
+    return name
+
+
+def tail_title(s: dict[str, Any], name: str | None = None) -> str:
+    """Where a final set's tail starts ("after position 2,048"); without a name, the start every set with a
+    tail shares (a table column); "of the tail" when the summary does not say or the sets differ."""
+    sets = s.get("final_sets") or {}
+    chosen = [sets.get(name)] if name is not None else list(sets.values())
+    starts = {f.get("tail_from") for f in chosen if f and f.get("tail_from")}
+    return f"after position {starts.pop():,}" if len(starts) == 1 else "of the tail"
