@@ -385,7 +385,9 @@ def test_lever_effects_pair_arms_that_differ_by_one_lever_over_the_same_document
     anchor = [2.9 - 3.0, 3.0 - 3.2, 3.3 - 3.4]  # with - without, per document
     margin_q = [(2.88 - 2.9) - (2.9 - 3.0), (3.0 - 3.0) - (3.0 - 3.2), (3.26 - 3.3) - (3.3 - 3.4)]
     margin_peak = [(2.85 - 2.9) - (2.8 - 3.0), (2.95 - 3.0) - (3.0 - 3.2), (3.25 - 3.3) - (3.2 - 3.4)]
-    for got, diffs in ((w["anchor"], anchor), (w["margin_streamingllm_q"], margin_q), (w["margin_streamingllm"], margin_peak)):
+    window_q = [2.88 - 2.9, 3.0 - 3.0, 3.26 - 3.3]  # the window reading itself: a margin moves when either side does
+    for got, diffs in ((w["anchor"], anchor), (w["streamingllm_q"], window_q), (w["margin_streamingllm_q"], margin_q),
+                       (w["margin_streamingllm"], margin_peak)):
         mean = sum(diffs) / 3
         se = (sum((d - mean) ** 2 for d in diffs) / 2 / 3) ** 0.5
         assert got == pytest.approx((mean, se))
@@ -393,7 +395,8 @@ def test_lever_effects_pair_arms_that_differ_by_one_lever_over_the_same_document
     s = _lever_summary()
     s["final"]["ac_sink_distill"]["l1024"]["streamingllm_q"]["per_doc_nll"] = [2.9, 3.0]
     d = {(e["lever"], e["with"]): e for e in lever_effects(s)}[("distill", "ac_sink_distill")]
-    assert d["margin_streamingllm_q"] is None and d["anchor"] is not None
+    assert d["margin_streamingllm_q"] is None and d["streamingllm_q"] is None and d["anchor"] is not None
+    assert "full" not in d  # a reading one arm lacks: no entry
 
 
 def test_a_curve_finding_names_both_equal_cache_definitions():
@@ -417,6 +420,7 @@ def test_the_report_names_which_lever_moved_what():
     # window, ac_sink -> ac_sink_window: anchor -0.1/-0.2/-0.1 nats (better past 2 s.e.); margin +0.08/+0.2/+0.06
     row = next(line for line in table.splitlines() if line.startswith(f"| window | {arm_title('ac_sink')} → "))
     assert "-13.3% ± 3.3 (better)" in row and "+11.3% ± 4.4 (towards the anchors)" in row
+    assert row.split(" | ")[4] == "-2.0% ± 1.2 (no clear change)"  # the window reading, same documents
     facts = [f for f in lever_findings(s) if f.startswith("distill (")]
     assert len(facts) == 2 and all("margin over" in f for f in facts)
 

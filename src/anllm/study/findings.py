@@ -95,8 +95,9 @@ def lever_effects(s: dict[str, Any]) -> list[dict[str, Any]]:
     together), on every final set both have, paired over the set's documents (the same held-out
     documents, tokenised the same way, for arms of one exp):
 
-    - ``anchor``: mean over documents of log-PPL(anchor) with the lever − without (negative: the lever
-      made the anchor reading better);
+    - ``anchor`` (and every other reading both arms have: ``full``, ``streamingllm_q``, ...): mean over
+      documents of log-PPL(reading) with the lever − without (negative: the lever made that reading
+      better), so a margin that moves can be told apart: the anchors got better, or the window worse;
     - ``margin_<base>``: the change in the margin over a window, (log-PPL(base) − log-PPL(anchor)) with
       the lever − the same without (positive: the lever moved the anchors towards beating ``base``).
 
@@ -114,8 +115,8 @@ def lever_effects(s: dict[str, Any]) -> list[dict[str, Any]]:
                 rb = final[with_].get(name)
                 if rb is None or "anchor" not in ra or "anchor" not in rb:
                     continue
-                row: dict[str, Any] = {"lever": lever, "without": without, "with": with_, "set": name,
-                                       "anchor": paired_change(_nll(rb["anchor"]), _nll(ra["anchor"]))}
+                row: dict[str, Any] = {"lever": lever, "without": without, "with": with_, "set": name}
+                row.update({m: paired_change(_nll(rb[m]), _nll(ra[m])) for m in ra if m in rb})
                 for base in ("streamingllm_q", "streamingllm"):
                     if base in ra and base in rb:
                         row[f"margin_{base}"] = paired_change(_nll(rb[base], rb["anchor"]), _nll(ra[base], ra["anchor"]))
@@ -195,7 +196,9 @@ def evidence_findings(s: dict[str, Any]) -> list[str]:
 def lever_findings(s: dict[str, Any]) -> list[str]:
     """One statement per lever effect (:func:`lever_effects`), with its 2-s.e. verdicts."""
     return [f"{e['lever']} ({arm_title(e['without'])} → {arm_title(e['with'])}), {set_title(s, e['set'])}: anchor log-PPL "
-            f"{change_verdict(e['anchor'], 'worse', 'better')}; margin over {method_title('streamingllm_q')} "
+            f"{change_verdict(e['anchor'], 'worse', 'better')}, {method_title('streamingllm_q')} log-PPL "
+            f"{change_verdict(e.get('streamingllm_q'), 'worse', 'better')}, full-attention log-PPL "
+            f"{change_verdict(e.get('full'), 'worse', 'better')}; margin over {method_title('streamingllm_q')} "
             f"{change_verdict(e.get('margin_streamingllm_q'), 'towards the anchors', 'towards the window')}."
             for e in lever_effects(s)]
 

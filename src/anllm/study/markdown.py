@@ -170,14 +170,19 @@ def levers_md(s: dict[str, Any]) -> list[str]:
         return []
     rows = [[e["lever"], f"{arm_title(e['without'])} → {arm_title(e['with'])}", e["set"],
              change_verdict(e["anchor"], "worse", "better"),
+             change_verdict(e.get("streamingllm_q"), "worse", "better"), change_verdict(e.get("full"), "worse", "better"),
              change_verdict(e.get("margin_streamingllm_q"), "towards the anchors", "towards the window"),
              change_verdict(e.get("margin_streamingllm"), "towards the anchors", "towards the window")] for e in effects]
     return ["### Which lever moved what", "",
             "Arms where one adds a lever (or both) to the other, on the same held-out documents: the change the lever made to the anchor "
-            "reading's log-PPL (negative: better), and to its margin over a window, log-PPL(StreamingLLM) − "
+            "reading's log-PPL (negative: better), to the same model's window reading at equal keys per query and to its "
+            "full attention (a margin can move because the anchors got better or because the window got worse; the window "
+            "reading's budget is each arm's own anchor key count, so a lever that grows the anchor cache grows it too), and to "
+            "the anchors' margin over a window, log-PPL(StreamingLLM) − "
             "log-PPL(anchor) (positive: towards the anchors winning), mean over documents ± standard error of the "
             "per-document differences; a change needs more than 2 s.e.", ""] + \
-        _table(["lever", "arms", "set", "Δ anchor log-PPL", f"Δ margin, {method_title('streamingllm_q')}",
+        _table(["lever", "arms", "set", "Δ anchor log-PPL", f"Δ {method_title('streamingllm_q')} log-PPL", "Δ full log-PPL",
+                f"Δ margin, {method_title('streamingllm_q')}",
                 f"Δ margin, {method_title('streamingllm')}"], rows, text=3) + [""]
 
 
