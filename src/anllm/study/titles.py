@@ -15,7 +15,8 @@ from ..eval.methods import names
 PPL_ORDER: tuple[str, ...] = names("ppl", kinds=("cache", "baseline"))
 ARM_TITLES = {"baseline": "baseline (full attention)", "ep": "AnLLM-EP", "ac": "AnLLM-AC", "ac_sink": "AnLLM-AC + 4 sinks",
               "ac_sink_window": "AC + sinks + window", "ac_sink_distill": "AC + sinks + distillation",
-              "ac_sink_window_distill": "AC + sinks + window + distillation"}
+              "ac_sink_window_distill": "AC + sinks + window + distillation",
+              "ac_sink_distill_self": "AC + sinks + self-distillation"}
 # Short table/legend titles (the registry's ``describe`` is a sentence); a method without one is shown by name.
 _METHOD_TITLES = {"full": "full attention", "anchor": "anchor (AnchorCache)", "sentence": "sentence only (control)",
                   "streamingllm": "StreamingLLM, same peak cache", "streamingllm_q": "StreamingLLM, same keys per query",
