@@ -356,7 +356,8 @@ def _lever_summary():
 
     arms = {"ac_sink": arm("anllm_ac", []), "ac_sink_window": arm("anllm_ac", ["window"]),
             "ac_sink_distill": arm("anllm_ac", ["distill"]), "ac_sink_window_distill": arm("anllm_ac", ["window", "distill"]),
-            "baseline": arm("baseline", [], ()), "ac": arm("anllm_ac", ["window"], ())}
+            "baseline": arm("baseline", [], ()), "ac": arm("anllm_ac", ["window"], ("anchor.num_sink_tokens=2",)),
+            "ac_sink_distill_self": arm("anllm_ac", ["distill"], ("anchor.num_sink_tokens=4", "trainer.distill.teacher=self"))}
     final = {
         "ac_sink": {"l1024": rows([3.0, 3.2, 3.4], [2.9, 3.0, 3.3], [2.8, 3.0, 3.2]), "l4096": rows([3.0, 3.0], [2.9, 2.9], [2.8, 2.8])},
         "ac_sink_window": {"l1024": rows([2.9, 3.0, 3.3], [2.88, 3.0, 3.26], [2.85, 2.95, 3.25])},
@@ -364,6 +365,7 @@ def _lever_summary():
         "ac_sink_window_distill": {"l1024": rows([2.9, 3.0, 3.3], [2.9, 3.0, 3.3], [2.9, 3.0, 3.3])},
         "baseline": {"l1024": rows([2.5, 2.6, 2.7], [2.6, 2.7, 2.8], [2.6, 2.7, 2.8])},
         "ac": {"l1024": rows([1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [2.0, 2.0, 2.0])},
+        "ac_sink_distill_self": {"l1024": rows([2.9, 3.0, 3.2], [2.9, 3.0, 3.3], [2.8, 3.0, 3.2])},
     }
     return {"arms": arms, "final": final}
 
@@ -372,13 +374,17 @@ def test_lever_effects_pair_arms_that_differ_by_one_lever_over_the_same_document
     from anllm.study.findings import lever_effects
 
     effects = {(e["lever"], e["without"], e["with"], e["set"]): e for e in lever_effects(_lever_summary())}
-    # one arm adds levers to the other, same exp and own overrides; l4096 only where both arms have it (ac_sink
-    # alone: no pair); not the baseline (another exp), not `ac` (other own overrides), not distill -> window
-    # (one lever swapped for another)
+    # one arm adds levers (sweeps it uses, overrides of its own) to the other, same exp; l4096 only where both
+    # arms have it (ac_sink alone: no pair); not the baseline (another exp), not `ac` (an override with another
+    # value), not distill -> window (one lever swapped for another), not self-distillation -> window + distill
     assert set(effects) == {("window", "ac_sink", "ac_sink_window", "l1024"), ("distill", "ac_sink", "ac_sink_distill", "l1024"),
                             ("distill", "ac_sink_window", "ac_sink_window_distill", "l1024"),
                             ("window", "ac_sink_distill", "ac_sink_window_distill", "l1024"),
-                            ("window + distill", "ac_sink", "ac_sink_window_distill", "l1024")}
+                            ("window + distill", "ac_sink", "ac_sink_window_distill", "l1024"),
+                            ("distill + trainer.distill.teacher=self", "ac_sink", "ac_sink_distill_self", "l1024"),
+                            ("trainer.distill.teacher=self", "ac_sink_distill", "ac_sink_distill_self", "l1024")}
+    teacher = effects[("trainer.distill.teacher=self", "ac_sink_distill", "ac_sink_distill_self", "l1024")]
+    assert teacher["anchor"][0] == pytest.approx((-0.05 - 0.1 - 0.2) / 3)
     both = effects[("window + distill", "ac_sink", "ac_sink_window_distill", "l1024")]
     assert both["anchor"][0] == pytest.approx((-0.1 - 0.2 - 0.1) / 3)
     w = effects[("window", "ac_sink", "ac_sink_window", "l1024")]

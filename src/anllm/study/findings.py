@@ -90,10 +90,11 @@ def mean_se(diffs: list[float]) -> tuple[float, float] | None:
 
 
 def lever_effects(s: dict[str, Any]) -> list[dict[str, Any]]:
-    """What a lever (a sweep an arm ``uses``: ``window``, ``distill``) did, for every pair of arms where one
-    adds levers to the other (same exp, same own overrides: one lever alone, or ``window + distill``
-    together), on every final set both have, paired over the set's documents (the same held-out
-    documents, tokenised the same way, for arms of one exp):
+    """What a lever did, for every pair of arms where one adds levers to the other: the same exp, and the
+    second arm's ``uses`` (sweeps: ``window``, ``distill``) and own overrides both contain the first's, one of
+    them more (one lever alone, ``window + distill`` together, or an added override such as
+    ``trainer.distill.teacher=self``); on every final set both have, paired over the set's documents (the
+    same held-out documents, tokenised the same way, for arms of one exp):
 
     - ``anchor`` (and every other reading both arms have: ``full``, ``streamingllm_q``, ...): mean over
       documents of log-PPL(reading) with the lever − without (negative: the lever made that reading
@@ -107,10 +108,13 @@ def lever_effects(s: dict[str, Any]) -> list[dict[str, Any]]:
     for without, a in arms.items():
         for with_, b in arms.items():
             ua, ub = set(a.get("uses") or []), set(b.get("uses") or [])
+            oa, ob = set(a.get("own_overrides") or []), set(b.get("own_overrides") or [])
             if (without not in final or with_ not in final or a.get("exp") != b.get("exp")
-                    or a.get("own_overrides") != b.get("own_overrides") or not ua < ub):
+                    or not (ua <= ub and oa <= ob) or (ua, oa) == (ub, ob)):
                 continue
-            lever = " + ".join(u for u in b["uses"] if u not in ua)  # two or more: the levers together
+            # two or more: the levers together; sweeps by name, then the overrides the second arm adds
+            lever = " + ".join([u for u in b.get("uses") or [] if u not in ua] +
+                               [o for o in b.get("own_overrides") or [] if o not in oa])
             for name, ra in final[without].items():
                 rb = final[with_].get(name)
                 if rb is None or "anchor" not in ra or "anchor" not in rb:
