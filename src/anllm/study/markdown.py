@@ -9,7 +9,7 @@ from typing import Any, Iterable, Sequence
 from .findings import (
     change_verdict, findings, lever_effects, paired_difference, paired_verdict, pooled_accuracy, ratio_to_full,
 )
-from .titles import PPL_ORDER, arm_title, method_title, set_title, tail_title
+from .titles import PPL_ORDER, arm_title, method_title, past_training, tail_title
 
 
 def _f(x: Any, fmt: str = "{:.2f}") -> str:
@@ -141,8 +141,7 @@ def final_md(s: dict[str, Any]) -> list[str]:
          "Mean keys: keys a token attends, averaged over the document's tokens; peak keys: the most any token attends. "
          "Δ vs anchor: mean over documents of log-PPL(method) − log-PPL(anchor) ± its standard error (positive: the "
          "anchor reading is better; a win needs more than 2 s.e.).", ""]
-    beyond = [f"{name} ({f['max_tokens']:,} tokens)" for name, f in (s.get("final_sets") or {}).items()
-              if set_title(s, name) != name]
+    beyond = [f"{name} ({n:,} tokens)" for name in s.get("final_sets") or {} if (n := past_training(s, name))]
     if beyond:
         L += [f"The arms trained on blocks of {s['block_size']:,} tokens, so {', '.join(beyond)} measure"
               f"{'s' if len(beyond) == 1 else ''} how the trained cache extrapolates past the length it learned.", ""]

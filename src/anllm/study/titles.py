@@ -31,14 +31,17 @@ def method_title(method: str) -> str:
     return _METHOD_TITLES.get(method, method)
 
 
-def set_title(s: dict[str, Any], name: str) -> str:
-    """A final set's name, saying when it reads past the training block (a measure of extrapolation,
-    not of the trained cache at the length it learned)."""
+def past_training(s: dict[str, Any], name: str) -> int | None:
+    """The final set's length when it reads past the training block (a measure of extrapolation, not of
+    the trained cache at the length it learned), else None."""
     n = ((s.get("final_sets") or {}).get(name) or {}).get("max_tokens")
-    block = s.get("block_size")
-    if n and block and n > block:
-        return f"{name} ({n / block:g}× the {block:,}-token training block)"
-    return name
+    return n if n and s.get("block_size") and n > s["block_size"] else None
+
+
+def set_title(s: dict[str, Any], name: str) -> str:
+    """A final set's name, saying when it reads past the training block."""
+    n = past_training(s, name)
+    return f"{name} ({n / s['block_size']:g}× the {s['block_size']:,}-token training block)" if n else name
 
 
 def tail_title(s: dict[str, Any], name: str | None = None) -> str:
